@@ -1,0 +1,3 @@
+from opserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The one interface every backend implements, inside a worker process."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from opserve.config.autocomplete import ModelSignature
+from opserve.proto import ModelConfig
+
+
+@dataclass
+class BackendContext:
+    """What a backend is given: the parsed config, where the model is, its op libraries."""
+
+    config: ModelConfig
+    model_dir: Path
+    version_dir: Path
+    op_libraries: list[Path] = field(default_factory=list)  # the model's own, resolved
+    server_op_libraries: list[Path] = field(default_factory=list)  # --op-library
+    preloaded_libraries: list[Path] = field(default_factory=list)  # LD_PRELOAD
+
+    @property
+    def model_path(self) -> Path:
+        return self.version_dir / self.config.default_model_filename
+
+
+class Backend(ABC):
+    """`load` (op libraries, then the model), `execute` many times, `unload` (idempotent)."""
+
+    def __init__(self, context: BackendContext) -> None:
+        self.context = context
+        self.loaded_op_libraries: list[Path] = []
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def signature(self) -> ModelSignature:
+        """The model's inputs and outputs as the framework sees them (for auto-complete)."""
+
+    @abstractmethod
+    def execute(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        """Run one (already batched) request; BYTES tensors are object arrays of `bytes`."""
+
+    def unload(self) -> None:
+        """Release the model; safe to call twice."""

@@ -1,0 +1,136 @@
+"""The ONNX Runtime backend: platform `onnxruntime_onnx`."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from opserve.backends.base import Backend, BackendContext
+from opserve.config.autocomplete import ModelSignature, TensorSpec
+from opserve.errors import InternalError, InvalidArgumentError, OpserveError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """ONNX Runtime's exceptions become opserve errors at this boundary."""
+    try:
+        yield
+    except OpserveError:
+        raise
+    except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+        raise InvalidArgumentError(f"{action}: {exc}") from exc
+    except Exception as exc:  # ORT raises its own classes and RuntimeError
+        raise InternalError(f"{action}: {exc}") from exc
+
+
+def exports_register_custom_ops(path: Path) -> bool:
+    """Whether a (preloaded) library is an ONNX Runtime custom-op library."""
+    try:
+        return hasattr(ctypes.CDLL(str(path)), "RegisterCustomOps")
+    except OSError:
+        return False
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        self._session: ort.InferenceSession | None = None
+
+    def load(self) -> None:
+        options = ort.SessionOptions()
+        self._apply_parameters(options)
+        libraries = list(self.context.op_libraries) + list(self.context.server_op_libraries)
+        libraries += [p for p in self.context.preloaded_libraries if exports_register_custom_ops(p)]
+        for library in libraries:
+            try:
+                options.register_custom_ops_library(str(library))
+            except Exception as exc:
+                raise UnavailableError(f"failed to load op library '{library}': {exc}") from exc
+            self.loaded_op_libraries.append(library)
+        path = self.context.model_path
+        if path.is_dir():  # a folder holding model.onnx and its external data
+            path = path / "model.onnx"
+        if not path.exists():
+            raise UnavailableError(f"model file '{path}' does not exist")
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise UnavailableError(f"onnxruntime failed to load '{path}': {exc}") from exc
+
+    def _apply_parameters(self, options: ort.SessionOptions) -> None:
+        """Triton's onnxruntime backend parameters; spinning threads are off by default."""
+        parameters = {k: v.string_value for k, v in self.context.config.parameters.items()}
+        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
+        options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "0"))
+        spin = parameters.get("allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+
+    def signature(self) -> ModelSignature:
+        session = self._require_session()
+
+        def spec(node) -> TensorSpec:
+            shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+            return TensorSpec(node.name, _ORT_TYPES.get(node.type, ""), shape)
+
+        return ModelSignature(
+            tuple(spec(n) for n in session.get_inputs()),
+            tuple(spec(n) for n in session.get_outputs()),
+        )
+
+    def execute(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        session = self._require_session()
+        feeds = {
+            name: (_bytes_to_str(array) if array.dtype == np.object_ else array)
+            for name, array in inputs.items()
+        }
+        names = outputs or [o.name for o in session.get_outputs()]
+        with _translated(f"onnxruntime failed to run model '{self.context.config.name}'"):
+            results = session.run(names, feeds)
+        return dict(zip(names, results))
+
+    def unload(self) -> None:
+        self._session = None
+
+    def _require_session(self) -> ort.InferenceSession:
+        if self._session is None:
+            raise UnavailableError(f"model '{self.context.config.name}' is not loaded")
+        return self._session
+
+
+def _bytes_to_str(array: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's string tensors want `str` elements."""
+    out = np.empty(array.shape, dtype=np.object_)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, element in enumerate(flat_in):
+        flat_out[i] = element.decode("utf-8", "surrogateescape") if isinstance(element, bytes) else element
+    return out

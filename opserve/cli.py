@@ -1,0 +1,102 @@
+"""The `opserve` command line: `serve` (Triton's flag names) and what later grows beside it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from opserve import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opserve",
+        description="A Triton-compatible inference server whose custom operations live with their models.",
+    )
+    parser.add_argument("--version", action="version", version=f"opserve {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a Triton model repository over the KServe V2 HTTP protocol",
+        description="Serve one or more Triton model repositories. Flag names follow tritonserver's.",
+    )
+    serve.add_argument(
+        "--model-repository",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="a Triton model repository (<DIR>/<model>/config.pbtxt and numeric version folders); "
+        "repeat the flag to serve several",
+    )
+    serve.add_argument(
+        "--http-address", default="0.0.0.0", metavar="ADDR", help="address to bind HTTP to (default: 0.0.0.0)"
+    )
+    serve.add_argument(
+        "--http-port", type=int, default=8000, metavar="PORT", help="HTTP port (default: 8000; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--op-library",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="a custom-op library registered for every model of its framework (repeatable); "
+        "libraries in LD_PRELOAD keep working as in Triton",
+    )
+    serve.add_argument(
+        "--log-verbose",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="LEVEL",
+        help="verbose logging: 0 (default) for INFO, 1 or more for DEBUG",
+    )
+    serve.add_argument(
+        "--shm-ring-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shared memory per direction per worker for tensors (default: 16 MiB); "
+        "larger tensors are sent through the worker's socket instead",
+    )
+    return parser
+
+
+def configure_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    os.environ["OPSERVE_LOG_LEVEL"] = logging.getLevelName(level)  # worker processes follow it
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from opserve.server import run
+        from opserve.settings import ServerSettings
+        from opserve.workers.process import DEFAULT_RING_CAPACITY
+
+        configure_logging(args.log_verbose)
+        try:
+            settings = ServerSettings(
+                model_repositories=args.model_repository,
+                http_address=args.http_address,
+                http_port=args.http_port,
+                op_libraries=args.op_library,
+                log_verbose=args.log_verbose,
+                ring_capacity=args.shm_ring_bytes or DEFAULT_RING_CAPACITY,
+            )
+        except ValueError as exc:
+            print(f"opserve serve: error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            run(settings)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    return 2

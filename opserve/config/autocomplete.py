@@ -1,0 +1,87 @@
+"""Auto-complete: fill a config's inputs, outputs and `max_batch_size` from the model, as Triton does.
+
+The model is described by its backend inside a worker (the frontend imports no framework), as a
+`ModelSignature`: full shapes with `-1` for dynamic dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opserve.datatypes import v2_to_config
+from opserve.proto import ModelConfig, model_config_pb2
+
+DEFAULT_MAX_BATCH_SIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str  # V2 name; "" when the model does not say
+    shape: tuple[int, ...]  # full shape, -1 for a dynamic dimension
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def supports_batching(self) -> bool:
+        """Every input and output has a dynamic first dimension."""
+        tensors = self.inputs + self.outputs
+        return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+
+def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
+    """Fill what the config lacks from the model; returns what was filled, for the log."""
+    filled: list[str] = []
+    if config.max_batch_size == 0 and signature.supports_batching() and _config_dims_batchable(config):
+        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        filled.append(f"max_batch_size={DEFAULT_MAX_BATCH_SIZE}")
+    strip = 1 if config.max_batch_size > 0 else 0
+    filled += _complete_tensors(config.input, signature.inputs, strip, "input")
+    filled += _complete_tensors(config.output, signature.outputs, strip, "output")
+    if not config.version_policy.WhichOneof("policy_choice"):
+        config.version_policy.latest.num_versions = 1
+    if not config.instance_group:
+        group = config.instance_group.add()
+        group.name = config.name
+        group.count = 1
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+    return filled
+
+
+def _config_dims_batchable(config: ModelConfig) -> bool:
+    """Tensors the config already shapes must leave room for a batch dimension."""
+    for tensor in list(config.input) + list(config.output):
+        if tensor.dims and tensor.dims[0] != -1:
+            return False
+    return True
+
+
+def _complete_tensors(configured, specs: tuple[TensorSpec, ...], strip: int, kind: str) -> list[str]:
+    filled: list[str] = []
+    by_name = {spec.name: spec for spec in specs}
+    if len(configured) == 0:
+        for spec in specs:
+            tensor = configured.add()
+            tensor.name = spec.name
+            filled.append(f"{kind} '{spec.name}'")
+            _fill_tensor(tensor, spec, strip)
+        return filled
+    for tensor in configured:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            continue
+        if tensor.data_type == model_config_pb2.TYPE_INVALID or not tensor.dims:
+            filled.append(f"{kind} '{tensor.name}' type/shape")
+            _fill_tensor(tensor, spec, strip)
+    return filled
+
+
+def _fill_tensor(tensor, spec: TensorSpec, strip: int) -> None:
+    if tensor.data_type == model_config_pb2.TYPE_INVALID and spec.datatype:
+        tensor.data_type = model_config_pb2.DataType.Value(v2_to_config(spec.datatype))
+    if not tensor.dims and not tensor.HasField("reshape"):
+        dims = list(spec.shape[strip:])
+        tensor.dims.extend(dims if dims else [1])

@@ -1,0 +1,78 @@
+"""Triton's platforms and backends, their default model file names, and detection from files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from opserve.errors import InvalidArgumentError
+from opserve.proto import ModelConfig
+
+
+@dataclass(frozen=True)
+class Platform:
+    platform: str  # Triton's `platform` field ("" where Triton leaves it empty)
+    backend: str  # Triton's `backend` field, and the opserve backend that runs it
+    default_filename: str
+
+
+PLATFORMS: tuple[Platform, ...] = (
+    Platform("onnxruntime_onnx", "onnxruntime", "model.onnx"),
+    Platform("pytorch_libtorch", "pytorch", "model.pt"),
+    Platform("tensorflow_savedmodel", "tensorflow", "model.savedmodel"),
+    Platform("tensorflow_graphdef", "tensorflow", "model.graphdef"),
+    Platform("tensorrt_plan", "tensorrt", "model.plan"),
+    Platform("", "python", "model.py"),
+)
+
+
+def normalize_platform(config: ModelConfig, model_dir: Path) -> Platform:
+    """Fill `platform` and `backend` into the config (from each other or from the model files)."""
+    platform = None
+    if config.platform:
+        platform = next((p for p in PLATFORMS if p.platform == config.platform), None)
+        if platform is None:
+            raise InvalidArgumentError(
+                f"unsupported platform '{config.platform}' for model '{config.name}'"
+            )
+        if config.backend and config.backend != platform.backend:
+            raise InvalidArgumentError(
+                f"platform '{config.platform}' does not match backend '{config.backend}' "
+                f"for model '{config.name}'"
+            )
+    elif config.backend:
+        candidates = [p for p in PLATFORMS if p.backend == config.backend]
+        if not candidates:
+            raise InvalidArgumentError(
+                f"unsupported backend '{config.backend}' for model '{config.name}'"
+            )
+        platform = _detect(model_dir, config.default_model_filename, candidates) or candidates[0]
+    else:
+        platform = _detect(model_dir, config.default_model_filename, PLATFORMS)
+        if platform is None:
+            raise InvalidArgumentError(
+                f"unable to determine the backend of model '{config.name}': set 'backend' or "
+                f"'platform' in its config.pbtxt, or use a default model file name "
+                f"({', '.join(p.default_filename for p in PLATFORMS)})"
+            )
+    config.backend = platform.backend
+    if platform.platform:
+        config.platform = platform.platform
+    if not config.default_model_filename:
+        config.default_model_filename = platform.default_filename
+    return platform
+
+
+def _detect(model_dir: Path, filename: str, candidates: tuple[Platform, ...] | list[Platform]) -> Platform | None:
+    """The platform whose model file exists in some version folder of `model_dir`."""
+    version_dirs = [d for d in sorted(model_dir.iterdir()) if d.is_dir() and d.name.isdigit()]
+    for platform in candidates:
+        for version_dir in version_dirs:
+            if (version_dir / platform.default_filename).exists():
+                return platform
+    if filename:
+        suffix = Path(filename).suffix
+        for platform in candidates:
+            if Path(platform.default_filename).suffix == suffix:
+                return platform
+    return None

@@ -1,0 +1,192 @@
+"""The protocol-free core that every frontend calls: health, metadata, config, inference.
+
+Inputs are validated against the model's config here, once, before they reach a worker:
+names, datatypes, shapes (with -1 and the implicit batch dimension), `max_batch_size` and the
+size of the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from opserve import __version__
+from opserve.config import config_to_json
+from opserve.datatypes import ITEM_SIZES, count_bytes_elements, element_count
+from opserve.errors import InvalidArgumentError, UnavailableError
+from opserve.inference import InferenceRequest, InferenceResponse, Tensor
+from opserve.repository.manager import Model, ModelManager, ModelState
+from opserve.schema import ModelSchema
+
+EXTENSIONS = ("binary_tensor_data", "model_configuration")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class DataPlane:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    # server ------------------------------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "opserve", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready once every model that was asked for is READY (Triton's strict readiness)."""
+        return all(m.state is ModelState.READY for m in self.manager.models.values())
+
+    # models ------------------------------------------------------------------------------------
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self.manager.version(name, version)  # raises with the reason when not ready
+        return True
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        model, _ = self.manager.version(name, version)
+        schema = self.schema(model)
+        batch = [-1] if schema.batching else []
+        return ModelMetadata(
+            name=model.name,
+            versions=[str(v.version) for v in reversed(model.ready_versions())],
+            platform=model.config.platform or model.config.backend,
+            inputs=[TensorMetadata(t.name, t.datatype, batch + list(t.dims)) for t in schema.inputs.values()],
+            outputs=[TensorMetadata(t.name, t.datatype, batch + list(t.dims)) for t in schema.outputs.values()],
+        )
+
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        model, _ = self.manager.version(name, version)
+        return config_to_json(model.config)
+
+    @staticmethod
+    def schema(model: Model) -> ModelSchema:
+        if model.schema is None:
+            raise UnavailableError(f"model '{model.name}' is not ready: {model.reason}")
+        return model.schema
+
+    # inference ---------------------------------------------------------------------------------
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        model, entry = self.manager.version(request.model_name, request.model_version)
+        schema = self.schema(model)
+        inputs = validate_inputs(model.name, schema, request)
+        outputs = request.requested_outputs
+        if outputs is not None:
+            for name in outputs:
+                if name not in schema.outputs:
+                    raise InvalidArgumentError(
+                        f"unexpected inference output '{name}' for model '{model.name}'"
+                    )
+        else:
+            outputs = list(schema.outputs)
+        worker = entry.worker
+        if worker is None:
+            raise UnavailableError(f"{entry.label} is not ready: {entry.reason}")
+        results = await worker.infer(inputs, outputs)
+        return InferenceResponse(
+            model.name, str(entry.version), _client_shapes(schema, results), request.id
+        )
+
+
+def validate_inputs(model_name: str, schema: ModelSchema, request: InferenceRequest) -> list[Tensor]:
+    """Check every input against the config; the tensors to send, reshaped as the model wants."""
+    seen: set[str] = set()
+    batch_size = None
+    prepared: list[Tensor] = []
+    for tensor in request.inputs:
+        spec = schema.inputs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgumentError(
+                f"unexpected inference input '{tensor.name}' for model '{model_name}'"
+            )
+        if tensor.name in seen:
+            raise InvalidArgumentError(f"input '{tensor.name}' is given twice for model '{model_name}'")
+        seen.add(tensor.name)
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgumentError(
+                f"inference input '{tensor.name}' data-type is '{tensor.datatype}', but model "
+                f"'{model_name}' expects '{spec.datatype}'"
+            )
+        shape = tensor.shape
+        if any(d < 0 for d in shape):
+            raise InvalidArgumentError(f"input '{tensor.name}' has a negative dimension: {list(shape)}")
+        dims = shape
+        if schema.batching:
+            if not shape:
+                raise InvalidArgumentError(
+                    f"unexpected shape for input '{tensor.name}' for model '{model_name}'. "
+                    f"Expected {schema.expected_shape(spec)}, got []"
+                )
+            if batch_size is None:
+                batch_size = shape[0]
+            elif shape[0] != batch_size:
+                raise InvalidArgumentError(
+                    f"input '{tensor.name}' batch size {shape[0]} does not match the batch size "
+                    f"{batch_size} of the other inputs for model '{model_name}'"
+                )
+            if shape[0] > schema.max_batch_size:
+                raise InvalidArgumentError(
+                    f"inference request batch-size must be <= {schema.max_batch_size} for "
+                    f"'{model_name}'"
+                )
+            if shape[0] < 1:
+                raise InvalidArgumentError(
+                    f"inference request batch-size must be >= 1 for '{model_name}'"
+                )
+            dims = shape[1:]
+        if not spec.shape_matches(dims):
+            raise InvalidArgumentError(
+                f"unexpected shape for input '{tensor.name}' for model '{model_name}'. "
+                f"Expected {schema.expected_shape(spec)}, got [{','.join(map(str, shape))}]"
+            )
+        count = element_count(shape)
+        if spec.datatype == "BYTES":
+            got = count_bytes_elements(tensor.data)
+            if got != count:
+                raise InvalidArgumentError(
+                    f"input '{tensor.name}' holds {got} BYTES elements, but its shape "
+                    f"[{','.join(map(str, shape))}] needs {count}"
+                )
+        else:
+            expected = count * ITEM_SIZES[spec.datatype]
+            if len(tensor.data) != expected:
+                raise InvalidArgumentError(
+                    f"unexpected total byte size {len(tensor.data)} for input '{tensor.name}', "
+                    f"expecting {expected}"
+                )
+        if spec.reshape is not None:
+            batch = shape[:1] if schema.batching else ()
+            tensor = Tensor(tensor.name, tensor.datatype, batch + spec.reshape, tensor.data)
+        prepared.append(tensor)
+    missing = schema.required_inputs - seen
+    if missing:
+        raise InvalidArgumentError(
+            f"expected {len(schema.required_inputs)} inputs but got {len(seen)} inputs for model "
+            f"'{model_name}'. Missing required input(s): {sorted(missing)}"
+        )
+    return prepared
+
+
+def _client_shapes(schema: ModelSchema, outputs: list[Tensor]) -> list[Tensor]:
+    """Undo an output `reshape`: the client sees the config's dims."""
+    for i, tensor in enumerate(outputs):
+        spec = schema.outputs.get(tensor.name)
+        if spec is not None and spec.reshape is not None:
+            batch = tensor.shape[:1] if schema.batching else ()
+            if -1 not in spec.dims:
+                outputs[i] = Tensor(tensor.name, tensor.datatype, batch + spec.dims, tensor.data)
+    return outputs

@@ -1,0 +1,1 @@
+"""Frontends: the wire protocols. Each calls the protocol-free `DataPlane`."""

@@ -1,0 +1,182 @@
+"""The V2 HTTP frontend as a bare ASGI application (served by uvicorn with httptools).
+
+Routing is a split of the path: the hot path (`POST .../infer`) passes through no framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from opserve.dataplane import DataPlane
+from opserve.errors import ErrorCode, InvalidArgumentError, NotFoundError, OpserveError, UnsupportedError
+from opserve.frontends.http.codec import decode_request, encode_response
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# The one place where opserve's error codes become HTTP statuses (Triton's mapping).
+HTTP_STATUS = {
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.UNSUPPORTED: 501,
+    ErrorCode.INTERNAL: 500,
+}
+
+_JSON = [(b"content-type", b"application/json")]
+MAX_BODY_BYTES = 1 << 31
+
+
+class HttpApp:
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except OpserveError as exc:
+            await _send_error(send, exc)
+        except Exception as exc:  # never crash a connection on a bug: report it
+            log.exception("unhandled error for %s %s", scope["method"], scope["path"])
+            await _send_error(send, OpserveError(f"internal error: {type(exc).__name__}: {exc}"), 500)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        parts = [p for p in scope["path"].split("/") if p]
+        if not parts or parts[0] != "v2":
+            raise NotFoundError(f"unknown path '{scope['path']}'")
+        parts = parts[1:]
+        if not parts:
+            return await _send_json(send, self.dataplane.server_metadata(), method=method, allowed="GET")
+        if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
+            _require(method, "GET")
+            ok = self.dataplane.live() if parts[1] == "live" else self.dataplane.ready()
+            return await _send(send, 200 if ok else 400, b"")
+        if parts[0] == "models" and len(parts) >= 2:
+            name, rest = parts[1], parts[2:]
+            version = ""
+            if len(rest) >= 2 and rest[0] == "versions":
+                version, rest = rest[1], rest[2:]
+            return await self._model_route(method, name, version, rest, scope, receive, send)
+        raise NotFoundError(f"unknown path '{scope['path']}'")
+
+    async def _model_route(
+        self, method: str, name: str, version: str, rest: list[str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        dataplane = self.dataplane
+        if rest == ["infer"]:
+            _require(method, "POST")
+            return await self._infer(name, version, scope, receive, send)
+        if not rest:
+            _require(method, "GET")
+            metadata = dataclasses.asdict(dataplane.model_metadata(name, version))
+            return await _send_json(send, metadata)
+        if rest == ["ready"]:
+            _require(method, "GET")
+            try:
+                dataplane.model_ready(name, version)
+            except OpserveError as exc:  # Triton answers 400 for a model that is not ready
+                return await _send_error(send, exc, 400)
+            return await _send(send, 200, b"")
+        if rest == ["config"]:
+            _require(method, "GET")
+            return await _send_json(send, dataplane.model_config(name, version))
+        raise NotFoundError(f"unknown path '{scope['path']}'")
+
+    async def _infer(self, name: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = _headers(scope)
+        body = await _read_body(receive)
+        encoding = headers.get(b"content-encoding")
+        if encoding:
+            body = _decompress(body, encoding)
+        header_length = headers.get(b"inference-header-content-length")
+        try:
+            length = int(header_length) if header_length is not None else None
+        except ValueError:
+            raise InvalidArgumentError("Inference-Header-Content-Length must be an integer") from None
+        request, output_format = decode_request(body, length, name, version)
+        response = await self.dataplane.infer(request)
+        payload, json_length = encode_response(response, output_format)
+        out_headers = [(b"content-type", b"application/octet-stream" if json_length is not None else b"application/json")]
+        if json_length is not None:
+            out_headers.append((b"inference-header-content-length", str(json_length).encode()))
+        payload = _maybe_compress(payload, headers.get(b"accept-encoding"), out_headers)
+        await _send(send, 200, payload, out_headers)
+
+
+def _require(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise InvalidArgumentError(f"method {method} is not allowed here; use {allowed}")
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return {k.lower(): v for k, v in scope["headers"]}
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body"):
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InvalidArgumentError("the request body is too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decompress(body: bytes, encoding: bytes) -> bytes:
+    try:
+        if encoding == b"gzip":
+            return gzip.decompress(body)
+        if encoding == b"deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error, EOFError) as exc:
+        raise InvalidArgumentError(f"failed to decompress the {encoding.decode()} request body: {exc}") from None
+    raise UnsupportedError(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
+
+
+def _maybe_compress(payload: bytes, accept: bytes | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+    if not accept:
+        return payload
+    accepted = {a.split(b";")[0].strip() for a in accept.split(b",")}
+    if b"gzip" in accepted:
+        headers.append((b"content-encoding", b"gzip"))
+        return gzip.compress(payload, compresslevel=1)
+    if b"deflate" in accepted:
+        headers.append((b"content-encoding", b"deflate"))
+        return zlib.compress(payload, 1)
+    return payload
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = list(headers or [])
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, value: Any, method: str = "GET", allowed: str = "GET") -> None:
+    _require(method, allowed)
+    await _send(send, 200, orjson.dumps(value), _JSON)
+
+
+async def _send_error(send: Send, error: OpserveError, status: int | None = None) -> None:
+    status = status or HTTP_STATUS.get(error.code, 400)
+    await _send(send, status, orjson.dumps({"error": error.message}), _JSON)

@@ -1,0 +1,209 @@
+"""V2 HTTP inference bodies: JSON tensors and the binary tensor data extension, both directions.
+
+A request body is a JSON header, optionally followed by binary tensor data; the header's length
+is given by `Inference-Header-Content-Length`. Inputs with `parameters.binary_data_size` take
+their data, in order, from what follows the header. Outputs come back in binary when asked
+(`parameters.binary_data` per output, or `binary_data_output` for the request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
+from opserve.errors import InvalidArgumentError, UnsupportedError
+from opserve.inference import InferenceRequest, InferenceResponse, Tensor
+
+# Which kinds of JSON number a datatype accepts (numpy's array kind of the parsed list).
+_ACCEPTED_KINDS = {"BOOL": "b"}
+_ACCEPTED_KINDS.update({t: "iu" for t in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")})
+_ACCEPTED_KINDS.update({t: "iuf" for t in ("FP16", "FP32", "FP64", "BF16")})
+
+
+@dataclass(slots=True)
+class OutputFormat:
+    """How the client wants each output: binary or JSON."""
+
+    default_binary: bool = False
+    binary: dict[str, bool] = field(default_factory=dict)
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary.get(name, self.default_binary)
+
+
+def decode_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> tuple[InferenceRequest, OutputFormat]:
+    """Parse a V2 inference request body (JSON, or JSON + binary tensors)."""
+    if header_length is None:
+        header_length = len(body)
+    elif not 0 <= header_length <= len(body):
+        raise InvalidArgumentError(
+            f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+        )
+    try:
+        header = orjson.loads(memoryview(body)[:header_length])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"failed to parse the request JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidArgumentError("the inference request must be a JSON object")
+    parameters = _object(header.get("parameters"), "parameters")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidArgumentError("the inference request must have an 'inputs' array")
+    binary = memoryview(body)[header_length:]
+    offset = 0
+    inputs: list[Tensor] = []
+    for raw in raw_inputs:
+        tensor, used = _decode_input(raw, binary, offset)
+        inputs.append(tensor)
+        offset += used
+    if offset != len(binary):
+        raise InvalidArgumentError(
+            f"the request carries {len(binary)} bytes of binary tensor data, but its inputs' "
+            f"binary_data_size add up to {offset}"
+        )
+    output_format = OutputFormat(default_binary=_flag(parameters, "binary_data_output"))
+    requested: list[str] | None = None
+    raw_outputs = header.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidArgumentError("'outputs' must be an array")
+        requested = []
+        for raw in raw_outputs:
+            raw = _object(raw, "output")
+            name = raw.get("name")
+            if not isinstance(name, str):
+                raise InvalidArgumentError("every requested output needs a 'name'")
+            out_parameters = _object(raw.get("parameters"), f"parameters of output '{name}'")
+            if "shared_memory_region" in out_parameters:
+                raise UnsupportedError("shared memory outputs are not supported by this server")
+            if out_parameters.get("classification"):
+                raise UnsupportedError("classification outputs are not supported by this server")
+            if "binary_data" in out_parameters:
+                output_format.binary[name] = _flag(out_parameters, "binary_data")
+            requested.append(name)
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgumentError("'id' must be a string")
+    request = InferenceRequest(model_name, model_version, inputs, requested, request_id, parameters)
+    return request, output_format
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"'{what}' must be a JSON object")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"parameter '{key}' must be a boolean")
+    return value
+
+
+def _decode_input(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+    raw = _object(raw, "input")
+    name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+    if not isinstance(name, str):
+        raise InvalidArgumentError("every input needs a 'name'")
+    if datatype not in NUMPY_DTYPES:
+        raise InvalidArgumentError(f"input '{name}' has an unknown datatype: {datatype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InvalidArgumentError(f"input '{name}' needs a 'shape' array of integers")
+    parameters = _object(raw.get("parameters"), f"parameters of input '{name}'")
+    if "shared_memory_region" in parameters:
+        raise UnsupportedError("shared memory inputs are not supported by this server")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgumentError(f"input '{name}': binary_data_size must be a non-negative integer")
+        if "data" in raw:
+            raise InvalidArgumentError(f"input '{name}' has both 'data' and binary_data_size")
+        if offset + size > len(binary):
+            raise InvalidArgumentError(
+                f"input '{name}': binary_data_size {size} runs past the end of the request body"
+            )
+        return Tensor(name, datatype, tuple(shape), binary[offset : offset + size]), size
+    if "data" not in raw:
+        raise InvalidArgumentError(f"input '{name}' has neither 'data' nor binary_data_size")
+    return Tensor(name, datatype, tuple(shape), _json_data(name, datatype, raw["data"])), 0
+
+
+def _json_data(name: str, datatype: str, data: Any) -> bytes:
+    if not isinstance(data, list):
+        data = [data]
+    if datatype == "BYTES":
+        flat = _flatten(data)
+        if not all(isinstance(e, str) for e in flat):
+            raise InvalidArgumentError(f"input '{name}': BYTES data must be strings")
+        return serialize_bytes(flat)
+    try:
+        parsed = np.array(data)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"input '{name}': ragged or malformed data: {exc}") from None
+    if parsed.size and parsed.dtype.kind not in _ACCEPTED_KINDS[datatype]:
+        raise InvalidArgumentError(
+            f"input '{name}': data of datatype {datatype} must be "
+            f"{'booleans' if datatype == 'BOOL' else 'numbers'}"
+        )
+    if datatype == "BF16":
+        words = parsed.astype("<f4").reshape(-1).view("<u4") >> 16
+        return words.astype("<u2").tobytes()
+    dtype = NUMPY_DTYPES[datatype]
+    converted = parsed.astype(dtype)
+    if parsed.dtype.kind in "iu" and dtype.kind in "iu" and not np.array_equal(converted, parsed):
+        raise InvalidArgumentError(f"input '{name}': a value is out of range for {datatype}")
+    return converted.tobytes()
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def encode_response(response: InferenceResponse, output_format: OutputFormat) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows it."""
+    outputs = []
+    binary_parts: list[bytes] = []
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if output_format.is_binary(tensor.name):
+            entry["parameters"] = {"binary_data_size": len(tensor.data)}
+            binary_parts.append(tensor.data)
+        else:
+            entry["data"] = _json_values(tensor)
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        body["id"] = response.id
+    body["outputs"] = outputs
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binary_parts:
+        return header, None
+    return b"".join([header, *binary_parts]), len(header)
+
+
+def _json_values(tensor: Tensor) -> list[Any]:
+    if tensor.datatype == "BYTES":
+        return [e.decode("utf-8", "replace") for e in deserialize_bytes(tensor.data)]
+    if tensor.datatype == "BF16":
+        words = np.frombuffer(tensor.data, dtype="<u2").astype("<u4") << 16
+        return words.view("<f4").tolist()
+    return np.frombuffer(tensor.data, dtype=NUMPY_DTYPES[tensor.datatype]).tolist()

@@ -1,0 +1,68 @@
+"""Protocol-free inference requests and responses, as the dataplane and workers see them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
+
+
+@dataclass(slots=True)
+class Tensor:
+    """A named tensor whose data is raw: little-endian elements, or length-prefixed BYTES."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    def to_numpy(self) -> np.ndarray:
+        """A numpy view of the data (BYTES: an object array of `bytes`)."""
+        dtype = NUMPY_DTYPES[self.datatype]
+        if dtype is None:
+            elements = deserialize_bytes(self.data)
+            array = np.empty(len(elements), dtype=np.object_)
+            array[:] = elements
+            return array.reshape(self.shape)
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+
+    @classmethod
+    def from_numpy(cls, name: str, array: np.ndarray, datatype: str | None = None) -> Tensor:
+        datatype = datatype or numpy_to_v2(array.dtype)
+        if datatype == "BYTES":
+            data: bytes = serialize_bytes(_as_bytes(e) for e in array.reshape(-1))
+        else:
+            dtype = NUMPY_DTYPES[datatype]
+            data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        return cls(name, datatype, tuple(int(d) for d in array.shape), data)
+
+
+def _as_bytes(element: Any) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode()
+    if isinstance(element, np.bytes_):
+        return bytes(element)
+    return str(element).encode()
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    model_name: str
+    model_version: str  # "" means the model's latest ready version
+    inputs: list[Tensor]
+    requested_outputs: list[str] | None = None  # None means every output
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferenceResponse:
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    id: str = ""

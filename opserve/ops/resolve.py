@@ -1,0 +1,38 @@
+"""Resolving `model_operations { op_library_filename: ... }` and the server-wide libraries.
+
+A relative path resolves inside the model's folder, then inside the version folder, so that a
+model and its ops are deployed, versioned and removed together.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from opserve.errors import UnavailableError
+from opserve.proto import ModelConfig
+
+
+def resolve_model_libraries(config: ModelConfig, model_dir: Path, version_dir: Path) -> list[Path]:
+    """The model's own op libraries, as absolute paths; a missing one is an error naming it."""
+    libraries: list[Path] = []
+    for entry in config.model_operations.op_library_filename:
+        candidate = Path(entry)
+        if candidate.is_absolute():
+            searched = [candidate]
+        else:
+            searched = [model_dir / candidate, version_dir / candidate]
+        found = next((p for p in searched if p.is_file()), None)
+        if found is None:
+            where = " or ".join(f"'{p}'" for p in searched)
+            raise UnavailableError(
+                f"op library '{entry}' of model '{config.name}' was not found (looked for {where})"
+            )
+        libraries.append(found.resolve())
+    return libraries
+
+
+def preloaded_libraries(environ: dict[str, str] | None = None) -> list[Path]:
+    """The libraries in LD_PRELOAD (separated by colons or spaces), as the loader sees them."""
+    value = (environ if environ is not None else os.environ).get("LD_PRELOAD", "")
+    return [Path(item) for item in value.replace(":", " ").split() if item]

@@ -1,0 +1,255 @@
+"""The lifecycle of the models in the repository: load, serve, restart, unload.
+
+Placement rule: every model version runs in a worker process of its own. A model's op libraries
+therefore load and unload with it, never meet another model's libraries, and a crash takes down
+only that version's worker, which is then restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from opserve.config import ModelSignature, autocomplete, normalize_platform, read_model_config
+from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
+from opserve.ops import preloaded_libraries, resolve_model_libraries
+from opserve.proto import ModelConfig
+from opserve.schema import ModelSchema
+from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 0.2
+
+
+class ModelState(str, Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass
+class ModelVersion:
+    model: str
+    version: int
+    directory: Path
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    worker: WorkerProcess | None = None
+    op_libraries: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.model}' version {self.version}"
+
+
+@dataclass
+class Model:
+    name: str
+    directory: Path
+    config: ModelConfig
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    reason: str = ""  # why the model as a whole is unavailable (config errors, no versions)
+    completed: list[str] = field(default_factory=list)  # what auto-complete filled in
+    schema: ModelSchema | None = None  # set once the config is complete
+
+    def ready_versions(self) -> list[ModelVersion]:
+        return sorted((v for v in self.versions.values() if v.ready), key=lambda v: -v.version)
+
+    @property
+    def state(self) -> ModelState:
+        if any(v.ready for v in self.versions.values()):
+            return ModelState.READY
+        if any(v.state is ModelState.LOADING for v in self.versions.values()):
+            return ModelState.LOADING
+        return ModelState.UNAVAILABLE
+
+
+class ModelManager:
+    """Owns every model of the repositories and the worker processes that host them."""
+
+    def __init__(
+        self,
+        repositories: list[Path],
+        server_op_libraries: list[Path] | None = None,
+        ring_capacity: int = DEFAULT_RING_CAPACITY,
+    ) -> None:
+        self.repositories = [p.resolve() for p in repositories]
+        self.server_op_libraries = [p.resolve() for p in server_op_libraries or []]
+        self.preloaded = preloaded_libraries()
+        self.ring_capacity = ring_capacity
+        self.models: dict[str, Model] = {}
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    # queries -----------------------------------------------------------------------------------
+    def model(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+        return model
+
+    def version(self, name: str, version: str = "") -> tuple[Model, ModelVersion]:
+        """The model and the version a request addresses ("" = the latest ready one)."""
+        model = self.model(name)
+        if version:
+            if not version.isdigit() or int(version) not in model.versions:
+                raise NotFoundError(f"Request for unknown model: '{name}' version {version} is not found")
+            entry = model.versions[int(version)]
+            if not entry.ready:
+                raise UnavailableError(f"{entry.label} is not ready: {entry.reason or entry.state.value}")
+            return model, entry
+        ready = model.ready_versions()
+        if not ready:
+            raise UnavailableError(f"model '{name}' has no ready versions: {self.reason(model)}")
+        return model, ready[0]
+
+    def reason(self, model: Model) -> str:
+        if model.reason:
+            return model.reason
+        reasons = [f"version {v.version}: {v.reason}" for v in model.versions.values() if v.reason]
+        return "; ".join(reasons) or model.state.value
+
+    # loading -----------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        folders = find_models(self.repositories)
+        await asyncio.gather(*(self.load(name, folder) for name, folder in folders.items()))
+
+    async def load(self, name: str, folder: Path) -> Model:
+        model = Model(name, folder, ModelConfig(name=name))
+        self.models[name] = model
+        try:
+            model.config = self._read_config(name, folder)
+            versions = select_versions(model.config, version_folders(folder))
+        except OpserveError as exc:
+            model.reason = exc.message
+            log.error("model '%s' is unavailable: %s", name, exc.message)
+            return model
+        if not versions:
+            model.reason = f"no version folders found in '{folder}'"
+            log.error("model '%s' is unavailable: %s", name, model.reason)
+            return model
+        for number in versions:
+            model.versions[number] = ModelVersion(name, number, folder / str(number))
+        signatures = await asyncio.gather(*(self._start(model, v) for v in model.versions.values()))
+        signature = next((s for s in signatures if s is not None), None)
+        if signature is not None:
+            model.completed = autocomplete(model.config, signature)
+            if model.completed:
+                log.info("model '%s': auto-completed %s", name, ", ".join(model.completed))
+            self._check_against_model(model, signature)
+            try:
+                model.schema = ModelSchema.from_config(model.config)
+            except OpserveError as exc:
+                self._make_unavailable(model, exc.message)
+        for entry in model.versions.values():
+            if entry.ready:
+                log.info("%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none")
+        return model
+
+    def _read_config(self, name: str, folder: Path) -> ModelConfig:
+        path = folder / "config.pbtxt"
+        config = read_model_config(path) if path.exists() else ModelConfig()
+        if not config.name:
+            config.name = name
+        elif config.name != name:
+            raise InvalidArgumentError(
+                f"model name '{config.name}' in {path} does not match its folder name '{name}'"
+            )
+        normalize_platform(config, folder)
+        return config
+
+    def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
+        """Config tensors the model does not have make every version unavailable."""
+        problems = []
+        for kind, configured, actual in (
+            ("input", model.config.input, signature.inputs),
+            ("output", model.config.output, signature.outputs),
+        ):
+            names = {t.name for t in actual}
+            for tensor in configured:
+                if names and tensor.name not in names:
+                    problems.append(
+                        f"unexpected {kind} '{tensor.name}' in the config of model '{model.name}'; "
+                        f"the model has: {', '.join(sorted(names))}"
+                    )
+        if problems:
+            self._make_unavailable(model, "; ".join(problems))
+
+    def _make_unavailable(self, model: Model, reason: str) -> None:
+        log.error("model '%s' is unavailable: %s", model.name, reason)
+        for entry in model.versions.values():
+            entry.state, entry.reason = ModelState.UNAVAILABLE, reason
+            self._stop_worker(entry)
+
+    async def _start(self, model: Model, entry: ModelVersion) -> ModelSignature | None:
+        """Start a worker for one version and load it there; the signature on success."""
+        entry.state, entry.reason = ModelState.LOADING, ""
+        try:
+            libraries = resolve_model_libraries(model.config, model.directory, entry.directory)
+            worker = WorkerProcess(entry.label, self.ring_capacity, self._worker_exited)
+            entry.worker = worker
+            await worker.start()
+            loaded = await worker.load(
+                model_name=model.name,
+                version=entry.version,
+                config=model.config.SerializeToString(),
+                model_dir=str(model.directory),
+                version_dir=str(entry.directory),
+                op_libraries=[str(p) for p in libraries],
+                server_op_libraries=[str(p) for p in self.server_op_libraries],
+                preloaded_libraries=[str(p) for p in self.preloaded],
+            )
+        except OpserveError as exc:
+            entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
+            log.error("%s is UNAVAILABLE: %s", entry.label, exc.message)
+            self._stop_worker(entry)
+            return None
+        entry.state = ModelState.READY
+        entry.op_libraries = loaded.op_libraries
+        return loaded.signature
+
+    def _stop_worker(self, entry: ModelVersion) -> None:
+        worker, entry.worker = entry.worker, None
+        if worker is not None:
+            task = asyncio.ensure_future(worker.stop())
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
+
+    def _worker_exited(self, worker: WorkerProcess, reason: str) -> None:
+        """A worker died under a ready model: mark it unavailable and start another."""
+        for model in self.models.values():
+            for entry in model.versions.values():
+                if entry.worker is worker and entry.state is ModelState.READY:
+                    entry.state = ModelState.UNAVAILABLE
+                    entry.reason = f"the worker process {reason}; restarting"
+                    entry.worker = None
+                    task = asyncio.ensure_future(self._restart(model, entry))
+                    self._restarts.add(task)
+                    task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, model: Model, entry: ModelVersion) -> None:
+        await asyncio.sleep(RESTART_DELAY_S)
+        if await self._start(model, entry) is not None:
+            log.info("%s is READY again after its worker was restarted", entry.label)
+
+    # shutting down -----------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        workers = []
+        for model in self.models.values():
+            for entry in model.versions.values():
+                entry.state = ModelState.UNLOADING
+                if entry.worker is not None:
+                    workers.append(entry.worker.stop())
+                    entry.worker = None
+        await asyncio.gather(*workers, return_exceptions=True)
+        for task in list(self._restarts):
+            task.cancel()

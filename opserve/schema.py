@@ -1,0 +1,54 @@
+"""What a model accepts and returns, precomputed from its config for per-request validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opserve.datatypes import config_to_v2
+from opserve.proto import ModelConfig, model_config_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSchema:
+    name: str
+    datatype: str  # V2 name
+    dims: tuple[int, ...]  # as the client sees them, without the batch dimension
+    reshape: tuple[int, ...] | None  # as the model sees them, when the config reshapes
+    optional: bool = False
+
+    def shape_matches(self, shape: tuple[int, ...]) -> bool:
+        if len(shape) != len(self.dims):
+            return False
+        return all(want == -1 or want == got for want, got in zip(self.dims, shape))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSchema:
+    max_batch_size: int
+    inputs: dict[str, TensorSchema]
+    outputs: dict[str, TensorSchema]
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    @property
+    def required_inputs(self) -> frozenset[str]:
+        return frozenset(n for n, t in self.inputs.items() if not t.optional)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> ModelSchema:
+        def tensor(t, optional: bool) -> TensorSchema:
+            reshape = tuple(t.reshape.shape) if t.HasField("reshape") else None
+            return TensorSchema(t.name, config_to_v2(model_config_pb2.DataType.Name(t.data_type)), tuple(t.dims), reshape, optional)
+
+        return cls(
+            config.max_batch_size,
+            {t.name: tensor(t, t.optional) for t in config.input},
+            {t.name: tensor(t, False) for t in config.output},
+        )
+
+    def expected_shape(self, tensor: TensorSchema) -> str:
+        dims = ((-1,) if self.batching else ()) + tensor.dims
+        return "[" + ",".join(map(str, dims)) + "]"
+

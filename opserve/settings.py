@@ -1,0 +1,27 @@
+"""The server's settings, as the command line gives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opserve.workers.process import DEFAULT_RING_CAPACITY
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_repositories: list[Path]
+    http_address: str = "0.0.0.0"
+    http_port: int = 8000
+    op_libraries: list[Path] = field(default_factory=list)
+    log_verbose: int = 0
+    ring_capacity: int = DEFAULT_RING_CAPACITY
+
+    def __post_init__(self) -> None:
+        if not self.model_repositories:
+            raise ValueError("at least one --model-repository is required")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port {self.http_port} is not a port number")
+        for library in self.op_libraries:
+            if not library.is_file():
+                raise ValueError(f"--op-library '{library}' does not exist")

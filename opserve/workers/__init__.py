@@ -1,0 +1,1 @@
+"""Worker processes: each hosts one model version; tensors cross in shared memory."""
