@@ -124,13 +124,13 @@ def validate_inputs(model_name: str, schema: ModelSchema, request: InferenceRequ
         shape = tensor.shape
         if any(d < 0 for d in shape):
             raise InvalidArgumentError(f"input '{tensor.name}' has a negative dimension: {list(shape)}")
-        dims = shape
+        dims = shape[1:] if schema.batching else shape
+        if (schema.batching and not shape) or not spec.shape_matches(dims):
+            raise InvalidArgumentError(
+                f"unexpected shape for input '{tensor.name}' for model '{model_name}'. "
+                f"Expected {schema.expected_shape(spec)}, got [{','.join(map(str, shape))}]"
+            )
         if schema.batching:
-            if not shape:
-                raise InvalidArgumentError(
-                    f"unexpected shape for input '{tensor.name}' for model '{model_name}'. "
-                    f"Expected {schema.expected_shape(spec)}, got []"
-                )
             if batch_size is None:
                 batch_size = shape[0]
             elif shape[0] != batch_size:
@@ -147,12 +147,6 @@ def validate_inputs(model_name: str, schema: ModelSchema, request: InferenceRequ
                 raise InvalidArgumentError(
                     f"inference request batch-size must be >= 1 for '{model_name}'"
                 )
-            dims = shape[1:]
-        if not spec.shape_matches(dims):
-            raise InvalidArgumentError(
-                f"unexpected shape for input '{tensor.name}' for model '{model_name}'. "
-                f"Expected {schema.expected_shape(spec)}, got [{','.join(map(str, shape))}]"
-            )
         count = element_count(shape)
         if spec.datatype == "BYTES":
             got = count_bytes_elements(tensor.data)

@@ -100,8 +100,10 @@ class OnnxRuntimeBackend(Backend):
             shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
             return TensorSpec(node.name, _ORT_TYPES.get(node.type, ""), shape)
 
+        # inputs with an initializer are optional ("overridable initializers")
+        inputs = list(session.get_inputs()) + list(session.get_overridable_initializers())
         return ModelSignature(
-            tuple(spec(n) for n in session.get_inputs()),
+            tuple(spec(n) for n in inputs),
             tuple(spec(n) for n in session.get_outputs()),
         )
 

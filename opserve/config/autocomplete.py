@@ -33,9 +33,15 @@ class ModelSignature:
 
 
 def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
-    """Fill what the config lacks from the model; returns what was filled, for the log."""
+    """Fill what the config lacks from the model; returns what was filled, for the log.
+
+    `max_batch_size` is filled (with 4) only while the config leaves its inputs or outputs to
+    auto-complete and every model tensor has a dynamic first dimension; a config that spells out
+    its tensors keeps the batching it says.
+    """
     filled: list[str] = []
-    if config.max_batch_size == 0 and signature.supports_batching() and _config_dims_batchable(config):
+    io_unspecified = len(config.input) == 0 or len(config.output) == 0
+    if config.max_batch_size == 0 and io_unspecified and signature.supports_batching():
         config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
         filled.append(f"max_batch_size={DEFAULT_MAX_BATCH_SIZE}")
     strip = 1 if config.max_batch_size > 0 else 0
@@ -49,14 +55,6 @@ def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
         group.count = 1
         group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
     return filled
-
-
-def _config_dims_batchable(config: ModelConfig) -> bool:
-    """Tensors the config already shapes must leave room for a batch dimension."""
-    for tensor in list(config.input) + list(config.output):
-        if tensor.dims and tensor.dims[0] != -1:
-            return False
-    return True
 
 
 def _complete_tensors(configured, specs: tuple[TensorSpec, ...], strip: int, kind: str) -> list[str]:
@@ -84,4 +82,8 @@ def _fill_tensor(tensor, spec: TensorSpec, strip: int) -> None:
         tensor.data_type = model_config_pb2.DataType.Value(v2_to_config(spec.datatype))
     if not tensor.dims and not tensor.HasField("reshape"):
         dims = list(spec.shape[strip:])
-        tensor.dims.extend(dims if dims else [1])
+        if dims:
+            tensor.dims.extend(dims)
+        else:  # a model tensor of shape [batch]: the client sends [batch, 1], as in Triton
+            tensor.dims.append(1)
+            tensor.reshape.SetInParent()

@@ -145,22 +145,28 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
         if not all(isinstance(e, str) for e in flat):
             raise InvalidArgumentError(f"input '{name}': BYTES data must be strings")
         return serialize_bytes(flat)
+    dtype = NUMPY_DTYPES[datatype]
+    integer = dtype.kind in "iu"
     try:
         parsed = np.array(data)
     except ValueError as exc:
         raise InvalidArgumentError(f"input '{name}': ragged or malformed data: {exc}") from None
-    if parsed.size and parsed.dtype.kind not in _ACCEPTED_KINDS[datatype]:
-        raise InvalidArgumentError(
-            f"input '{name}': data of datatype {datatype} must be "
-            f"{'booleans' if datatype == 'BOOL' else 'numbers'}"
-        )
+    kind = parsed.dtype.kind
+    # integers beyond int64 parse as float64; they are checked exactly below
+    if parsed.size and kind not in _ACCEPTED_KINDS[datatype] and not (integer and kind == "f"):
+        expected = "booleans" if datatype == "BOOL" else "integers" if integer else "numbers"
+        raise InvalidArgumentError(f"input '{name}': data of datatype {datatype} must be {expected}")
     if datatype == "BF16":
         words = parsed.astype("<f4").reshape(-1).view("<u4") >> 16
         return words.astype("<u2").tobytes()
-    dtype = NUMPY_DTYPES[datatype]
-    converted = parsed.astype(dtype)
-    if parsed.dtype.kind in "iu" and dtype.kind in "iu" and not np.array_equal(converted, parsed):
-        raise InvalidArgumentError(f"input '{name}': a value is out of range for {datatype}")
+    if not integer:
+        return parsed.astype(dtype).tobytes()
+    try:
+        converted = np.array(data, dtype=dtype)  # exact, and raises on values out of range
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"input '{name}': a value is out of range for {datatype}: {exc}") from None
+    if kind == "f" and not np.array_equal(converted.astype(np.float64), parsed):
+        raise InvalidArgumentError(f"input '{name}': data of datatype {datatype} must be integers")
     return converted.tobytes()
 
 

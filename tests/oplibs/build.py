@@ -1,0 +1,110 @@
+"""Building the test suite's custom-op libraries from their C++ sources, with a cache.
+
+ONNX Runtime's C/C++ headers do not ship with its wheel. They are taken from, in order:
+`$ORT_INCLUDE_DIR`, an installed `libonnxruntime-dev` (/usr/include/onnxruntime), or that Debian
+package's .deb, downloaded with apt from Debian 13 (trixie) and unpacked into the cache without
+being installed (this works on Debian 12 and 13 alike).
+
+Builds are cached under `.cache/oplibs/` by a hash of the source, the flags and the headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("OPSERVE_TEST_CACHE", ROOT / ".cache"))
+SOURCES = Path(__file__).resolve().parent
+
+_TRIXIE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n"
+
+
+def onnxruntime_include_dir() -> Path:
+    explicit = os.environ.get("ORT_INCLUDE_DIR")
+    if explicit:
+        return Path(explicit)
+    system = Path("/usr/include/onnxruntime")
+    if (system / "onnxruntime_cxx_api.h").exists():
+        return system
+    unpacked = CACHE / "onnxruntime-dev" / "usr" / "include" / "onnxruntime"
+    if not (unpacked / "onnxruntime_cxx_api.h").exists():
+        _download_onnxruntime_dev(CACHE / "onnxruntime-dev")
+    return unpacked
+
+
+def _download_onnxruntime_dev(target: Path) -> None:
+    """apt-get download libonnxruntime-dev from trixie into a private apt state; unpack it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "lists" / "partial").mkdir(parents=True)
+        (work / "cache" / "archives" / "partial").mkdir(parents=True)
+        (work / "sources.list").write_text(_TRIXIE)
+        options = [
+            f"-o=Dir::Etc::SourceList={work / 'sources.list'}",
+            "-o=Dir::Etc::SourceParts=/dev/null",
+            f"-o=Dir::State::Lists={work / 'lists'}",
+            f"-o=Dir::Cache={work / 'cache'}",
+            "-o=APT::Sandbox::User=root",
+            "-q",
+        ]
+        subprocess.run(["apt-get", *options, "update"], check=True, capture_output=True)
+        subprocess.run(["apt-get", *options, "download", "libonnxruntime-dev"], check=True, cwd=work, capture_output=True)
+        (deb,) = work.glob("libonnxruntime-dev_*.deb")
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+
+
+def build_library(source: Path, output_name: str, defines: dict[str, str] | None = None,
+                  include_dirs: list[Path] | None = None, extra_flags: list[str] | None = None) -> Path:
+    """Compile `source` into a shared library (cached); returns its path."""
+    defines = defines or {}
+    include_dirs = include_dirs or []
+    flags = ["-shared", "-fPIC", "-O2", "-std=c++17", *(extra_flags or [])]
+    flags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    flags += [f"-I{d}" for d in include_dirs]
+    digest = hashlib.sha256()
+    digest.update(source.read_bytes())
+    digest.update("\0".join(flags).encode())
+    for directory in include_dirs:
+        for header in sorted(directory.glob("*.h")):
+            digest.update(header.name.encode())
+            digest.update(header.read_bytes())
+    out_dir = CACHE / "oplibs" / digest.hexdigest()[:16]
+    output = out_dir / output_name
+    if not output.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / (output_name + ".partial")
+        result = subprocess.run(
+            [os.environ.get("CXX", "g++"), *flags, str(source), "-o", str(partial)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"building {source} failed:\n{result.stderr}")
+        partial.rename(output)
+    return output
+
+
+def onnxruntime_my_ops(add_value: float = 1.0, name: str = "libmy_ops.so") -> Path:
+    return build_library(
+        SOURCES / "onnxruntime" / "my_ops.cc",
+        name,
+        defines={"ADD_VALUE": f"{add_value}f"},
+        include_dirs=[onnxruntime_include_dir()],
+    )
+
+
+def copy_to(library: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(library, target)
+    return target
+
+
+if __name__ == "__main__":  # python tests/oplibs/build.py: build everything once
+    print(onnxruntime_my_ops())
+    sys.exit(0)

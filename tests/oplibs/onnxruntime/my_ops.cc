@@ -1,0 +1,96 @@
+// A custom-op library for ONNX Runtime, built during the test run.
+//
+// Domain "my_ops", op "AddOne": y = x + ADD_VALUE for an FP32 tensor of any shape. ADD_VALUE is a
+// compile-time constant so that two builds of the same op name can behave differently.
+// Op "Checked": y = x, but aborts the process when an element is negative (a crashing op).
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+
+#ifndef ADD_VALUE
+#define ADD_VALUE 1.0f
+#endif
+
+namespace {
+
+struct AddOneKernel {
+  AddOneKernel(const OrtApi&, const OrtKernelInfo*) {}
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    Ort::ConstValue input = context.GetInput(0);
+    auto info = input.GetTensorTypeAndShapeInfo();
+    const float* x = input.GetTensorData<float>();
+    Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
+    float* y = output.GetTensorMutableData<float>();
+    const size_t count = info.GetElementCount();
+    for (size_t i = 0; i < count; ++i) y[i] = x[i] + static_cast<float>(ADD_VALUE);
+  }
+};
+
+struct AddOneOp : Ort::CustomOpBase<AddOneOp, AddOneKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
+    return new AddOneKernel(api, info);
+  }
+  const char* GetName() const { return "AddOne"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct CheckedKernel {
+  CheckedKernel(const OrtApi&, const OrtKernelInfo*) {}
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    Ort::ConstValue input = context.GetInput(0);
+    auto info = input.GetTensorTypeAndShapeInfo();
+    const float* x = input.GetTensorData<float>();
+    Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
+    float* y = output.GetTensorMutableData<float>();
+    const size_t count = info.GetElementCount();
+    for (size_t i = 0; i < count; ++i) {
+      if (x[i] < 0) std::abort();  // the bug this op exists to have
+      y[i] = x[i];
+    }
+  }
+};
+
+struct CheckedOp : Ort::CustomOpBase<CheckedOp, CheckedKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
+    return new CheckedKernel(api, info);
+  }
+  const char* GetName() const { return "Checked"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+const AddOneOp add_one_op;
+const CheckedOp checked_op;
+std::mutex domains_mutex;
+std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
+
+}  // namespace
+
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  try {
+    Ort::CustomOpDomain domain{"my_ops"};
+    domain.Add(&add_one_op);
+    domain.Add(&checked_op);
+    Ort::UnownedSessionOptions session_options(options);
+    session_options.Add(domain);
+    std::lock_guard<std::mutex> lock(domains_mutex);
+    domains.push_back(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}

@@ -1,0 +1,79 @@
+"""A real `opserve serve` process on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    """`with RunningServer([repo]) as server:` starts opserve, waits until it is live, stops it."""
+
+    def __init__(
+        self,
+        repositories: list[Path],
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        self.repositories = repositories
+        self.extra_args = extra_args or []
+        self.env = env
+        self.port = free_port()
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"opserve-{self.port}.log"
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> RunningServer:
+        command = [sys.executable, "-m", "opserve", "serve", "--http-address", "127.0.0.1",
+                   "--http-port", str(self.port)]
+        for repository in self.repositories:
+            command += ["--model-repository", str(repository)]
+        command += self.extra_args
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"opserve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/v2/health/live", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"opserve did not become live in {self.startup_timeout}s:\n{self.log()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
