@@ -51,3 +51,19 @@ def test_server_core_imports_no_framework() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+def test_models_run_in_worker_processes_not_in_the_server(server) -> None:
+    """At run time the server process has no framework mapped; its worker children do."""
+    pid = server.process.pid
+    assert "onnxruntime" not in _maps(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert children, "the server has no worker processes"
+    assert any("onnxruntime" in _maps(int(child)) for child in children)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -121,6 +122,9 @@ class Worker:
 
 def main(argv: list[str]) -> int:
     sock_fd, request_fd, response_fd, capacity = (int(a) for a in argv[:4])
+    # Ctrl-C reaches the whole process group: the server decides when a worker ends (it closes
+    # the socket or sends UnloadModel), so the worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=os.environ.get("OPSERVE_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",

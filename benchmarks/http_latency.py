@@ -1,0 +1,216 @@
+"""Throughput and latency of a tiny ONNX model over HTTP: opserve beside two baselines.
+
+Baselines measured in the same run (these machines are shared and noisy, so compare ratios):
+- raw in-process `onnxruntime` `session.run` (what the model itself costs);
+- MLServer, in its own virtual environment (created by this script on first use), serving the same
+  model with an onnxruntime runtime (`mlserver_runtime.py`) and its default settings (one worker
+  process).
+
+Load: closed loop, `tritonclient.http`, one client process per concurrent request, identity FP32
+[1, 16]. MLServer does not implement the binary tensor extension, so the like-for-like comparison is
+JSON; opserve's binary rows are what `tritonclient` sends by default.
+
+    python benchmarks/http_latency.py [--seconds 5] [--json results.json]
+
+MLServer's virtual environment is benchmarks/.venv-mlserver, or $MLSERVER_VENV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.serving import RunningServer, free_port  # noqa: E402
+
+MLSERVER_VENV = Path(os.environ.get("MLSERVER_VENV", ROOT / "benchmarks" / ".venv-mlserver"))
+# uvloop 0.22+ breaks MLServer 1.7 workers ("There is no current event loop")
+MLSERVER_REQUIREMENTS = ["mlserver==1.7.1", "uvloop<0.22", "onnxruntime"]
+
+
+def write_model(directory: Path) -> Path:
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "identity",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, 16])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = directory / "model.onnx"
+    save(model, str(path))
+    return path
+
+
+def summarize(latencies_s: list[float], elapsed_s: float) -> dict[str, float]:
+    latencies = np.array(latencies_s) * 1e6
+    return {
+        "requests_per_s": len(latencies) / elapsed_s,
+        "p50_us": float(np.percentile(latencies, 50)),
+        "p99_us": float(np.percentile(latencies, 99)),
+        "count": len(latencies),
+    }
+
+
+def bench_raw_onnxruntime(model: Path, seconds: float) -> dict[str, float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options)
+    feed = {"INPUT0": np.random.rand(1, 16).astype(np.float32)}
+    latencies = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < seconds:
+        session.run(None, feed)
+        latencies.append(time.perf_counter() - now)
+    return summarize(latencies, time.perf_counter() - start)
+
+
+def _client_loop(url: str, model: str, binary: bool, seconds: float, start_at: float, queue) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url, connection_timeout=60, network_timeout=60)
+    tensor = httpclient.InferInput("INPUT0", [1, 16], "FP32")
+    tensor.set_data_from_numpy(np.random.rand(1, 16).astype(np.float32), binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]
+    for _ in range(20):  # warm up the connection
+        client.infer(model, [tensor], outputs=outputs)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    latencies = []
+    end = start_at + seconds
+    while (now := time.perf_counter()) and time.time() < end:
+        client.infer(model, [tensor], outputs=outputs)
+        latencies.append(time.perf_counter() - now)
+    queue.put(latencies)
+
+
+def bench_http(url: str, model: str, binary: bool, concurrency: int, seconds: float) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    start_at = time.time() + 3.0
+    clients = [context.Process(target=_client_loop, args=(url, model, binary, seconds, start_at, queue))
+               for _ in range(concurrency)]
+    for process in clients:
+        process.start()
+    latencies: list[float] = []
+    for _ in clients:
+        latencies += queue.get(timeout=seconds + 120)
+    for process in clients:
+        process.join()
+    return summarize(latencies, seconds)
+
+
+def ensure_mlserver() -> Path:
+    python = MLSERVER_VENV / "bin" / "python"
+    if not (MLSERVER_VENV / "bin" / "mlserver").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_REQUIREMENTS], check=True)
+    return MLSERVER_VENV / "bin" / "mlserver"
+
+
+class RunningMLServer:
+    def __init__(self, model: Path, workdir: Path) -> None:
+        self.port = free_port()
+        self.folder = workdir / "mlserver"
+        model_dir = self.folder / "identity"
+        model_dir.mkdir(parents=True)
+        shutil.copyfile(model, model_dir / "model.onnx")
+        shutil.copyfile(ROOT / "benchmarks" / "mlserver_runtime.py", self.folder / "mlserver_runtime.py")
+        (model_dir / "model-settings.json").write_text(json.dumps({
+            "name": "identity", "implementation": "mlserver_runtime.OnnxRuntimeModel",
+            "parameters": {"uri": str(model_dir / "model.onnx")},
+        }))
+        (self.folder / "settings.json").write_text(json.dumps({
+            "http_port": self.port, "grpc_port": free_port(), "metrics_port": free_port(), "host": "127.0.0.1",
+        }))
+
+    def __enter__(self) -> RunningMLServer:
+        executable = ensure_mlserver()
+        self.log = open(self.folder / "mlserver.log", "wb")
+        self.process = subprocess.Popen([str(executable), "start", str(self.folder)], cwd=self.folder,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/models/identity/ready", timeout=1):
+                    return self
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError((self.folder / "mlserver.log").read_text())
+                time.sleep(0.2)
+        raise RuntimeError("MLServer did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per row")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--skip-mlserver", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    rows: list[tuple[str, str, int, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        repository = workdir / "repository"
+        (repository / "identity" / "1").mkdir(parents=True)
+        model = write_model(repository / "identity" / "1")
+
+        rows.append(("onnxruntime in-process", "session.run", 1, bench_raw_onnxruntime(model, args.seconds)))
+        with RunningServer([repository], log_path=workdir / "opserve.log") as server:
+            for concurrency in args.concurrency:
+                for binary in (True, False):
+                    result = bench_http(server.url, "identity", binary, concurrency, args.seconds)
+                    rows.append(("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result))
+        if not args.skip_mlserver:
+            with RunningMLServer(model, workdir) as mlserver:
+                for concurrency in args.concurrency:
+                    result = bench_http(f"127.0.0.1:{mlserver.port}", "identity", False, concurrency, args.seconds)
+                    rows.append(("MLServer 1.7 (1 worker process)", "HTTP JSON", concurrency, result))
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print("| server | transport | concurrency | requests/s | p50 µs | p99 µs |")
+    print("|---|---|---|---|---|---|")
+    for server, transport, concurrency, result in rows:
+        print(f"| {server} | {transport} | {concurrency} | {result['requests_per_s']:,.0f} | "
+              f"{result['p50_us']:,.0f} | {result['p99_us']:,.0f} |")
+    by_key = {(s, t, c): r for s, t, c, r in rows}
+    for concurrency in args.concurrency:
+        ml = by_key.get(("MLServer 1.7 (1 worker process)", "HTTP JSON", concurrency))
+        if ml:
+            for transport in ("HTTP JSON", "HTTP binary"):
+                ours = by_key[("opserve", transport, concurrency)]
+                print(f"c={concurrency} opserve {transport} / MLServer: throughput "
+                      f"{ours['requests_per_s'] / ml['requests_per_s']:.2f}x, p50 "
+                      f"{ours['p50_us'] / ml['p50_us']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps([
+            {"server": s, "transport": t, "concurrency": c, **r} for s, t, c, r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
