@@ -46,7 +46,8 @@ def write_model(directory: Path) -> Path:
     from onnx import TensorProto, helper, save
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "identity",
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        "identity",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, 16])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, 16])],
     )
@@ -81,7 +82,9 @@ def bench_raw_onnxruntime(model: Path, seconds: float) -> dict[str, float]:
     return summarize(latencies, time.perf_counter() - start)
 
 
-def _client_loop(url: str, model: str, binary: bool, seconds: float, start_at: float, queue) -> None:
+def _client_loop(
+    url: str, model: str, binary: bool, seconds: float, start_at: float, queue
+) -> None:
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(url, connection_timeout=60, network_timeout=60)
@@ -100,12 +103,16 @@ def _client_loop(url: str, model: str, binary: bool, seconds: float, start_at: f
     queue.put(latencies)
 
 
-def bench_http(url: str, model: str, binary: bool, concurrency: int, seconds: float) -> dict[str, float]:
+def bench_http(
+    url: str, model: str, binary: bool, concurrency: int, seconds: float
+) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     start_at = time.time() + 3.0
-    clients = [context.Process(target=_client_loop, args=(url, model, binary, seconds, start_at, queue))
-               for _ in range(concurrency)]
+    clients = [
+        context.Process(target=_client_loop, args=(url, model, binary, seconds, start_at, queue))
+        for _ in range(concurrency)
+    ]
     for process in clients:
         process.start()
     latencies: list[float] = []
@@ -120,7 +127,9 @@ def ensure_mlserver() -> Path:
     python = MLSERVER_VENV / "bin" / "python"
     if not (MLSERVER_VENV / "bin" / "mlserver").exists():
         subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_REQUIREMENTS], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *MLSERVER_REQUIREMENTS], check=True
+        )
     return MLSERVER_VENV / "bin" / "mlserver"
 
 
@@ -131,28 +140,48 @@ class RunningMLServer:
         model_dir = self.folder / "identity"
         model_dir.mkdir(parents=True)
         shutil.copyfile(model, model_dir / "model.onnx")
-        shutil.copyfile(ROOT / "benchmarks" / "mlserver_runtime.py", self.folder / "mlserver_runtime.py")
-        (model_dir / "model-settings.json").write_text(json.dumps({
-            "name": "identity", "implementation": "mlserver_runtime.OnnxRuntimeModel",
-            "parameters": {"uri": str(model_dir / "model.onnx")},
-        }))
-        (self.folder / "settings.json").write_text(json.dumps({
-            "http_port": self.port, "grpc_port": free_port(), "metrics_port": free_port(), "host": "127.0.0.1",
-        }))
+        shutil.copyfile(
+            ROOT / "benchmarks" / "mlserver_runtime.py", self.folder / "mlserver_runtime.py"
+        )
+        (model_dir / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": "identity",
+                    "implementation": "mlserver_runtime.OnnxRuntimeModel",
+                    "parameters": {"uri": str(model_dir / "model.onnx")},
+                }
+            )
+        )
+        (self.folder / "settings.json").write_text(
+            json.dumps(
+                {
+                    "http_port": self.port,
+                    "grpc_port": free_port(),
+                    "metrics_port": free_port(),
+                    "host": "127.0.0.1",
+                }
+            )
+        )
 
     def __enter__(self) -> RunningMLServer:
         executable = ensure_mlserver()
         self.log = open(self.folder / "mlserver.log", "wb")
-        self.process = subprocess.Popen([str(executable), "start", str(self.folder)], cwd=self.folder,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [str(executable), "start", str(self.folder)],
+            cwd=self.folder,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/models/identity/ready", timeout=1):
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/v2/models/identity/ready", timeout=1
+                ):
                     return self
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError((self.folder / "mlserver.log").read_text())
+                    raise RuntimeError((self.folder / "mlserver.log").read_text()) from None
                 time.sleep(0.2)
         raise RuntimeError("MLServer did not become ready")
 
@@ -166,7 +195,9 @@ class RunningMLServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per row")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--skip-mlserver", action="store_true")
@@ -180,36 +211,54 @@ def main() -> None:
         (repository / "identity" / "1").mkdir(parents=True)
         model = write_model(repository / "identity" / "1")
 
-        rows.append(("onnxruntime in-process", "session.run", 1, bench_raw_onnxruntime(model, args.seconds)))
+        rows.append(
+            ("onnxruntime in-process", "session.run", 1, bench_raw_onnxruntime(model, args.seconds))
+        )
         with RunningServer([repository], log_path=workdir / "opserve.log") as server:
             for concurrency in args.concurrency:
                 for binary in (True, False):
                     result = bench_http(server.url, "identity", binary, concurrency, args.seconds)
-                    rows.append(("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result))
+                    rows.append(
+                        ("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result)
+                    )
         if not args.skip_mlserver:
             with RunningMLServer(model, workdir) as mlserver:
                 for concurrency in args.concurrency:
-                    result = bench_http(f"127.0.0.1:{mlserver.port}", "identity", False, concurrency, args.seconds)
-                    rows.append(("MLServer 1.7 (1 worker process)", "HTTP JSON", concurrency, result))
+                    result = bench_http(
+                        f"127.0.0.1:{mlserver.port}", "identity", False, concurrency, args.seconds
+                    )
+                    rows.append(
+                        ("MLServer 1.7 (1 worker process)", "HTTP JSON", concurrency, result)
+                    )
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print("| server | transport | concurrency | requests/s | p50 µs | p99 µs |")
     print("|---|---|---|---|---|---|")
     for server, transport, concurrency, result in rows:
-        print(f"| {server} | {transport} | {concurrency} | {result['requests_per_s']:,.0f} | "
-              f"{result['p50_us']:,.0f} | {result['p99_us']:,.0f} |")
+        print(
+            f"| {server} | {transport} | {concurrency} | {result['requests_per_s']:,.0f} | "
+            f"{result['p50_us']:,.0f} | {result['p99_us']:,.0f} |"
+        )
     by_key = {(s, t, c): r for s, t, c, r in rows}
     for concurrency in args.concurrency:
         ml = by_key.get(("MLServer 1.7 (1 worker process)", "HTTP JSON", concurrency))
         if ml:
             for transport in ("HTTP JSON", "HTTP binary"):
                 ours = by_key[("opserve", transport, concurrency)]
-                print(f"c={concurrency} opserve {transport} / MLServer: throughput "
-                      f"{ours['requests_per_s'] / ml['requests_per_s']:.2f}x, p50 "
-                      f"{ours['p50_us'] / ml['p50_us']:.2f}x")
+                print(
+                    f"c={concurrency} opserve {transport} / MLServer: throughput "
+                    f"{ours['requests_per_s'] / ml['requests_per_s']:.2f}x, p50 "
+                    f"{ours['p50_us'] / ml['p50_us']:.2f}x"
+                )
     if args.json:
-        args.json.write_text(json.dumps([
-            {"server": s, "transport": t, "concurrency": c, **r} for s, t, c, r in rows], indent=2))
+        args.json.write_text(
+            json.dumps(
+                [{"server": s, "transport": t, "concurrency": c, **r} for s, t, c, r in rows],
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,17 +30,30 @@ def write_models() -> None:
 
     # Triton's classic `simple`: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1.
     simple = model(
-        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
-        [tensor("INPUT0", TensorProto.INT32, [None, 16]), tensor("INPUT1", TensorProto.INT32, [None, 16])],
-        [tensor("OUTPUT0", TensorProto.INT32, [None, 16]), tensor("OUTPUT1", TensorProto.INT32, [None, 16])],
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        [
+            tensor("INPUT0", TensorProto.INT32, [None, 16]),
+            tensor("INPUT1", TensorProto.INT32, [None, 16]),
+        ],
+        [
+            tensor("OUTPUT0", TensorProto.INT32, [None, 16]),
+            tensor("OUTPUT1", TensorProto.INT32, [None, 16]),
+        ],
     )
     # String ops from onnxruntime-extensions (domain ai.onnx.contrib).
     text_ops = model(
-        [helper.make_node("StringUpper", ["TEXT"], ["UPPER"], domain="ai.onnx.contrib"),
-         helper.make_node("StringLength", ["TEXT"], ["LENGTH"], domain="ai.onnx.contrib")],
+        [
+            helper.make_node("StringUpper", ["TEXT"], ["UPPER"], domain="ai.onnx.contrib"),
+            helper.make_node("StringLength", ["TEXT"], ["LENGTH"], domain="ai.onnx.contrib"),
+        ],
         [tensor("TEXT", TensorProto.STRING, [None, None])],
-        [tensor("UPPER", TensorProto.STRING, [None, None]), tensor("LENGTH", TensorProto.INT64, [None, None])],
+        [
+            tensor("UPPER", TensorProto.STRING, [None, None]),
+            tensor("LENGTH", TensorProto.INT64, [None, None]),
+        ],
         opsets=(("", 17), ("ai.onnx.contrib", 1)),
     )
     # A tiny identity with no config.pbtxt at all: everything comes from auto-complete.

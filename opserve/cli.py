@@ -34,10 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
         "repeat the flag to serve several",
     )
     serve.add_argument(
-        "--http-address", default="0.0.0.0", metavar="ADDR", help="address to bind HTTP to (default: 0.0.0.0)"
+        "--http-address",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address to bind HTTP to (default: 0.0.0.0)",
     )
     serve.add_argument(
-        "--http-port", type=int, default=8000, metavar="PORT", help="HTTP port (default: 8000; 0 picks a free one)"
+        "--http-port",
+        type=int,
+        default=8000,
+        metavar="PORT",
+        help="HTTP port (default: 8000; 0 picks a free one)",
     )
     serve.add_argument(
         "--op-library",
@@ -71,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO
     os.environ["OPSERVE_LOG_LEVEL"] = logging.getLevelName(level)  # worker processes follow it
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

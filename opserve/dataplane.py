@@ -65,8 +65,14 @@ class DataPlane:
             name=model.name,
             versions=[str(v.version) for v in reversed(model.ready_versions())],
             platform=model.config.platform or model.config.backend,
-            inputs=[TensorMetadata(t.name, t.datatype, batch + list(t.dims)) for t in schema.inputs.values()],
-            outputs=[TensorMetadata(t.name, t.datatype, batch + list(t.dims)) for t in schema.outputs.values()],
+            inputs=[
+                TensorMetadata(t.name, t.datatype, batch + list(t.dims))
+                for t in schema.inputs.values()
+            ],
+            outputs=[
+                TensorMetadata(t.name, t.datatype, batch + list(t.dims))
+                for t in schema.outputs.values()
+            ],
         )
 
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
@@ -102,7 +108,9 @@ class DataPlane:
         )
 
 
-def validate_inputs(model_name: str, schema: ModelSchema, request: InferenceRequest) -> list[Tensor]:
+def validate_inputs(
+    model_name: str, schema: ModelSchema, request: InferenceRequest
+) -> list[Tensor]:
     """Check every input against the config; the tensors to send, reshaped as the model wants."""
     seen: set[str] = set()
     batch_size = None
@@ -114,7 +122,9 @@ def validate_inputs(model_name: str, schema: ModelSchema, request: InferenceRequ
                 f"unexpected inference input '{tensor.name}' for model '{model_name}'"
             )
         if tensor.name in seen:
-            raise InvalidArgumentError(f"input '{tensor.name}' is given twice for model '{model_name}'")
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' is given twice for model '{model_name}'"
+            )
         seen.add(tensor.name)
         if tensor.datatype != spec.datatype:
             raise InvalidArgumentError(
@@ -123,7 +133,9 @@ def validate_inputs(model_name: str, schema: ModelSchema, request: InferenceRequ
             )
         shape = tensor.shape
         if any(d < 0 for d in shape):
-            raise InvalidArgumentError(f"input '{tensor.name}' has a negative dimension: {list(shape)}")
+            raise InvalidArgumentError(
+                f"input '{tensor.name}' has a negative dimension: {list(shape)}"
+            )
         dims = shape[1:] if schema.batching else shape
         if (schema.batching and not shape) or not spec.shape_matches(dims):
             raise InvalidArgumentError(

@@ -19,7 +19,7 @@ class TensorSchema:
     def shape_matches(self, shape: tuple[int, ...]) -> bool:
         if len(shape) != len(self.dims):
             return False
-        return all(want == -1 or want == got for want, got in zip(self.dims, shape))
+        return all(want == -1 or want == got for want, got in zip(self.dims, shape, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,13 @@ class ModelSchema:
     def from_config(cls, config: ModelConfig) -> ModelSchema:
         def tensor(t, optional: bool) -> TensorSchema:
             reshape = tuple(t.reshape.shape) if t.HasField("reshape") else None
-            return TensorSchema(t.name, config_to_v2(model_config_pb2.DataType.Name(t.data_type)), tuple(t.dims), reshape, optional)
+            return TensorSchema(
+                t.name,
+                config_to_v2(model_config_pb2.DataType.Name(t.data_type)),
+                tuple(t.dims),
+                reshape,
+                optional,
+            )
 
         return cls(
             config.max_batch_size,
@@ -51,4 +57,3 @@ class ModelSchema:
     def expected_shape(self, tensor: TensorSchema) -> str:
         dims = ((-1,) if self.batching else ()) + tensor.dims
         return "[" + ",".join(map(str, dims)) + "]"
-

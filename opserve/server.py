@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 async def serve(settings: ServerSettings) -> None:
     """Load every model, then serve until SIGINT or SIGTERM; unload everything on the way out."""
-    manager = ModelManager(settings.model_repositories, settings.op_libraries, settings.ring_capacity)
+    manager = ModelManager(
+        settings.model_repositories, settings.op_libraries, settings.ring_capacity
+    )
     try:
         await manager.load_all()
         dataplane = DataPlane(manager)

@@ -6,10 +6,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from onnx import helper, numpy_helper
-import numpy as np
 
 from tests import models
 from tests.oplibs import build
@@ -29,8 +29,10 @@ def add_constant(value: float):
     """OUTPUT0 = INPUT0 + value, FP32 [-1, 4]: tells versions apart."""
     constant = numpy_helper.from_array(np.array([value], dtype=np.float32), "C")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "C"], ["OUTPUT0"])], "graph",
-        [models.tensor("INPUT0", "FP32", [None, 4])], [models.tensor("OUTPUT0", "FP32", [None, 4])],
+        [helper.make_node("Add", ["INPUT0", "C"], ["OUTPUT0"])],
+        "graph",
+        [models.tensor("INPUT0", "FP32", [None, 4])],
+        [models.tensor("OUTPUT0", "FP32", [None, 4])],
         initializer=[constant],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -40,7 +42,8 @@ def optional_bias():
     """OUTPUT0 = INPUT0 + BIAS, where BIAS is an optional input that defaults to [10, 20]."""
     bias = numpy_helper.from_array(np.array([10, 20], dtype=np.float32), "BIAS")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "BIAS"], ["OUTPUT0"])], "graph",
+        [helper.make_node("Add", ["INPUT0", "BIAS"], ["OUTPUT0"])],
+        "graph",
         [models.tensor("INPUT0", "FP32", [2]), models.tensor("BIAS", "FP32", [2])],
         [models.tensor("OUTPUT0", "FP32", [2])],
         initializer=[bias],
@@ -58,7 +61,7 @@ output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
          { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] } ]
 """
 
-ALL_TYPES_CONFIG = "backend: \"onnxruntime\"\nmax_batch_size: 0\n" + "".join(
+ALL_TYPES_CONFIG = 'backend: "onnxruntime"\nmax_batch_size: 0\n' + "".join(
     f'input {{ name: "IN_{t}" data_type: TYPE_{"STRING" if t == "BYTES" else t} dims: [ -1 ] }}\n'
     f'output {{ name: "OUT_{t}" data_type: TYPE_{"STRING" if t == "BYTES" else t} dims: [ -1 ] }}\n'
     for t in models.ONNX_TYPES
@@ -74,15 +77,25 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
     repo = root / "repository"
     models.write_model(repo, "simple", models.add_sub(), SIMPLE_CONFIG)
     models.write_model(repo, "all_types", models.all_types_identity(), ALL_TYPES_CONFIG)
-    models.write_model(repo, "optional_input", optional_bias(),
-                       'max_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 2 ] },\n'
-                       '  { name: "BIAS" data_type: TYPE_FP32 dims: [ 2 ] optional: true } ]\n'
-                       'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n')
+    models.write_model(
+        repo,
+        "optional_input",
+        optional_bias(),
+        'max_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 2 ] },\n'
+        '  { name: "BIAS" data_type: TYPE_FP32 dims: [ 2 ] optional: true } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n',
+    )
     models.write_model(repo, "no_config", models.identity("FP32", [None, 16]))
-    models.write_model(repo, "partial_config", models.identity("FP32", [None, 16]), 'max_batch_size: 2\n')
-    models.write_model(repo, "vector_fp32", models.identity("FP32", [None]),
-                       'max_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
-                       'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n')
+    models.write_model(
+        repo, "partial_config", models.identity("FP32", [None, 16]), "max_batch_size: 2\n"
+    )
+    models.write_model(
+        repo,
+        "vector_fp32",
+        models.identity("FP32", [None]),
+        'max_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n',
+    )
     models.write_model(repo, "vector_batch", models.identity("FP32", [None]))
     models.write_model(repo, "fp16_matrix", models.identity("FP16", [2, 3]))
     # version policies; each version adds its own number, so answers tell versions apart
@@ -93,31 +106,62 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
         ("policy_default", "", (1, 2, 3, 10)),
     ):
         for version in versions:
-            models.write_model(repo, name, add_constant(float(version)), f"backend: \"onnxruntime\"\n{policy}\n",
-                               versions=(version,))
+            models.write_model(
+                repo,
+                name,
+                add_constant(float(version)),
+                f'backend: "onnxruntime"\n{policy}\n',
+                versions=(version,),
+            )
     for ignored in ("0011", "abc"):  # a leading zero and a non-number: not versions
         models.write_model(repo, "policy_default", add_constant(1000.0), versions=(ignored,))
-    models.write_model(repo, "custom_filename", add_constant(5.0),
-                       'backend: "onnxruntime"\ndefault_model_filename: "my_model.onnx"\n',
-                       filename="my_model.onnx")
+    models.write_model(
+        repo,
+        "custom_filename",
+        add_constant(5.0),
+        'backend: "onnxruntime"\ndefault_model_filename: "my_model.onnx"\n',
+        filename="my_model.onnx",
+    )
     # custom ops: library in the model's folder, in the version folder, missing, not given
-    folder = models.write_model(repo, "ops_in_model_dir", models.custom_op(),
-                                custom_op_config("ops_in_model_dir", "libmy_ops.so"))
+    folder = models.write_model(
+        repo,
+        "ops_in_model_dir",
+        models.custom_op(),
+        custom_op_config("ops_in_model_dir", "libmy_ops.so"),
+    )
     build.copy_to(my_ops, folder / "libmy_ops.so")
-    folder = models.write_model(repo, "ops_in_version_dir", models.custom_op(),
-                                custom_op_config("ops_in_version_dir", "libmy_ops.so"))
+    folder = models.write_model(
+        repo,
+        "ops_in_version_dir",
+        models.custom_op(),
+        custom_op_config("ops_in_version_dir", "libmy_ops.so"),
+    )
     build.copy_to(my_ops, folder / "1" / "libmy_ops.so")
-    models.write_model(repo, "ops_missing_library", models.custom_op(),
-                       custom_op_config("ops_missing_library", "libnot_there.so"))
-    models.write_model(repo, "ops_not_registered", models.custom_op(),
-                       custom_op_config("ops_not_registered", None))
+    models.write_model(
+        repo,
+        "ops_missing_library",
+        models.custom_op(),
+        custom_op_config("ops_missing_library", "libnot_there.so"),
+    )
+    models.write_model(
+        repo, "ops_not_registered", models.custom_op(), custom_op_config("ops_not_registered", None)
+    )
     # broken configurations
-    models.write_model(repo, "bad_syntax", models.identity(), 'name: "bad_syntax"\nmax_batch_size: 4\ninput [ { name: "X" \n')
+    models.write_model(
+        repo,
+        "bad_syntax",
+        models.identity(),
+        'name: "bad_syntax"\nmax_batch_size: 4\ninput [ { name: "X" \n',
+    )
     models.write_model(repo, "wrong_name", models.identity(), 'name: "another_name"\n')
     models.write_model(repo, "no_versions", None, 'backend: "onnxruntime"\n', versions=())
-    models.write_model(repo, "unknown_tensor", models.identity(),
-                       'max_batch_size: 4\ninput [ { name: "NOPE" data_type: TYPE_FP32 dims: [16] } ]\n'
-                       'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [16] } ]\n')
+    models.write_model(
+        repo,
+        "unknown_tensor",
+        models.identity(),
+        'max_batch_size: 4\ninput [ { name: "NOPE" data_type: TYPE_FP32 dims: [16] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [16] } ]\n',
+    )
     return repo
 
 
@@ -127,7 +171,9 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, my_ops_library: Pa
 
 
 @pytest.fixture(scope="session")
-def server(test_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(
+    test_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
     with RunningServer([test_repository], log_path=log) as running:
         yield running
@@ -152,7 +198,9 @@ def example_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def example_server(example_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def example_server(
+    example_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("logs") / "examples.log"
     with RunningServer([example_repository], log_path=log) as running:
         yield running

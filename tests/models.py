@@ -33,7 +33,9 @@ def tensor(name: str, datatype: str, shape: list[int | None]):
     return helper.make_tensor_value_info(name, ONNX_TYPES[datatype], shape)
 
 
-def identity(datatype: str = "FP32", shape: list[int | None] | None = None, names=("INPUT0", "OUTPUT0")):
+def identity(
+    datatype: str = "FP32", shape: list[int | None] | None = None, names=("INPUT0", "OUTPUT0")
+):
     shape = shape if shape is not None else [None, 16]
     return onnx_model(
         [helper.make_node("Identity", [names[0]], [names[1]])],
@@ -55,8 +57,10 @@ def all_types_identity():
 def add_sub(datatype: str = "INT32", dims: int = 16):
     """Triton's `simple`: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
     return onnx_model(
-        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
         [tensor("INPUT0", datatype, [None, dims]), tensor("INPUT1", datatype, [None, dims])],
         [tensor("OUTPUT0", datatype, [None, dims]), tensor("OUTPUT1", datatype, [None, dims])],
     )
@@ -72,8 +76,14 @@ def custom_op(op: str = "AddOne", domain: str = "my_ops"):
     )
 
 
-def write_model(repository: Path, name: str, model=None, config: str | None = None,
-                versions: tuple[int | str, ...] = (1,), filename: str = "model.onnx") -> Path:
+def write_model(
+    repository: Path,
+    name: str,
+    model=None,
+    config: str | None = None,
+    versions: tuple[int | str, ...] = (1,),
+    filename: str = "model.onnx",
+) -> Path:
     """A model folder: `config.pbtxt` (when given) and `model` saved in each version folder."""
     folder = repository / name
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,9 @@ class RunningServer:
         self.extra_args = extra_args or []
         self.env = env
         self.port = free_port()
-        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"opserve-{self.port}.log"
+        self.log_path = (
+            log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"opserve-{self.port}.log"
+        )
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -45,21 +47,33 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def __enter__(self) -> RunningServer:
-        command = [sys.executable, "-m", "opserve", "serve", "--http-address", "127.0.0.1",
-                   "--http-port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "opserve",
+            "serve",
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            str(self.port),
+        ]
         for repository in self.repositories:
             command += ["--model-repository", str(repository)]
         command += self.extra_args
         env = dict(os.environ)
         env.update(self.env or {})
         self._log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+        )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"opserve exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"http://{self.url}/v2/health/live", timeout=1) as response:
+                with urllib.request.urlopen(
+                    f"http://{self.url}/v2/health/live", timeout=1
+                ) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):

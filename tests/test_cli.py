@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "opserve", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "opserve", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_top_level_help() -> None:
@@ -20,7 +22,13 @@ def test_top_level_help() -> None:
 def test_serve_help_explains_every_flag() -> None:
     result = run("serve", "--help")
     assert result.returncode == 0
-    for flag in ("--model-repository", "--http-address", "--http-port", "--op-library", "--log-verbose"):
+    for flag in (
+        "--model-repository",
+        "--http-address",
+        "--http-port",
+        "--op-library",
+        "--log-verbose",
+    ):
         assert flag in result.stdout
     assert "LD_PRELOAD" in result.stdout
 
@@ -38,7 +46,9 @@ def test_missing_repository_flag_is_an_error() -> None:
 
 
 def test_missing_op_library_is_an_error(tmp_path) -> None:
-    result = run("serve", "--model-repository", str(tmp_path), "--op-library", str(tmp_path / "nope.so"))
+    result = run(
+        "serve", "--model-repository", str(tmp_path), "--op-library", str(tmp_path / "nope.so")
+    )
     assert result.returncode == 2
     assert "nope.so" in result.stderr and "does not exist" in result.stderr
 
@@ -49,7 +59,9 @@ def test_server_core_imports_no_framework() -> None:
         "bad = [m for m in ('onnxruntime', 'torch', 'tensorflow', 'onnx') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

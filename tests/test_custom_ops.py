@@ -46,29 +46,45 @@ def test_unregistered_op_is_unavailable_with_onnxruntimes_message(server: Runnin
 def plain_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model that uses my_ops::AddOne without naming a library, and one that has nothing to do with it."""
     repo = tmp_path_factory.mktemp("plain") / "repository"
-    models.write_model(repo, "uses_add_one", models.custom_op(), custom_op_config("uses_add_one", None))
+    models.write_model(
+        repo, "uses_add_one", models.custom_op(), custom_op_config("uses_add_one", None)
+    )
     models.write_model(repo, "simple", models.add_sub(), SIMPLE_CONFIG)
     return repo
 
 
-def test_server_wide_op_library_flag(plain_repository: Path, my_ops_library: Path, tmp_path: Path) -> None:
-    with RunningServer([plain_repository], ["--op-library", str(my_ops_library)], log_path=tmp_path / "log") as server:
+def test_server_wide_op_library_flag(
+    plain_repository: Path, my_ops_library: Path, tmp_path: Path
+) -> None:
+    with RunningServer(
+        [plain_repository], ["--op-library", str(my_ops_library)], log_path=tmp_path / "log"
+    ) as server:
         client = httpclient.InferenceServerClient(server.url)
-        np.testing.assert_array_equal(add_one(client, "uses_add_one"), np.ones((2, 4), dtype=np.float32))
+        np.testing.assert_array_equal(
+            add_one(client, "uses_add_one"), np.ones((2, 4), dtype=np.float32)
+        )
         assert client.is_model_ready("simple")
 
 
-def test_ld_preload_keeps_working(plain_repository: Path, my_ops_library: Path, tmp_path: Path) -> None:
+def test_ld_preload_keeps_working(
+    plain_repository: Path, my_ops_library: Path, tmp_path: Path
+) -> None:
     env = {"LD_PRELOAD": str(my_ops_library)}
     with RunningServer([plain_repository], env=env, log_path=tmp_path / "log") as server:
         client = httpclient.InferenceServerClient(server.url)
-        np.testing.assert_array_equal(add_one(client, "uses_add_one"), np.ones((2, 4), dtype=np.float32))
+        np.testing.assert_array_equal(
+            add_one(client, "uses_add_one"), np.ones((2, 4), dtype=np.float32)
+        )
 
 
 def test_library_that_fails_to_load(tmp_path: Path) -> None:
     repo = tmp_path / "repository"
-    folder = models.write_model(repo, "broken_library", models.custom_op(),
-                                custom_op_config("broken_library", "libbroken.so"))
+    folder = models.write_model(
+        repo,
+        "broken_library",
+        models.custom_op(),
+        custom_op_config("broken_library", "libbroken.so"),
+    )
     (folder / "libbroken.so").write_bytes(b"this is not an ELF file")
     models.write_model(repo, "simple", models.add_sub(), SIMPLE_CONFIG)
     with RunningServer([repo], log_path=tmp_path / "log") as server:
@@ -77,6 +93,8 @@ def test_library_that_fails_to_load(tmp_path: Path) -> None:
         assert response.status_code == 400
         reason = response.json()["error"]
         assert f"failed to load op library '{folder / 'libbroken.so'}'" in reason
-        assert "invalid ELF header" in reason or "file too short" in reason  # the loader's own words
+        assert (
+            "invalid ELF header" in reason or "file too short" in reason
+        )  # the loader's own words
         assert "libbroken.so" in server.log()
         assert client.is_model_ready("simple")

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
 
+from tests.clients import infer_input, simple_inputs
 from tests.serving import RunningServer
-
-
-def _input(name: str, array: np.ndarray, datatype: str, binary: bool = True) -> httpclient.InferInput:
-    tensor = httpclient.InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array, binary_data=binary)
-    return tensor
-
-
-def simple_inputs(binary: bool = True, batch: int = 1):
-    a = np.arange(16 * batch, dtype=np.int32).reshape(batch, 16)
-    b = np.full((batch, 16), 3, dtype=np.int32)
-    return a, b, [_input("INPUT0", a, "INT32", binary), _input("INPUT1", b, "INT32", binary)]
 
 
 def test_health_and_server_metadata(client: httpclient.InferenceServerClient) -> None:
@@ -73,7 +60,9 @@ def test_model_config_is_tritons_json(client: httpclient.InferenceServerClient) 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_simple(client: httpclient.InferenceServerClient, binary: bool) -> None:
     a, b, inputs = simple_inputs(binary, batch=3)
-    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("OUTPUT0", "OUTPUT1")]
+    outputs = [
+        httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("OUTPUT0", "OUTPUT1")
+    ]
     result = client.infer("simple", inputs, outputs=outputs, request_id="req-7")
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
@@ -82,7 +71,9 @@ def test_infer_simple(client: httpclient.InferenceServerClient, binary: bool) ->
     assert response["model_name"] == "simple" and response["model_version"] == "1"
 
 
-def test_infer_with_client_defaults_returns_binary_outputs(client: httpclient.InferenceServerClient) -> None:
+def test_infer_with_client_defaults_returns_binary_outputs(
+    client: httpclient.InferenceServerClient,
+) -> None:
     a, b, inputs = simple_inputs()
     result = client.infer("simple", inputs)  # no outputs named: binary_data_output
     for output in result.get_response()["outputs"]:
@@ -100,8 +91,10 @@ def test_requested_output_subset(client: httpclient.InferenceServerClient) -> No
 
 def test_mixed_binary_and_json_outputs(client: httpclient.InferenceServerClient) -> None:
     a, b, inputs = simple_inputs(binary=True)
-    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=False),
-               httpclient.InferRequestedOutput("OUTPUT1", binary_data=True)]
+    outputs = [
+        httpclient.InferRequestedOutput("OUTPUT0", binary_data=False),
+        httpclient.InferRequestedOutput("OUTPUT1", binary_data=True),
+    ]
     result = client.infer("simple", inputs, outputs=outputs)
     by_name = {o["name"]: o for o in result.get_response()["outputs"]}
     assert by_name["OUTPUT0"]["data"] == (a + b).reshape(-1).tolist()
@@ -116,16 +109,28 @@ def test_explicit_version(client: httpclient.InferenceServerClient) -> None:
 
 
 def test_plain_json_over_curl_like_http(server: RunningServer) -> None:
-    body = {"inputs": [
-        {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [[i for i in range(16)]]},
-        {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))},
-    ]}
+    body = {
+        "inputs": [
+            {
+                "name": "INPUT0",
+                "datatype": "INT32",
+                "shape": [1, 16],
+                "data": [[i for i in range(16)]],
+            },
+            {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))},
+        ]
+    }
     response = requests.post(f"http://{server.url}/v2/models/simple/versions/1/infer", json=body)
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert outputs["OUTPUT0"]["data"] == [2 * i for i in range(16)]
-    assert outputs["OUTPUT1"] == {"name": "OUTPUT1", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16}
+    assert outputs["OUTPUT1"] == {
+        "name": "OUTPUT1",
+        "datatype": "INT32",
+        "shape": [1, 16],
+        "data": [0] * 16,
+    }
 
 
 # every V2 datatype that ONNX Runtime has, through one identity model, binary and JSON
@@ -148,7 +153,7 @@ SAMPLES = {
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_every_datatype_round_trips(client: httpclient.InferenceServerClient, binary: bool) -> None:
-    inputs = [_input(f"IN_{t}", array, t, binary) for t, array in SAMPLES.items()]
+    inputs = [infer_input(f"IN_{t}", array, t, binary) for t, array in SAMPLES.items()]
     outputs = [httpclient.InferRequestedOutput(f"OUT_{t}", binary_data=binary) for t in SAMPLES]
     result = client.infer("all_types", inputs, outputs=outputs)
     for datatype, array in SAMPLES.items():
@@ -164,10 +169,12 @@ def test_every_datatype_round_trips(client: httpclient.InferenceServerClient, bi
 
 def test_optional_inputs_may_be_left_out(client: httpclient.InferenceServerClient) -> None:
     x = np.array([1.5, 2.5], dtype=np.float32)
-    result = client.infer("optional_input", [_input("INPUT0", x, "FP32")])
+    result = client.infer("optional_input", [infer_input("INPUT0", x, "FP32")])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + [10, 20])
     bias = np.array([1, 1], dtype=np.float32)
-    result = client.infer("optional_input", [_input("INPUT0", x, "FP32"), _input("BIAS", bias, "FP32")])
+    result = client.infer(
+        "optional_input", [infer_input("INPUT0", x, "FP32"), infer_input("BIAS", bias, "FP32")]
+    )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
 
 
@@ -176,10 +183,16 @@ def test_bytes_tensors_through_a_custom_op_library(example_server: RunningServer
     text = np.array([[b"hello", b"custom ops"], [b"triton", b"x"]], dtype=np.object_)
     for binary in (True, False):
         result = client.infer(
-            "text_ops", [_input("TEXT", text, "BYTES", binary)],
-            outputs=[httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("UPPER", "LENGTH")],
+            "text_ops",
+            [infer_input("TEXT", text, "BYTES", binary)],
+            outputs=[
+                httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("UPPER", "LENGTH")
+            ],
         )
-        upper = [[e if isinstance(e, bytes) else e.encode() for e in row] for row in result.as_numpy("UPPER")]
+        upper = [
+            [e if isinstance(e, bytes) else e.encode() for e in row]
+            for row in result.as_numpy("UPPER")
+        ]
         assert upper == [[b"HELLO", b"CUSTOM OPS"], [b"TRITON", b"X"]]
         assert result.as_numpy("LENGTH").tolist() == [[5, 10], [6, 1]]
 
@@ -193,20 +206,30 @@ def test_example_simple_model(example_server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_requests_and_responses(client: httpclient.InferenceServerClient, algorithm: str) -> None:
+def test_compressed_requests_and_responses(
+    client: httpclient.InferenceServerClient, algorithm: str
+) -> None:
     a, b, inputs = simple_inputs()
-    result = client.infer("simple", inputs, request_compression_algorithm=algorithm,
-                          response_compression_algorithm=algorithm)
+    result = client.infer(
+        "simple",
+        inputs,
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
 
 
 def test_large_tensor_bigger_than_the_shared_memory_ring(test_repository, tmp_path) -> None:
     # a ring of 64 KiB forces the 1 MiB tensors through the worker socket instead
-    with RunningServer([test_repository], ["--shm-ring-bytes", "65536"], log_path=tmp_path / "log") as server:
+    with RunningServer(
+        [test_repository], ["--shm-ring-bytes", "65536"], log_path=tmp_path / "log"
+    ) as server:
         client = httpclient.InferenceServerClient(server.url)
         array = np.random.default_rng(0).random((4, 65536), dtype=np.float32)
         for _ in range(3):  # several rounds: the ring's space is released and reused
             result = client.infer("simple", simple_inputs(batch=4)[2])
-            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.arange(64).reshape(4, 16) - 3)
-            result = client.infer("vector_fp32", [_input("INPUT0", array.reshape(-1), "FP32")])
+            np.testing.assert_array_equal(
+                result.as_numpy("OUTPUT1"), np.arange(64).reshape(4, 16) - 3
+            )
+            result = client.infer("vector_fp32", [infer_input("INPUT0", array.reshape(-1), "FP32")])
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array.reshape(-1))

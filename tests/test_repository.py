@@ -71,7 +71,9 @@ def test_autocomplete_without_config_pbtxt(client) -> None:
     assert config["name"] == "no_config"
     assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
     assert config["max_batch_size"] == 4  # a dynamic first dimension means batching
-    assert config["input"] == [{**config["input"][0], "name": "INPUT0", "data_type": "TYPE_FP32", "dims": [16]}]
+    assert config["input"] == [
+        {**config["input"][0], "name": "INPUT0", "data_type": "TYPE_FP32", "dims": [16]}
+    ]
     assert config["output"][0]["name"] == "OUTPUT0" and config["output"][0]["dims"] == [16]
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     data = np.random.default_rng(1).random((4, 16), dtype=np.float32)
@@ -112,7 +114,9 @@ def test_autocomplete_without_batching(client) -> None:
         ("unknown_tensor", "unexpected input 'NOPE'"),
     ],
 )
-def test_broken_models_are_unavailable_with_their_reason(client, server: RunningServer, model: str, reason: str) -> None:
+def test_broken_models_are_unavailable_with_their_reason(
+    client, server: RunningServer, model: str, reason: str
+) -> None:
     assert not client.is_model_ready(model)
     response = requests.get(f"http://{server.url}/v2/models/{model}/ready")
     assert response.status_code == 400
@@ -122,8 +126,12 @@ def test_broken_models_are_unavailable_with_their_reason(client, server: Running
 
 
 def test_config_syntax_error_names_file_and_line() -> None:
-    with pytest.raises(InvalidArgumentError, match=r"^models/m/config.pbtxt:3:1: invalid model configuration"):
-        parse_model_config('name: "m"\nmax_batch_size: 4\nbogus_field: 1\n', "models/m/config.pbtxt")
+    with pytest.raises(
+        InvalidArgumentError, match=r"^models/m/config.pbtxt:3:1: invalid model configuration"
+    ):
+        parse_model_config(
+            'name: "m"\nmax_batch_size: 4\nbogus_field: 1\n', "models/m/config.pbtxt"
+        )
 
 
 def test_config_is_the_official_model_config_message() -> None:

@@ -48,5 +48,5 @@ class Backend(ABC):
     ) -> dict[str, np.ndarray]:
         """Run one (already batched) request; BYTES tensors are object arrays of `bytes`."""
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027 - a backend with nothing to release need not override
         """Release the model; safe to call twice."""

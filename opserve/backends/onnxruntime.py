@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +118,7 @@ class OnnxRuntimeBackend(Backend):
         names = outputs or [o.name for o in session.get_outputs()]
         with _translated(f"onnxruntime failed to run model '{self.context.config.name}'"):
             results = session.run(names, feeds)
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     def unload(self) -> None:
         self._session = None
@@ -134,5 +134,7 @@ def _bytes_to_str(array: np.ndarray) -> np.ndarray:
     out = np.empty(array.shape, dtype=np.object_)
     flat_in, flat_out = array.reshape(-1), out.reshape(-1)
     for i, element in enumerate(flat_in):
-        flat_out[i] = element.decode("utf-8", "surrogateescape") if isinstance(element, bytes) else element
+        flat_out[i] = (
+            element.decode("utf-8", "surrogateescape") if isinstance(element, bytes) else element
+        )
     return out

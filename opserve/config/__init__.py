@@ -1,6 +1,6 @@
 """Model configuration: `config.pbtxt` into Triton's `ModelConfig`, auto-complete, JSON form."""
 
-from opserve.config.autocomplete import TensorSpec, ModelSignature, autocomplete
+from opserve.config.autocomplete import ModelSignature, TensorSpec, autocomplete
 from opserve.config.jsonform import config_to_json
 from opserve.config.pbtxt import parse_model_config, read_model_config
 from opserve.config.platforms import PLATFORMS, Platform, normalize_platform

@@ -57,7 +57,9 @@ def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
     return filled
 
 
-def _complete_tensors(configured, specs: tuple[TensorSpec, ...], strip: int, kind: str) -> list[str]:
+def _complete_tensors(
+    configured, specs: tuple[TensorSpec, ...], strip: int, kind: str
+) -> list[str]:
     filled: list[str] = []
     by_name = {spec.name: spec for spec in specs}
     if len(configured) == 0:
@@ -68,12 +70,12 @@ def _complete_tensors(configured, specs: tuple[TensorSpec, ...], strip: int, kin
             _fill_tensor(tensor, spec, strip)
         return filled
     for tensor in configured:
-        spec = by_name.get(tensor.name)
-        if spec is None:
+        found = by_name.get(tensor.name)
+        if found is None:
             continue
         if tensor.data_type == model_config_pb2.TYPE_INVALID or not tensor.dims:
             filled.append(f"{kind} '{tensor.name}' type/shape")
-            _fill_tensor(tensor, spec, strip)
+            _fill_tensor(tensor, found, strip)
     return filled
 
 

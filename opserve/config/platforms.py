@@ -63,7 +63,9 @@ def normalize_platform(config: ModelConfig, model_dir: Path) -> Platform:
     return platform
 
 
-def _detect(model_dir: Path, filename: str, candidates: tuple[Platform, ...] | list[Platform]) -> Platform | None:
+def _detect(
+    model_dir: Path, filename: str, candidates: tuple[Platform, ...] | list[Platform]
+) -> Platform | None:
     """The platform whose model file exists in some version folder of `model_dir`."""
     version_dirs = [d for d in sorted(model_dir.iterdir()) if d.is_dir() and d.name.isdigit()]
     for platform in candidates:

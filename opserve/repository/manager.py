@@ -17,8 +17,8 @@ from opserve.config import ModelSignature, autocomplete, normalize_platform, rea
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
 from opserve.ops import preloaded_libraries, resolve_model_libraries
 from opserve.proto import ModelConfig
-from opserve.schema import ModelSchema
 from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.schema import ModelSchema
 from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,14 @@ class ModelManager:
         model = self.model(name)
         if version:
             if not version.isdigit() or int(version) not in model.versions:
-                raise NotFoundError(f"Request for unknown model: '{name}' version {version} is not found")
+                raise NotFoundError(
+                    f"Request for unknown model: '{name}' version {version} is not found"
+                )
             entry = model.versions[int(version)]
             if not entry.ready:
-                raise UnavailableError(f"{entry.label} is not ready: {entry.reason or entry.state.value}")
+                raise UnavailableError(
+                    f"{entry.label} is not ready: {entry.reason or entry.state.value}"
+                )
             return model, entry
         ready = model.ready_versions()
         if not ready:
@@ -152,7 +156,9 @@ class ModelManager:
                 self._make_unavailable(model, exc.message)
         for entry in model.versions.values():
             if entry.ready:
-                log.info("%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none")
+                log.info(
+                    "%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none"
+                )
         return model
 
     def _read_config(self, name: str, folder: Path) -> ModelConfig:

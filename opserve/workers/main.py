@@ -90,13 +90,19 @@ class Worker:
             return Failed(message.id, exc.code.value, exc.message, self.responses.head)
         except Exception as exc:
             log.exception("inference failed")
-            return Failed(message.id, "INTERNAL", f"{type(exc).__name__}: {exc}", self.responses.head)
+            return Failed(
+                message.id, "INTERNAL", f"{type(exc).__name__}: {exc}", self.responses.head
+            )
         finally:
             self.requests.release(message.ring_end)
         return InferResult(message.id, outputs, self.responses.head)
 
     def _input_array(self, ref: TensorRef) -> np.ndarray:
-        data = ref.inline if ref.inline is not None else self.requests.buffer[ref.offset : ref.offset + ref.nbytes]
+        data = (
+            ref.inline
+            if ref.inline is not None
+            else self.requests.buffer[ref.offset : ref.offset + ref.nbytes]
+        )
         dtype = NUMPY_DTYPES[ref.datatype]
         if dtype is None:
             array = np.empty(len(elements := deserialize_bytes(data)), dtype=np.object_)
@@ -130,7 +136,9 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
     )
     sock = socket.socket(fileno=sock_fd)
-    worker = Worker(BlockingChannel(sock), ShmRing(request_fd, capacity), ShmRing(response_fd, capacity))
+    worker = Worker(
+        BlockingChannel(sock), ShmRing(request_fd, capacity), ShmRing(response_fd, capacity)
+    )
     try:
         worker.serve()
     except (BrokenPipeError, ConnectionResetError):

@@ -133,7 +133,9 @@ class WorkerProcess:
     # requests ----------------------------------------------------------------------------------
     def _submit(self, build: Callable[[int], Message]) -> asyncio.Future[Any]:
         if not self.alive or self._transport is None or self._transport.is_closing():
-            raise InternalError(f"the worker process of {self.label} {describe_exit(self._returncode())}")
+            raise InternalError(
+                f"the worker process of {self.label} {describe_exit(self._returncode())}"
+            )
         self._next_id += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[self._next_id] = future
@@ -150,9 +152,13 @@ class WorkerProcess:
         for tensor in inputs:
             offset = ring.write(tensor.data)
             if offset is None:
-                refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, inline=bytes(tensor.data)))
+                refs.append(
+                    TensorRef(tensor.name, tensor.datatype, tensor.shape, inline=bytes(tensor.data))
+                )
             else:
-                refs.append(TensorRef(tensor.name, tensor.datatype, tensor.shape, offset, len(tensor.data)))
+                refs.append(
+                    TensorRef(tensor.name, tensor.datatype, tensor.shape, offset, len(tensor.data))
+                )
         return await self._submit(lambda i: Infer(i, refs, outputs, ring.head))
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -171,6 +177,7 @@ class WorkerProcess:
     # replies -----------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
         future = self._pending.pop(message.id, None)
+        result: list[Tensor] | ModelLoaded | Done
         if isinstance(message, InferResult):
             result = self._read_outputs(message.outputs)
             self._responses.release(message.ring_end)  # type: ignore[union-attr]
@@ -195,7 +202,9 @@ class WorkerProcess:
                 ref.name,
                 ref.datatype,
                 ref.shape,
-                ref.inline if ref.inline is not None else bytes(buffer[ref.offset : ref.offset + ref.nbytes]),
+                ref.inline
+                if ref.inline is not None
+                else bytes(buffer[ref.offset : ref.offset + ref.nbytes]),
             )
             for ref in refs
         ]

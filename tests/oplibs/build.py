@@ -54,14 +54,24 @@ def _download_onnxruntime_dev(target: Path) -> None:
             "-q",
         ]
         subprocess.run(["apt-get", *options, "update"], check=True, capture_output=True)
-        subprocess.run(["apt-get", *options, "download", "libonnxruntime-dev"], check=True, cwd=work, capture_output=True)
+        subprocess.run(
+            ["apt-get", *options, "download", "libonnxruntime-dev"],
+            check=True,
+            cwd=work,
+            capture_output=True,
+        )
         (deb,) = work.glob("libonnxruntime-dev_*.deb")
         target.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
 
 
-def build_library(source: Path, output_name: str, defines: dict[str, str] | None = None,
-                  include_dirs: list[Path] | None = None, extra_flags: list[str] | None = None) -> Path:
+def build_library(
+    source: Path,
+    output_name: str,
+    defines: dict[str, str] | None = None,
+    include_dirs: list[Path] | None = None,
+    extra_flags: list[str] | None = None,
+) -> Path:
     """Compile `source` into a shared library (cached); returns its path."""
     defines = defines or {}
     include_dirs = include_dirs or []
@@ -82,7 +92,8 @@ def build_library(source: Path, output_name: str, defines: dict[str, str] | None
         partial = out_dir / (output_name + ".partial")
         result = subprocess.run(
             [os.environ.get("CXX", "g++"), *flags, str(source), "-o", str(partial)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             raise RuntimeError(f"building {source} failed:\n{result.stderr}")

@@ -15,7 +15,13 @@ from typing import Any
 import orjson
 
 from opserve.dataplane import DataPlane
-from opserve.errors import ErrorCode, InvalidArgumentError, NotFoundError, OpserveError, UnsupportedError
+from opserve.errors import (
+    ErrorCode,
+    InvalidArgumentError,
+    NotFoundError,
+    OpserveError,
+    UnsupportedError,
+)
 from opserve.frontends.http.codec import decode_request, encode_response
 
 log = logging.getLogger(__name__)
@@ -49,7 +55,9 @@ class HttpApp:
             await _send_error(send, exc)
         except Exception as exc:  # never crash a connection on a bug: report it
             log.exception("unhandled error for %s %s", scope["method"], scope["path"])
-            await _send_error(send, OpserveError(f"internal error: {type(exc).__name__}: {exc}"), 500)
+            await _send_error(
+                send, OpserveError(f"internal error: {type(exc).__name__}: {exc}"), 500
+            )
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -58,7 +66,9 @@ class HttpApp:
             raise NotFoundError(f"unknown path '{scope['path']}'")
         parts = parts[1:]
         if not parts:
-            return await _send_json(send, self.dataplane.server_metadata(), method=method, allowed="GET")
+            return await _send_json(
+                send, self.dataplane.server_metadata(), method=method, allowed="GET"
+            )
         if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
             _require(method, "GET")
             ok = self.dataplane.live() if parts[1] == "live" else self.dataplane.ready()
@@ -72,7 +82,14 @@ class HttpApp:
         raise NotFoundError(f"unknown path '{scope['path']}'")
 
     async def _model_route(
-        self, method: str, name: str, version: str, rest: list[str], scope: Scope, receive: Receive, send: Send
+        self,
+        method: str,
+        name: str,
+        version: str,
+        rest: list[str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         dataplane = self.dataplane
         if rest == ["infer"]:
@@ -94,7 +111,9 @@ class HttpApp:
             return await _send_json(send, dataplane.model_config(name, version))
         raise NotFoundError(f"unknown path '{scope['path']}'")
 
-    async def _infer(self, name: str, version: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _infer(
+        self, name: str, version: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         headers = _headers(scope)
         body = await _read_body(receive)
         encoding = headers.get(b"content-encoding")
@@ -104,11 +123,18 @@ class HttpApp:
         try:
             length = int(header_length) if header_length is not None else None
         except ValueError:
-            raise InvalidArgumentError("Inference-Header-Content-Length must be an integer") from None
+            raise InvalidArgumentError(
+                "Inference-Header-Content-Length must be an integer"
+            ) from None
         request, output_format = decode_request(body, length, name, version)
         response = await self.dataplane.infer(request)
         payload, json_length = encode_response(response, output_format)
-        out_headers = [(b"content-type", b"application/octet-stream" if json_length is not None else b"application/json")]
+        out_headers = [
+            (
+                b"content-type",
+                b"application/octet-stream" if json_length is not None else b"application/json",
+            )
+        ]
         if json_length is not None:
             out_headers.append((b"inference-header-content-length", str(json_length).encode()))
         payload = _maybe_compress(payload, headers.get(b"accept-encoding"), out_headers)
@@ -148,11 +174,15 @@ def _decompress(body: bytes, encoding: bytes) -> bytes:
         if encoding == b"deflate":
             return zlib.decompress(body)
     except (OSError, zlib.error, EOFError) as exc:
-        raise InvalidArgumentError(f"failed to decompress the {encoding.decode()} request body: {exc}") from None
+        raise InvalidArgumentError(
+            f"failed to decompress the {encoding.decode()} request body: {exc}"
+        ) from None
     raise UnsupportedError(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
 
 
-def _maybe_compress(payload: bytes, accept: bytes | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+def _maybe_compress(
+    payload: bytes, accept: bytes | None, headers: list[tuple[bytes, bytes]]
+) -> bytes:
     if not accept:
         return payload
     accepted = {a.split(b";")[0].strip() for a in accept.split(b",")}
@@ -165,7 +195,9 @@ def _maybe_compress(payload: bytes, accept: bytes | None, headers: list[tuple[by
     return payload
 
 
-async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _send(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     headers = list(headers or [])
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -20,7 +20,9 @@ from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 
 # Which kinds of JSON number a datatype accepts (numpy's array kind of the parsed list).
 _ACCEPTED_KINDS = {"BOOL": "b"}
-_ACCEPTED_KINDS.update({t: "iu" for t in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")})
+_ACCEPTED_KINDS.update(
+    {t: "iu" for t in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")}
+)
 _ACCEPTED_KINDS.update({t: "iuf" for t in ("FP16", "FP32", "FP64", "BF16")})
 
 
@@ -116,7 +118,9 @@ def _decode_input(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, in
         raise InvalidArgumentError("every input needs a 'name'")
     if datatype not in NUMPY_DTYPES:
         raise InvalidArgumentError(f"input '{name}' has an unknown datatype: {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
         raise InvalidArgumentError(f"input '{name}' needs a 'shape' array of integers")
     parameters = _object(raw.get("parameters"), f"parameters of input '{name}'")
     if "shared_memory_region" in parameters:
@@ -124,7 +128,9 @@ def _decode_input(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, in
     size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidArgumentError(f"input '{name}': binary_data_size must be a non-negative integer")
+            raise InvalidArgumentError(
+                f"input '{name}': binary_data_size must be a non-negative integer"
+            )
         if "data" in raw:
             raise InvalidArgumentError(f"input '{name}' has both 'data' and binary_data_size")
         if offset + size > len(binary):
@@ -146,6 +152,7 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
             raise InvalidArgumentError(f"input '{name}': BYTES data must be strings")
         return serialize_bytes(flat)
     dtype = NUMPY_DTYPES[datatype]
+    assert dtype is not None  # only BYTES has no numpy dtype
     integer = dtype.kind in "iu"
     try:
         parsed = np.array(data)
@@ -155,7 +162,9 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
     # integers beyond int64 parse as float64; they are checked exactly below
     if parsed.size and kind not in _ACCEPTED_KINDS[datatype] and not (integer and kind == "f"):
         expected = "booleans" if datatype == "BOOL" else "integers" if integer else "numbers"
-        raise InvalidArgumentError(f"input '{name}': data of datatype {datatype} must be {expected}")
+        raise InvalidArgumentError(
+            f"input '{name}': data of datatype {datatype} must be {expected}"
+        )
     if datatype == "BF16":
         words = parsed.astype("<f4").reshape(-1).view("<u4") >> 16
         return words.astype("<u2").tobytes()
@@ -164,7 +173,9 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
     try:
         converted = np.array(data, dtype=dtype)  # exact, and raises on values out of range
     except (OverflowError, ValueError, TypeError) as exc:
-        raise InvalidArgumentError(f"input '{name}': a value is out of range for {datatype}: {exc}") from None
+        raise InvalidArgumentError(
+            f"input '{name}': a value is out of range for {datatype}: {exc}"
+        ) from None
     if kind == "f" and not np.array_equal(converted.astype(np.float64), parsed):
         raise InvalidArgumentError(f"input '{name}': data of datatype {datatype} must be integers")
     return converted.tobytes()
@@ -184,19 +195,28 @@ def _flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
-def encode_response(response: InferenceResponse, output_format: OutputFormat) -> tuple[bytes, int | None]:
+def encode_response(
+    response: InferenceResponse, output_format: OutputFormat
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows it."""
     outputs = []
-    binary_parts: list[bytes] = []
+    binary_parts: list[bytes | memoryview] = []
     for tensor in response.outputs:
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
         if output_format.is_binary(tensor.name):
             entry["parameters"] = {"binary_data_size": len(tensor.data)}
             binary_parts.append(tensor.data)
         else:
             entry["data"] = _json_values(tensor)
         outputs.append(entry)
-    body: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    body: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
     if response.id:
         body["id"] = response.id
     body["outputs"] = outputs

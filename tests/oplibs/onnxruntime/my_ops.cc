@@ -17,8 +17,10 @@
 
 namespace {
 
-struct AddOneKernel {
-  AddOneKernel(const OrtApi&, const OrtKernelInfo*) {}
+// y = Fn::apply(x), element by element, for an FP32 tensor of any shape.
+template <typename Fn>
+struct UnaryFloatKernel {
+  UnaryFloatKernel(const OrtApi&, const OrtKernelInfo*) {}
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
@@ -28,52 +30,37 @@ struct AddOneKernel {
     Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
     float* y = output.GetTensorMutableData<float>();
     const size_t count = info.GetElementCount();
-    for (size_t i = 0; i < count; ++i) y[i] = x[i] + static_cast<float>(ADD_VALUE);
+    for (size_t i = 0; i < count; ++i) y[i] = Fn::apply(x[i]);
   }
 };
 
-struct AddOneOp : Ort::CustomOpBase<AddOneOp, AddOneKernel> {
+template <typename Fn>
+struct UnaryFloatOp : Ort::CustomOpBase<UnaryFloatOp<Fn>, UnaryFloatKernel<Fn>> {
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new AddOneKernel(api, info);
+    return new UnaryFloatKernel<Fn>(api, info);
   }
-  const char* GetName() const { return "AddOne"; }
+  const char* GetName() const { return Fn::name; }
   size_t GetInputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-struct CheckedKernel {
-  CheckedKernel(const OrtApi&, const OrtKernelInfo*) {}
+struct AddOne {
+  static constexpr const char* name = "AddOne";
+  static float apply(float x) { return x + static_cast<float>(ADD_VALUE); }
+};
 
-  void Compute(OrtKernelContext* raw_context) {
-    Ort::KernelContext context(raw_context);
-    Ort::ConstValue input = context.GetInput(0);
-    auto info = input.GetTensorTypeAndShapeInfo();
-    const float* x = input.GetTensorData<float>();
-    Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
-    float* y = output.GetTensorMutableData<float>();
-    const size_t count = info.GetElementCount();
-    for (size_t i = 0; i < count; ++i) {
-      if (x[i] < 0) std::abort();  // the bug this op exists to have
-      y[i] = x[i];
-    }
+struct Checked {
+  static constexpr const char* name = "Checked";
+  static float apply(float x) {
+    if (x < 0) std::abort();  // the bug this op exists to have
+    return x;
   }
 };
 
-struct CheckedOp : Ort::CustomOpBase<CheckedOp, CheckedKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new CheckedKernel(api, info);
-  }
-  const char* GetName() const { return "Checked"; }
-  size_t GetInputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
-const AddOneOp add_one_op;
-const CheckedOp checked_op;
+const UnaryFloatOp<AddOne> add_one_op;
+const UnaryFloatOp<Checked> checked_op;
 std::mutex domains_mutex;
 std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
 
