@@ -115,6 +115,14 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
             )
     for ignored in ("0011", "abc"):  # a leading zero and a non-number: not versions
         models.write_model(repo, "policy_default", add_constant(1000.0), versions=(ignored,))
+    # model.onnx may be a folder holding model.onnx (with its external data), as in Triton
+    models.write_model(
+        repo,
+        "onnx_folder",
+        add_constant(6.0),
+        'backend: "onnxruntime"\n',
+        filename="model.onnx/model.onnx",
+    )
     models.write_model(
         repo,
         "custom_filename",

@@ -92,5 +92,7 @@ def write_model(
     for version in versions:
         (folder / str(version)).mkdir(exist_ok=True)
         if model is not None:
-            save(model, str(folder / str(version) / filename))
+            target = folder / str(version) / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save(model, str(target))
     return folder

@@ -66,6 +66,10 @@ def test_default_model_filename(client) -> None:
     assert client.get_model_config("custom_filename")["default_model_filename"] == "my_model.onnx"
 
 
+def test_model_file_may_be_a_folder(client) -> None:
+    assert added(client, "onnx_folder") == 6.0
+
+
 def test_autocomplete_without_config_pbtxt(client) -> None:
     config = client.get_model_config("no_config")
     assert config["name"] == "no_config"
