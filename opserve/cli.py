@@ -83,9 +83,23 @@ def configure_logging(verbose: int) -> None:
     )
 
 
+def _reexec_without_preload(argv: list[str]) -> None:
+    """Run the server without LD_PRELOAD: its libraries belong in the workers of their framework."""
+    from opserve.ops import PRELOAD_HANDOFF
+
+    preload = os.environ.get("LD_PRELOAD")
+    if not preload or os.environ.get(PRELOAD_HANDOFF):
+        return
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env[PRELOAD_HANDOFF] = preload
+    os.execve(sys.executable, [sys.executable, "-m", "opserve", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        _reexec_without_preload(argv)
         from opserve.server import run
         from opserve.settings import ServerSettings
         from opserve.workers.process import DEFAULT_RING_CAPACITY

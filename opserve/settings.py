@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opserve.errors import OpserveError
+from opserve.ops import library_framework
 from opserve.workers.process import DEFAULT_RING_CAPACITY
 
 
@@ -25,3 +27,12 @@ class ServerSettings:
         for library in self.op_libraries:
             if not library.is_file():
                 raise ValueError(f"--op-library '{library}' does not exist")
+            try:
+                framework = library_framework(library)
+            except OpserveError as exc:
+                raise ValueError(f"--op-library '{library}': {exc.message}") from None
+            if framework is None:
+                raise ValueError(
+                    f"--op-library '{library}' links against no framework opserve knows "
+                    "(libtorch, libtensorflow_framework) and exports no RegisterCustomOps (ONNX Runtime)"
+                )

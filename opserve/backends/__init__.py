@@ -14,6 +14,8 @@ from opserve.errors import UnavailableError, UnsupportedError
 # backend name -> (module, class, the pip extra that provides its framework)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("opserve.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime"),
+    "pytorch": ("opserve.backends.pytorch", "PyTorchBackend", "pytorch"),
+    "tensorflow": ("opserve.backends.tensorflow", "TensorFlowBackend", "tensorflow"),
 }
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -48,14 +46,6 @@ def _translated(action: str) -> Iterator[None]:
         raise InternalError(f"{action}: {exc}") from exc
 
 
-def exports_register_custom_ops(path: Path) -> bool:
-    """Whether a (preloaded) library is an ONNX Runtime custom-op library."""
-    try:
-        return hasattr(ctypes.CDLL(str(path)), "RegisterCustomOps")
-    except OSError:
-        return False
-
-
 class OnnxRuntimeBackend(Backend):
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)
@@ -65,7 +55,7 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         self._apply_parameters(options)
         libraries = list(self.context.op_libraries) + list(self.context.server_op_libraries)
-        libraries += [p for p in self.context.preloaded_libraries if exports_register_custom_ops(p)]
+        libraries += self.context.preloaded_libraries  # already loaded; this registers their ops
         for library in libraries:
             try:
                 options.register_custom_ops_library(str(library))

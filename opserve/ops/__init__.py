@@ -1,5 +1,13 @@
 """Custom-op libraries: where they are, and which ones a model gets."""
 
-from opserve.ops.resolve import preloaded_libraries, resolve_model_libraries
+from opserve.ops.frameworks import BACKEND_FRAMEWORKS, framework_library_dir, library_framework
+from opserve.ops.resolve import PRELOAD_HANDOFF, preloaded_libraries, resolve_model_libraries
 
-__all__ = ["preloaded_libraries", "resolve_model_libraries"]
+__all__ = [
+    "BACKEND_FRAMEWORKS",
+    "PRELOAD_HANDOFF",
+    "framework_library_dir",
+    "library_framework",
+    "preloaded_libraries",
+    "resolve_model_libraries",
+]

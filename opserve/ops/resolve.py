@@ -32,7 +32,13 @@ def resolve_model_libraries(config: ModelConfig, model_dir: Path, version_dir: P
     return libraries
 
 
+# `opserve serve` moves LD_PRELOAD here and re-executes itself, so that the server process stays
+# free of frameworks; each worker then gets the preloaded libraries of its own framework.
+PRELOAD_HANDOFF = "OPSERVE_LD_PRELOAD"
+
+
 def preloaded_libraries(environ: dict[str, str] | None = None) -> list[Path]:
-    """The libraries in LD_PRELOAD (separated by colons or spaces), as the loader sees them."""
-    value = (environ if environ is not None else os.environ).get("LD_PRELOAD", "")
+    """The libraries the operator preloaded (LD_PRELOAD: separated by colons or spaces)."""
+    env = environ if environ is not None else os.environ
+    value = env.get(PRELOAD_HANDOFF) or env.get("LD_PRELOAD", "")
     return [Path(item) for item in value.replace(":", " ").split() if item]

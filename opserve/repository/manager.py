@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from opserve.config import ModelSignature, autocomplete, normalize_platform, read_model_config
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
-from opserve.ops import preloaded_libraries, resolve_model_libraries
+from opserve.ops import (
+    BACKEND_FRAMEWORKS,
+    PRELOAD_HANDOFF,
+    framework_library_dir,
+    library_framework,
+    preloaded_libraries,
+    resolve_model_libraries,
+)
 from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.schema import ModelSchema
@@ -84,8 +93,9 @@ class ModelManager:
         ring_capacity: int = DEFAULT_RING_CAPACITY,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
-        self.server_op_libraries = [p.resolve() for p in server_op_libraries or []]
-        self.preloaded = preloaded_libraries()
+        # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
+        self.server_op_libraries = _by_framework(p.resolve() for p in server_op_libraries or [])
+        self.preloaded = _by_framework(preloaded_libraries())
         self.ring_capacity = ring_capacity
         self.models: dict[str, Model] = {}
         self._restarts: set[asyncio.Task[None]] = set()
@@ -201,7 +211,13 @@ class ModelManager:
         entry.state, entry.reason = ModelState.LOADING, ""
         try:
             libraries = resolve_model_libraries(model.config, model.directory, entry.directory)
-            worker = WorkerProcess(entry.label, self.ring_capacity, self._worker_exited)
+            framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+            worker = WorkerProcess(
+                entry.label,
+                self.ring_capacity,
+                self._worker_exited,
+                self._worker_environment(framework),
+            )
             entry.worker = worker
             await worker.start()
             loaded = await worker.load(
@@ -211,8 +227,8 @@ class ModelManager:
                 model_dir=str(model.directory),
                 version_dir=str(entry.directory),
                 op_libraries=[str(p) for p in libraries],
-                server_op_libraries=[str(p) for p in self.server_op_libraries],
-                preloaded_libraries=[str(p) for p in self.preloaded],
+                server_op_libraries=[str(p) for p in self.server_op_libraries.get(framework, [])],
+                preloaded_libraries=[str(p) for p in self.preloaded.get(framework, [])],
             )
         except OpserveError as exc:
             entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
@@ -222,6 +238,22 @@ class ModelManager:
         entry.state = ModelState.READY
         entry.op_libraries = loaded.op_libraries
         return loaded.signature
+
+    def _worker_environment(self, framework: str | None) -> dict[str, str]:
+        """A worker preloads only its own framework's libraries (and those of no framework)."""
+        env = dict(os.environ)
+        env.pop(PRELOAD_HANDOFF, None)
+        env.pop("LD_PRELOAD", None)
+        own = self.preloaded.get(framework, []) if framework else []
+        preload = own + self.preloaded.get(None, [])
+        if preload:
+            env["LD_PRELOAD"] = ":".join(str(p) for p in preload)
+        library_dir = framework_library_dir(framework) if own and framework else None
+        if library_dir is not None:  # where the preloaded library finds libtorch & co.
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [str(library_dir), env.get("LD_LIBRARY_PATH")])
+            )
+        return env
 
     def _stop_worker(self, entry: ModelVersion) -> None:
         worker, entry.worker = entry.worker, None
@@ -259,3 +291,14 @@ class ModelManager:
         await asyncio.gather(*workers, return_exceptions=True)
         for task in list(self._restarts):
             task.cancel()
+
+
+def _by_framework(libraries: Iterable[Path]) -> dict[str | None, list[Path]]:
+    grouped: dict[str | None, list[Path]] = {}
+    for library in libraries:
+        try:
+            framework = library_framework(library)
+        except OpserveError:
+            framework = None
+        grouped.setdefault(framework, []).append(library)
+    return grouped

@@ -83,8 +83,10 @@ class WorkerProcess:
         label: str,
         ring_capacity: int = DEFAULT_RING_CAPACITY,
         on_exit: Callable[[WorkerProcess, str], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.label = label
+        self.env = env
         self.ring_capacity = ring_capacity
         self._on_exit = on_exit
         self._process: asyncio.subprocess.Process | None = None
@@ -120,6 +122,7 @@ class WorkerProcess:
                 str(self.ring_capacity),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
+                env=self.env,
             )
         finally:
             child.close()

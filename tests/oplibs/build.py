@@ -11,6 +11,7 @@ Builds are cached under `.cache/oplibs/` by a hash of the source, the flags and 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -71,16 +72,22 @@ def build_library(
     defines: dict[str, str] | None = None,
     include_dirs: list[Path] | None = None,
     extra_flags: list[str] | None = None,
+    link_flags: list[str] | None = None,
+    std: str = "c++17",
+    cache_key: str = "",
 ) -> Path:
-    """Compile `source` into a shared library (cached); returns its path."""
+    """Compile `source` into a shared library (cached); returns its path.
+
+    `cache_key` carries what the flags do not show, such as the framework's version.
+    """
     defines = defines or {}
     include_dirs = include_dirs or []
-    flags = ["-shared", "-fPIC", "-O2", "-std=c++17", *(extra_flags or [])]
+    flags = ["-shared", "-fPIC", "-O2", f"-std={std}", *(extra_flags or [])]
     flags += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     flags += [f"-I{d}" for d in include_dirs]
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
-    digest.update("\0".join(flags).encode())
+    digest.update("\0".join(flags + (link_flags or []) + [cache_key]).encode())
     for directory in include_dirs:
         for header in sorted(directory.glob("*.h")):
             digest.update(header.name.encode())
@@ -91,7 +98,14 @@ def build_library(
         out_dir.mkdir(parents=True, exist_ok=True)
         partial = out_dir / (output_name + ".partial")
         result = subprocess.run(
-            [os.environ.get("CXX", "g++"), *flags, str(source), "-o", str(partial)],
+            [
+                os.environ.get("CXX", "g++"),
+                *flags,
+                str(source),
+                "-o",
+                str(partial),
+                *(link_flags or []),
+            ],
             capture_output=True,
             text=True,
         )
@@ -110,6 +124,59 @@ def onnxruntime_my_ops(add_value: float = 1.0, name: str = "libmy_ops.so") -> Pa
     )
 
 
+def framework_build_flags(framework: str) -> dict[str, object]:
+    """Ask a framework, in a child process, for its version and the flags to build against it."""
+    code = {
+        "pytorch": (
+            "import json, torch, torch.utils.cpp_extension as c;"
+            "print(json.dumps({'version': torch.__version__, 'include': c.include_paths(),"
+            " 'lib': c.library_paths(), 'abi': int(torch._C._GLIBCXX_USE_CXX11_ABI)}))"
+        ),
+        "tensorflow": (
+            "import json, tensorflow as tf;"
+            "print(json.dumps({'version': tf.__version__, 'compile': tf.sysconfig.get_compile_flags(),"
+            " 'link': tf.sysconfig.get_link_flags()}))"
+        ),
+    }[framework]
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot ask {framework} for its build flags:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def pytorch_my_ops(add_value: float = 1.0, name: str = "libmy_torch_ops.so") -> Path:
+    """my_ops::custom_modulo and my_ops::add_one for TorchScript (torch wants C++20)."""
+    flags = framework_build_flags("pytorch")
+    return build_library(
+        SOURCES / "pytorch" / "my_ops.cc",
+        name,
+        defines={"ADD_VALUE": repr(float(add_value)), "_GLIBCXX_USE_CXX11_ABI": str(flags["abi"])},
+        include_dirs=[Path(p) for p in flags["include"]],  # type: ignore[union-attr]
+        link_flags=[*(f"-L{p}" for p in flags["lib"]), "-lc10", "-ltorch_cpu", "-ltorch"],  # type: ignore[union-attr]
+        std="c++20",
+        cache_key=f"torch {flags['version']}",
+    )
+
+
+def tensorflow_zero_out(name: str = "libzero_out.so") -> Path:
+    """The classic ZeroOut op for TensorFlow, with the flags TensorFlow gives."""
+    flags = framework_build_flags("tensorflow")
+    compile_flags = [f for f in flags["compile"] if not f.startswith("--std")]  # type: ignore[union-attr]
+    return build_library(
+        SOURCES / "tensorflow" / "zero_out.cc",
+        name,
+        extra_flags=compile_flags,
+        link_flags=list(flags["link"]),  # type: ignore[arg-type]
+        std="c++17",
+        cache_key=f"tensorflow {flags['version']}",
+    )
+
+
 def copy_to(library: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(library, target)
@@ -118,4 +185,6 @@ def copy_to(library: Path, target: Path) -> Path:
 
 if __name__ == "__main__":  # python tests/oplibs/build.py: build everything once
     print(onnxruntime_my_ops())
+    print(pytorch_my_ops())
+    print(tensorflow_zero_out())
     sys.exit(0)

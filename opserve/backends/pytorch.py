@@ -1,0 +1,157 @@
+"""The PyTorch backend: TorchScript models, platform `pytorch_libtorch`.
+
+Triton's naming rules: inputs named `<anything>__<index>` are passed by position; otherwise input
+names must match the arguments of `forward`. Outputs named `<anything>__<index>` take that element
+of a tuple or list result; otherwise outputs map to the result in config order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from opserve.backends.base import Backend, BackendContext
+from opserve.config.autocomplete import ModelSignature
+from opserve.errors import (
+    InternalError,
+    InvalidArgumentError,
+    OpserveError,
+    UnavailableError,
+    UnsupportedError,
+)
+
+log = logging.getLogger(__name__)
+
+_INDEXED = re.compile(r"^.*__(\d+)$")
+MISSING_OP_HINT = (
+    "if the model uses custom operations, list their library in its config.pbtxt as "
+    'model_operations { op_library_filename: "libmy_ops.so" } (a path inside the model folder), '
+    "or load it for every model with --op-library"
+)
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """PyTorch's exceptions become opserve errors at this boundary."""
+    try:
+        yield
+    except OpserveError:
+        raise
+    except (TypeError, ValueError, IndexError) as exc:
+        raise InvalidArgumentError(f"{action}: {exc}") from exc
+    except Exception as exc:  # RuntimeError and torch's own classes
+        raise InternalError(f"{action}: {exc}") from exc
+
+
+class PyTorchBackend(Backend):
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        self._module: torch.jit.ScriptModule | None = None
+        self._device = torch.device("cpu")
+        self._input_positions: dict[str, int] = {}
+        self._output_positions: dict[str, int] = {}
+
+    def load(self) -> None:
+        for library in list(self.context.op_libraries) + list(self.context.server_op_libraries):
+            try:
+                torch.ops.load_library(str(library))
+            except Exception as exc:
+                raise UnavailableError(f"failed to load op library '{library}': {exc}") from exc
+            self.loaded_op_libraries.append(library)
+        self.loaded_op_libraries += self.context.preloaded_libraries
+        self._device = self._choose_device()
+        path = self.context.model_path
+        if not path.exists():
+            raise UnavailableError(f"model file '{path}' does not exist")
+        try:
+            module = torch.jit.load(str(path), map_location=self._device)
+        except Exception as exc:
+            message = f"PyTorch failed to load '{path}': {exc}"
+            if "Unknown builtin op" in str(exc) or "unknown op" in str(exc).lower():
+                message += f" (hint: {MISSING_OP_HINT})"
+            raise UnavailableError(message) from exc
+        module.eval()
+        self._module = module
+        self._input_positions = self._map_inputs(module)
+        self._output_positions = {
+            t.name: int(m.group(1)) if (m := _INDEXED.match(t.name)) else i
+            for i, t in enumerate(self.context.config.output)
+        }
+
+    def _choose_device(self) -> torch.device:
+        from opserve.proto import model_config_pb2
+
+        groups = self.context.config.instance_group
+        wants_gpu = any(g.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU for g in groups)
+        if wants_gpu and torch.cuda.is_available():
+            gpus = [gpu for g in groups for gpu in g.gpus]
+            return torch.device(f"cuda:{gpus[0] if gpus else 0}")
+        if wants_gpu:
+            log.warning(
+                "model '%s' asks for a GPU, but none is available: using the CPU",
+                self.context.config.name,
+            )
+        return torch.device("cpu")
+
+    def _map_inputs(self, module: torch.jit.ScriptModule) -> dict[str, int]:
+        names = [t.name for t in self.context.config.input]
+        if all(_INDEXED.match(n) for n in names):
+            return {n: int(_INDEXED.match(n).group(1)) for n in names}  # type: ignore[union-attr]
+        arguments = [a.name for a in module.forward.schema.arguments[1:]]  # type: ignore[attr-defined]  # skip self
+        unknown = [n for n in names if n not in arguments]
+        if unknown:
+            raise UnavailableError(
+                f"inputs {unknown} of model '{self.context.config.name}' follow neither naming rule: "
+                f"name them <name>__<index> or after forward's arguments {arguments}"
+            )
+        return {n: arguments.index(n) for n in names}
+
+    def signature(self) -> ModelSignature:
+        # TorchScript records no shapes or types: the config must give them (as in Triton).
+        return ModelSignature((), ())
+
+    def execute(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        module = self._require_module()
+        arguments: list[torch.Tensor | None] = [None] * (
+            max(self._input_positions.values(), default=-1) + 1
+        )
+        for name, array in inputs.items():
+            if array.dtype == np.object_:
+                raise UnsupportedError("the PyTorch backend does not take BYTES tensors")
+            if not array.flags.writeable:
+                array = array.copy()
+            arguments[self._input_positions[name]] = torch.from_numpy(array).to(self._device)
+        while arguments and arguments[-1] is None:
+            arguments.pop()
+        with (
+            _translated(f"PyTorch failed to run model '{self.context.config.name}'"),
+            torch.inference_mode(),
+        ):
+            result = module(*arguments)
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        names = outputs or list(self._output_positions)
+        produced: dict[str, np.ndarray] = {}
+        for name in names:
+            position = self._output_positions[name]
+            if position >= len(results):
+                raise InternalError(
+                    f"model '{self.context.config.name}' returned {len(results)} outputs; "
+                    f"output '{name}' wants position {position}"
+                )
+            produced[name] = results[position].detach().cpu().numpy()
+        return produced
+
+    def unload(self) -> None:
+        self._module = None
+
+    def _require_module(self) -> torch.jit.ScriptModule:
+        if self._module is None:
+            raise UnavailableError(f"model '{self.context.config.name}' is not loaded")
+        return self._module

@@ -1,0 +1,46 @@
+"""Which framework a custom-op library is built for, told from its ELF facts alone."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from opserve.ops.elf import read_elf
+
+ONNXRUNTIME = "onnxruntime"
+PYTORCH = "pytorch"
+TENSORFLOW = "tensorflow"
+
+# backend name -> the framework whose op libraries it loads
+BACKEND_FRAMEWORKS = {"onnxruntime": ONNXRUNTIME, "pytorch": PYTORCH, "tensorflow": TENSORFLOW}
+
+# the Python package that carries each framework's shared libraries, and where they are in it
+_PACKAGE_LIB_DIRS = {
+    PYTORCH: ("torch", "lib"),
+    TENSORFLOW: ("tensorflow", ""),
+    ONNXRUNTIME: ("onnxruntime", "capi"),
+}
+
+
+def library_framework(path: Path) -> str | None:
+    """`pytorch`, `tensorflow` or `onnxruntime`; None when the library shows no framework."""
+    if not path.is_file():  # a bare soname for the loader to find: nothing to read
+        return None
+    facts = read_elf(path)
+    if any(n.startswith(("libtorch", "libc10")) for n in facts.needed):
+        return PYTORCH
+    if any(n.startswith("libtensorflow_framework") for n in facts.needed):
+        return TENSORFLOW
+    if "RegisterCustomOps" in facts.defined:
+        return ONNXRUNTIME
+    return None
+
+
+def framework_library_dir(framework: str) -> Path | None:
+    """Where an installed framework keeps its shared libraries, found without importing it."""
+    package, subdir = _PACKAGE_LIB_DIRS[framework]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = Path(next(iter(spec.submodule_search_locations))) / subdir
+    return directory if directory.is_dir() else None
