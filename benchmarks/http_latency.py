@@ -1,4 +1,4 @@
-"""Throughput and latency of a tiny ONNX model over HTTP: opserve beside two baselines.
+"""Throughput and latency of a tiny model over HTTP: opserve beside baselines in the same run.
 
 Baselines measured in the same run (these machines are shared and noisy, so compare ratios):
 - raw in-process `onnxruntime` `session.run` (what the model itself costs);
@@ -6,8 +6,10 @@ Baselines measured in the same run (these machines are shared and noisy, so comp
   model with an onnxruntime runtime (`mlserver_runtime.py`) and its default settings (one worker
   process).
 
-Load: closed loop, `tritonclient.http`, one client process per concurrent request, identity FP32
-[1, 16]. MLServer does not implement the binary tensor extension, so the like-for-like comparison is
+The same identity (FP32 [1, 16]) is also served as a TorchScript model and a SavedModel, next to
+the in-process framework call.
+
+Load: closed loop, `tritonclient.http`, one client process per concurrent request. MLServer does not implement the binary tensor extension, so the like-for-like comparison is
 JSON; opserve's binary rows are what `tritonclient` sends by default.
 
     python benchmarks/http_latency.py [--seconds 5] [--json results.json]
@@ -57,6 +59,67 @@ def write_model(directory: Path) -> Path:
     return path
 
 
+def write_torchscript(directory: Path) -> Path:
+    import torch
+
+    class Identity(torch.nn.Module):
+        def forward(self, INPUT0: torch.Tensor) -> torch.Tensor:
+            return INPUT0.clone()
+
+    path = directory / "model.pt"
+    torch.jit.save(torch.jit.script(Identity()), str(path))
+    (directory.parent / "config.pbtxt").write_text(
+        'platform: "pytorch_libtorch"\nmax_batch_size: 8\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+    )
+    return path
+
+
+def write_savedmodel(directory: Path) -> Path:
+    import tensorflow as tf
+
+    class Identity(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 16], tf.float32, name="INPUT0")])
+        def serve(self, INPUT0):
+            return {"OUTPUT0": tf.identity(INPUT0)}
+
+    module = Identity()
+    path = directory / "model.savedmodel"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def bench_in_process(call, seconds: float) -> dict[str, float]:
+    latencies = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < seconds:
+        call()
+        latencies.append(time.perf_counter() - now)
+    return summarize(latencies, time.perf_counter() - start)
+
+
+def bench_raw_torch(model: Path, seconds: float) -> dict[str, float]:
+    import torch
+
+    module = torch.jit.load(str(model))
+    x = torch.rand(1, 16)
+
+    def call() -> None:
+        with torch.inference_mode():
+            module(x).numpy()
+
+    return bench_in_process(call, seconds)
+
+
+def bench_raw_tensorflow(model: Path, seconds: float) -> dict[str, float]:
+    import tensorflow as tf
+
+    function = tf.saved_model.load(str(model)).signatures["serving_default"]
+    x = np.random.rand(1, 16).astype(np.float32)
+    return bench_in_process(lambda: function(INPUT0=tf.constant(x))["OUTPUT0"].numpy(), seconds)
+
+
 def summarize(latencies_s: list[float], elapsed_s: float) -> dict[str, float]:
     latencies = np.array(latencies_s) * 1e6
     return {
@@ -74,12 +137,7 @@ def bench_raw_onnxruntime(model: Path, seconds: float) -> dict[str, float]:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model), options)
     feed = {"INPUT0": np.random.rand(1, 16).astype(np.float32)}
-    latencies = []
-    start = time.perf_counter()
-    while (now := time.perf_counter()) - start < seconds:
-        session.run(None, feed)
-        latencies.append(time.perf_counter() - now)
-    return summarize(latencies, time.perf_counter() - start)
+    return bench_in_process(lambda: session.run(None, feed), seconds)
 
 
 def _client_loop(
@@ -201,6 +259,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per row")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--skip-mlserver", action="store_true")
+    parser.add_argument(
+        "--frameworks",
+        nargs="*",
+        default=["pytorch", "tensorflow"],
+        help="also measure the same identity as a TorchScript model and a SavedModel",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -214,6 +278,19 @@ def main() -> None:
         rows.append(
             ("onnxruntime in-process", "session.run", 1, bench_raw_onnxruntime(model, args.seconds))
         )
+        framework_models = {}
+        if "pytorch" in args.frameworks:
+            (repository / "identity_torch" / "1").mkdir(parents=True)
+            framework_models["identity_torch"] = write_torchscript(
+                repository / "identity_torch" / "1"
+            )
+            result = bench_raw_torch(framework_models["identity_torch"], args.seconds)
+            rows.append(("torch in-process", "TorchScript call", 1, result))
+        if "tensorflow" in args.frameworks:
+            (repository / "identity_tf" / "1").mkdir(parents=True)
+            framework_models["identity_tf"] = write_savedmodel(repository / "identity_tf" / "1")
+            result = bench_raw_tensorflow(framework_models["identity_tf"], args.seconds)
+            rows.append(("tensorflow in-process", "SavedModel signature", 1, result))
         with RunningServer([repository], log_path=workdir / "opserve.log") as server:
             for concurrency in args.concurrency:
                 for binary in (True, False):
@@ -221,6 +298,14 @@ def main() -> None:
                     rows.append(
                         ("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result)
                     )
+            for name, label in (
+                ("identity_torch", "opserve TorchScript"),
+                ("identity_tf", "opserve SavedModel"),
+            ):
+                if name in framework_models:
+                    for concurrency in args.concurrency:
+                        result = bench_http(server.url, name, True, concurrency, args.seconds)
+                        rows.append((label, "HTTP binary", concurrency, result))
         if not args.skip_mlserver:
             with RunningMLServer(model, workdir) as mlserver:
                 for concurrency in args.concurrency:

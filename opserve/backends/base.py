@@ -24,6 +24,15 @@ class BackendContext:
     preloaded_libraries: list[Path] = field(default_factory=list)  # LD_PRELOAD
 
     @property
+    def libraries_to_load(self) -> list[Path]:
+        """Every op library this model's framework should load, the model's own first.
+
+        Preloaded libraries are loaded here, after the framework, rather than by the dynamic
+        loader before Python starts (TensorFlow crashes on a custom-op library preloaded that way).
+        """
+        return [*self.op_libraries, *self.server_op_libraries, *self.preloaded_libraries]
+
+    @property
     def model_path(self) -> Path:
         return self.version_dir / self.config.default_model_filename
 

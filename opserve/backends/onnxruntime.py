@@ -54,9 +54,7 @@ class OnnxRuntimeBackend(Backend):
     def load(self) -> None:
         options = ort.SessionOptions()
         self._apply_parameters(options)
-        libraries = list(self.context.op_libraries) + list(self.context.server_op_libraries)
-        libraries += self.context.preloaded_libraries  # already loaded; this registers their ops
-        for library in libraries:
+        for library in self.context.libraries_to_load:
             try:
                 options.register_custom_ops_library(str(library))
             except Exception as exc:

@@ -57,13 +57,12 @@ class PyTorchBackend(Backend):
         self._output_positions: dict[str, int] = {}
 
     def load(self) -> None:
-        for library in list(self.context.op_libraries) + list(self.context.server_op_libraries):
+        for library in self.context.libraries_to_load:
             try:
                 torch.ops.load_library(str(library))
             except Exception as exc:
                 raise UnavailableError(f"failed to load op library '{library}': {exc}") from exc
             self.loaded_op_libraries.append(library)
-        self.loaded_op_libraries += self.context.preloaded_libraries
         self._device = self._choose_device()
         path = self.context.model_path
         if not path.exists():

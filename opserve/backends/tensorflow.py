@@ -71,7 +71,7 @@ class TensorFlowBackend(Backend):
         self._session: Any = None
 
     def load(self) -> None:
-        for library in list(self.context.op_libraries) + list(self.context.server_op_libraries):
+        for library in self.context.libraries_to_load:
             try:
                 tf.load_op_library(str(library))
             except Exception as exc:
@@ -79,7 +79,6 @@ class TensorFlowBackend(Backend):
                     f"failed to load op library '{library}': {_message(exc)}"
                 ) from exc
             self.loaded_op_libraries.append(library)
-        self.loaded_op_libraries += self.context.preloaded_libraries
         path = self.context.model_path
         if not path.exists():
             raise UnavailableError(f"model file '{path}' does not exist")

@@ -20,7 +20,6 @@ from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, Un
 from opserve.ops import (
     BACKEND_FRAMEWORKS,
     PRELOAD_HANDOFF,
-    framework_library_dir,
     library_framework,
     preloaded_libraries,
     resolve_model_libraries,
@@ -216,7 +215,7 @@ class ModelManager:
                 entry.label,
                 self.ring_capacity,
                 self._worker_exited,
-                self._worker_environment(framework),
+                self._worker_environment(),
             )
             entry.worker = worker
             await worker.start()
@@ -239,20 +238,14 @@ class ModelManager:
         entry.op_libraries = loaded.op_libraries
         return loaded.signature
 
-    def _worker_environment(self, framework: str | None) -> dict[str, str]:
-        """A worker preloads only its own framework's libraries (and those of no framework)."""
-        env = dict(os.environ)
-        env.pop(PRELOAD_HANDOFF, None)
-        env.pop("LD_PRELOAD", None)
-        own = self.preloaded.get(framework, []) if framework else []
-        preload = own + self.preloaded.get(None, [])
-        if preload:
-            env["LD_PRELOAD"] = ":".join(str(p) for p in preload)
-        library_dir = framework_library_dir(framework) if own and framework else None
-        if library_dir is not None:  # where the preloaded library finds libtorch & co.
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                filter(None, [str(library_dir), env.get("LD_LIBRARY_PATH")])
-            )
+    def _worker_environment(self) -> dict[str, str]:
+        """Preloaded op libraries reach their framework's workers through `LoadModel`, loaded
+        after the framework; only libraries of no framework (an allocator, say) stay in
+        LD_PRELOAD, for every worker."""
+        env = {k: v for k, v in os.environ.items() if k not in (PRELOAD_HANDOFF, "LD_PRELOAD")}
+        others = self.preloaded.get(None, [])
+        if others:
+            env["LD_PRELOAD"] = ":".join(str(p) for p in others)
         return env
 
     def _stop_worker(self, entry: ModelVersion) -> None:

@@ -1,0 +1,153 @@
+"""The PyTorch (TorchScript) backend, with custom ops per model, server-wide and by LD_PRELOAD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from opserve.ops import framework_library_dir
+from tests.clients import infer_input
+from tests.framework_models import framework_model
+from tests.frameworks import place, requires
+from tests.oplibs import build
+from tests.serving import RunningServer
+
+pytestmark = requires("torch")
+
+MODULO_CONFIG = """
+name: "{name}"
+platform: "pytorch_libtorch"
+max_batch_size: 0
+input [ {{ name: "INPUT__0" data_type: TYPE_FP32 dims: [ -1 ] }},
+        {{ name: "INPUT__1" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+{ops}
+"""
+
+ADD_SUB_CONFIG = """
+name: "torch_add_sub"
+backend: "pytorch"
+max_batch_size: 8
+input [ { name: "a" data_type: TYPE_FP32 dims: [ 4 ] },
+        { name: "b" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "DIFFERENCE__1" data_type: TYPE_FP32 dims: [ 4 ] },
+         { name: "SUM__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+
+
+def modulo_config(name: str, library: str | None) -> str:
+    ops = f'model_operations {{ op_library_filename: "{library}" }}' if library else ""
+    return MODULO_CONFIG.format(name=name, ops=ops)
+
+
+@pytest.fixture(scope="module")
+def torch_ops() -> Path:
+    return build.pytorch_my_ops()
+
+
+@pytest.fixture(scope="module")
+def modulo_model(torch_ops: Path) -> Path:
+    return framework_model("torch_modulo", "model.pt", torch_ops)
+
+
+def write(repo: Path, name: str, config: str, model: Path) -> Path:
+    folder = repo / name
+    place(model, folder / "1" / "model.pt")
+    (folder / "config.pbtxt").write_text(config)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def torch_server(tmp_path_factory, torch_ops: Path, modulo_model: Path):
+    repo = tmp_path_factory.mktemp("torch") / "repository"
+    folder = write(
+        repo, "torch_modulo", modulo_config("torch_modulo", "libmy_torch_ops.so"), modulo_model
+    )
+    build.copy_to(torch_ops, folder / "libmy_torch_ops.so")
+    write(repo, "torch_missing_op", modulo_config("torch_missing_op", None), modulo_model)
+    write(repo, "torch_add_sub", ADD_SUB_CONFIG, framework_model("torch_add_sub", "model.pt"))
+    with RunningServer([repo], log_path=repo.parent / "server.log") as server:
+        yield server
+
+
+def modulo(client: httpclient.InferenceServerClient, model: str) -> np.ndarray:
+    a = np.array([5.0, 7.5, -7.0, 9.0], dtype=np.float32)
+    b = np.array([3.0, 2.0, 3.0, 9.5], dtype=np.float32)
+    result = client.infer(
+        model, [infer_input("INPUT__0", a, "FP32"), infer_input("INPUT__1", b, "FP32")]
+    )
+    np.testing.assert_allclose(result.as_numpy("OUTPUT__0"), np.fmod(a, b))
+    return result.as_numpy("OUTPUT__0")
+
+
+def test_custom_op_from_the_model_folder(torch_server: RunningServer) -> None:
+    modulo(httpclient.InferenceServerClient(torch_server.url), "torch_modulo")
+
+
+def test_inputs_by_argument_name_and_indexed_outputs(torch_server: RunningServer) -> None:
+    client = httpclient.InferenceServerClient(torch_server.url)
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.full((2, 4), 2.0, dtype=np.float32)
+    result = client.infer(
+        "torch_add_sub", [infer_input("a", a, "FP32"), infer_input("b", b, "FP32")]
+    )
+    np.testing.assert_array_equal(result.as_numpy("SUM__0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("DIFFERENCE__1"), a - b)
+    only = client.infer(
+        "torch_add_sub",
+        [infer_input("a", a, "FP32"), infer_input("b", b, "FP32")],
+        outputs=[httpclient.InferRequestedOutput("DIFFERENCE__1")],
+    )
+    np.testing.assert_array_equal(only.as_numpy("DIFFERENCE__1"), a - b)
+
+
+def test_missing_op_is_unavailable_with_a_hint(torch_server: RunningServer) -> None:
+    response = requests.get(f"http://{torch_server.url}/v2/models/torch_missing_op/ready")
+    assert response.status_code == 400
+    reason = response.json()["error"]
+    assert "my_ops::custom_modulo" in reason  # PyTorch's own message
+    assert "model_operations" in reason  # and the hint
+    assert httpclient.InferenceServerClient(torch_server.url).is_model_ready("torch_modulo")
+
+
+def test_an_inference_error_does_not_take_the_model_down(torch_server: RunningServer) -> None:
+    client = httpclient.InferenceServerClient(torch_server.url)
+    a = np.ones(4, dtype=np.float32)
+    b = np.ones(3, dtype=np.float32)  # shapes that fmod cannot broadcast
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(
+            "torch_modulo", [infer_input("INPUT__0", a, "FP32"), infer_input("INPUT__1", b, "FP32")]
+        )
+    assert raised.value.status() == "500"
+    assert "PyTorch failed to run model 'torch_modulo'" in raised.value.message()
+    modulo(client, "torch_modulo")
+
+
+@pytest.fixture(scope="module")
+def plain_torch_repository(tmp_path_factory, modulo_model: Path) -> Path:
+    repo = tmp_path_factory.mktemp("torch_plain") / "repository"
+    write(repo, "torch_modulo", modulo_config("torch_modulo", None), modulo_model)
+    return repo
+
+
+def test_server_wide_op_library(
+    plain_torch_repository: Path, torch_ops: Path, tmp_path: Path
+) -> None:
+    with RunningServer(
+        [plain_torch_repository], ["--op-library", str(torch_ops)], log_path=tmp_path / "log"
+    ) as server:
+        modulo(httpclient.InferenceServerClient(server.url), "torch_modulo")
+
+
+def test_ld_preload(plain_torch_repository: Path, torch_ops: Path, tmp_path: Path) -> None:
+    # as Triton documents it: the op library's libtorch must be on the library path
+    env = {"LD_PRELOAD": str(torch_ops), "LD_LIBRARY_PATH": str(framework_library_dir("pytorch"))}
+    with RunningServer([plain_torch_repository], env=env, log_path=tmp_path / "log") as server:
+        modulo(httpclient.InferenceServerClient(server.url), "torch_modulo")
+        # the server process itself stays free of libtorch: only the worker preloads it
+        assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
