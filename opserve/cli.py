@@ -56,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
         "libraries in LD_PRELOAD keep working as in Triton",
     )
     serve.add_argument(
+        "--op-library-root",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a folder outside the model repositories from which a model's model_operations may "
+        "name op libraries by absolute path (repeatable); relative paths always stay inside "
+        "the model's folder",
+    )
+    serve.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        default="none",
+        help="none (default): load every model at start-up and refuse load/unload requests; "
+        "explicit: load only --load-model models, then load and unload through the "
+        "repository API (POST /v2/repository/models/<model>/load and .../unload)",
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start-up (repeatable; "
+        "'*' loads them all)",
+    )
+    serve.add_argument(
         "--log-verbose",
         type=int,
         nargs="?",
@@ -113,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 op_libraries=args.op_library,
                 log_verbose=args.log_verbose,
                 ring_capacity=args.shm_ring_bytes or DEFAULT_RING_CAPACITY,
+                model_control_mode=args.model_control_mode,
+                load_models=args.load_model,
+                op_library_roots=args.op_library_root,
             )
         except ValueError as exc:
             print(f"opserve serve: error: {exc}", file=sys.stderr)

@@ -10,15 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf import json_format
+
 from opserve import __version__
 from opserve.config import config_to_json
 from opserve.datatypes import ITEM_SIZES, count_bytes_elements, element_count
-from opserve.errors import InvalidArgumentError, UnavailableError
+from opserve.errors import InvalidArgumentError, UnavailableError, UnsupportedError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
+from opserve.proto import ModelConfig
 from opserve.repository.manager import Model, ModelManager, ModelState
 from opserve.schema import ModelSchema
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class ModelMetadata:
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    op_libraries: list[str]  # resolved paths of the op libraries its worker loaded
 
 
 class DataPlane:
@@ -58,7 +62,7 @@ class DataPlane:
         return True
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        model, _ = self.manager.version(name, version)
+        model, entry = self.manager.version(name, version)
         schema = self.schema(model)
         batch = [-1] if schema.batching else []
         return ModelMetadata(
@@ -73,6 +77,7 @@ class DataPlane:
                 TensorMetadata(t.name, t.datatype, batch + list(t.dims))
                 for t in schema.outputs.values()
             ],
+            op_libraries=entry.op_libraries,
         )
 
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
@@ -84,6 +89,30 @@ class DataPlane:
         if model.schema is None:
             raise UnavailableError(f"model '{model.name}' is not ready: {model.reason}")
         return model.schema
+
+    # repository --------------------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        return self.manager.index(ready_only)
+
+    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        self._require_explicit()
+        config = None
+        for key, value in (parameters or {}).items():
+            if key == "config":
+                config = _config_from_json(name, value)
+            elif key.startswith("file:"):
+                raise UnsupportedError("loading model files sent with the request is not supported")
+        await self.manager.load(name, config)
+
+    async def unload_model(self, name: str) -> None:
+        self._require_explicit()
+        await self.manager.unload(name)
+
+    def _require_explicit(self) -> None:
+        if self.manager.control_mode != "explicit":
+            raise UnavailableError(
+                "explicit model load / unload is not allowed if model control mode is not EXPLICIT"
+            )
 
     # inference ---------------------------------------------------------------------------------
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
@@ -106,6 +135,18 @@ class DataPlane:
         return InferenceResponse(
             model.name, str(entry.version), _client_shapes(schema, results), request.id
         )
+
+
+def _config_from_json(name: str, value: Any) -> ModelConfig:
+    """The `config` parameter of a load request: a ModelConfig in JSON, as Triton takes it."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError("the 'config' parameter must be a string holding JSON")
+    config = ModelConfig()
+    try:
+        json_format.Parse(value, config)
+    except json_format.ParseError as exc:
+        raise InvalidArgumentError(f"failed to parse the config of model '{name}': {exc}") from None
+    return config
 
 
 def validate_inputs(

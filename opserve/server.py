@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 async def serve(settings: ServerSettings) -> None:
     """Load every model, then serve until SIGINT or SIGTERM; unload everything on the way out."""
     manager = ModelManager(
-        settings.model_repositories, settings.op_libraries, settings.ring_capacity
+        settings.model_repositories,
+        settings.op_libraries,
+        settings.ring_capacity,
+        settings.op_library_roots,
     )
     try:
-        await manager.load_all()
+        await manager.startup(settings.model_control_mode, settings.load_models)
         dataplane = DataPlane(manager)
         config = uvicorn.Config(
             HttpApp(dataplane),

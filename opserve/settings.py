@@ -18,10 +18,22 @@ class ServerSettings:
     op_libraries: list[Path] = field(default_factory=list)
     log_verbose: int = 0
     ring_capacity: int = DEFAULT_RING_CAPACITY
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    op_library_roots: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.model_repositories:
             raise ValueError("at least one --model-repository is required")
+        if self.model_control_mode not in ("none", "explicit"):
+            raise ValueError(
+                f"--model-control-mode must be none or explicit, not {self.model_control_mode!r}"
+            )
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError("--load-model needs --model-control-mode explicit")
+        for root in self.op_library_roots:
+            if not root.is_dir():
+                raise ValueError(f"--op-library-root '{root}' is not a directory")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"--http-port {self.http_port} is not a port number")
         for library in self.op_libraries:

@@ -26,6 +26,13 @@ def test_model_operations_library_ships_with_the_model(client, model: str) -> No
     np.testing.assert_array_equal(add_one(client, model), np.ones((2, 4), dtype=np.float32))
 
 
+def test_metadata_names_the_loaded_libraries(client, test_repository) -> None:
+    metadata = client.get_model_metadata("ops_in_version_dir")
+    assert metadata["op_libraries"] == [
+        str(test_repository.resolve() / "ops_in_version_dir" / "1" / "libmy_ops.so")
+    ]
+
+
 def test_missing_library_makes_only_that_model_unavailable(client, server: RunningServer) -> None:
     response = requests.get(f"http://{server.url}/v2/models/ops_missing_library/ready")
     assert response.status_code == 400
@@ -92,9 +99,8 @@ def test_library_that_fails_to_load(tmp_path: Path) -> None:
         response = requests.get(f"http://{server.url}/v2/models/broken_library/ready")
         assert response.status_code == 400
         reason = response.json()["error"]
-        assert f"failed to load op library '{folder / 'libbroken.so'}'" in reason
-        assert (
-            "invalid ELF header" in reason or "file too short" in reason
-        )  # the loader's own words
+        library = folder / "libbroken.so"
+        assert f"op library '{library}' is not a readable ELF shared library" in reason
+        assert f"{library}: file too short" in reason  # the loader's own words
         assert "libbroken.so" in server.log()
         assert client.is_model_ready("simple")

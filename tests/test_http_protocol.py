@@ -15,7 +15,11 @@ def test_health_and_server_metadata(client: httpclient.InferenceServerClient) ->
     assert client.is_server_live()
     metadata = client.get_server_metadata()
     assert metadata["name"] == "opserve"
-    assert set(metadata["extensions"]) == {"binary_tensor_data", "model_configuration"}
+    assert set(metadata["extensions"]) == {
+        "binary_tensor_data",
+        "model_configuration",
+        "model_repository",
+    }
 
 
 def test_server_not_ready_while_a_model_is_unavailable(server: RunningServer) -> None:
@@ -41,6 +45,7 @@ def test_model_metadata(client: httpclient.InferenceServerClient) -> None:
             {"name": "OUTPUT0", "datatype": "INT32", "shape": [-1, 16]},
             {"name": "OUTPUT1", "datatype": "INT32", "shape": [-1, 16]},
         ],
+        "op_libraries": [],
     }
     assert client.get_model_metadata("simple", "1")["name"] == "simple"
 

@@ -13,15 +13,34 @@ from opserve.errors import UnavailableError
 from opserve.proto import ModelConfig
 
 
-def resolve_model_libraries(config: ModelConfig, model_dir: Path, version_dir: Path) -> list[Path]:
-    """The model's own op libraries, as absolute paths; a missing one is an error naming it."""
+def resolve_model_libraries(
+    config: ModelConfig, model_dir: Path, version_dir: Path, allowed_roots: list[Path] | None = None
+) -> list[Path]:
+    """The model's own op libraries, as absolute paths; a missing one is an error naming it.
+
+    A relative path must stay inside the model's folder (after following links); an absolute
+    one must lie inside `allowed_roots` (the repositories and the --op-library-root folders).
+    """
     libraries: list[Path] = []
+    model_root = model_dir.resolve()
     for entry in config.model_operations.op_library_filename:
         candidate = Path(entry)
         if candidate.is_absolute():
+            real = candidate.resolve()
+            if allowed_roots is not None and not any(real.is_relative_to(r) for r in allowed_roots):
+                raise UnavailableError(
+                    f"op library '{entry}' of model '{config.name}' is outside the model repository "
+                    "and every --op-library-root; keep it in the model's folder or allow its folder "
+                    "with --op-library-root"
+                )
             searched = [candidate]
         else:
             searched = [model_dir / candidate, version_dir / candidate]
+            if not all(p.resolve().is_relative_to(model_root) for p in searched):
+                raise UnavailableError(
+                    f"op library '{entry}' of model '{config.name}' escapes the model's folder "
+                    f"'{model_dir}'; relative paths must stay inside it"
+                )
         found = next((p for p in searched if p.is_file()), None)
         if found is None:
             where = " or ".join(f"'{p}'" for p in searched)

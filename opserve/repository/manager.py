@@ -24,6 +24,7 @@ from opserve.ops import (
     preloaded_libraries,
     resolve_model_libraries,
 )
+from opserve.ops.inspect import collisions, inspect_library_async
 from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.schema import ModelSchema
@@ -90,13 +91,17 @@ class ModelManager:
         repositories: list[Path],
         server_op_libraries: list[Path] | None = None,
         ring_capacity: int = DEFAULT_RING_CAPACITY,
+        op_library_roots: list[Path] | None = None,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
         self.server_op_libraries = _by_framework(p.resolve() for p in server_op_libraries or [])
         self.preloaded = _by_framework(preloaded_libraries())
         self.ring_capacity = ring_capacity
+        self.op_library_roots = [p.resolve() for p in op_library_roots or []]
+        self.control_mode = "none"
         self.models: dict[str, Model] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._restarts: set[asyncio.Task[None]] = set()
 
     # queries -----------------------------------------------------------------------------------
@@ -131,16 +136,103 @@ class ModelManager:
         reasons = [f"version {v.version}: {v.reason}" for v in model.versions.values() if v.reason]
         return "; ".join(reasons) or model.state.value
 
-    # loading -----------------------------------------------------------------------------------
-    async def load_all(self) -> None:
-        folders = find_models(self.repositories)
-        await asyncio.gather(*(self.load(name, folder) for name, folder in folders.items()))
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: every model of the repositories, loaded or not."""
+        entries: list[dict[str, str]] = []
+        names = sorted(set(find_models(self.repositories)) | set(self.models))
+        for name in names:
+            model = self.models.get(name)
+            if model is None:
+                if not ready_only:
+                    entries.append({"name": name})
+                continue
+            if not model.versions:
+                if not ready_only:
+                    entries.append(
+                        {
+                            "name": name,
+                            "state": ModelState.UNAVAILABLE.value,
+                            "reason": model.reason,
+                        }
+                    )
+                continue
+            for entry in sorted(model.versions.values(), key=lambda v: v.version):
+                if ready_only and not entry.ready:
+                    continue
+                item = {"name": name, "version": str(entry.version), "state": entry.state.value}
+                item["reason"] = entry.reason
+                entries.append(item)
+        return entries
 
-    async def load(self, name: str, folder: Path) -> Model:
+    # loading -----------------------------------------------------------------------------------
+    async def startup(
+        self, control_mode: str = "none", load_models: list[str] | None = None
+    ) -> None:
+        """Mode none loads every model; explicit loads those named (`*` for all)."""
+        self.control_mode = control_mode
+        folders = find_models(self.repositories)
+        wanted = (
+            list(folders)
+            if control_mode != "explicit" or "*" in (load_models or [])
+            else load_models or []
+        )
+        unknown = [n for n in wanted if n not in folders]
+        for name in unknown:
+            log.error("--load-model '%s': no such model in the repositories", name)
+        results = await asyncio.gather(
+            *(self.load(name) for name in wanted if name in folders), return_exceptions=True
+        )
+        for result in results:  # failures are logged and kept in the models' states
+            if isinstance(result, BaseException) and not isinstance(result, OpserveError):
+                raise result
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load(self, name: str, config: ModelConfig | None = None) -> Model:
+        """Load a model, or load it again (new files, new libraries): the new versions start
+        while the old ones keep serving; then the old workers finish their requests and end."""
+        async with self._lock(name):
+            folder = find_models(self.repositories).get(name)
+            if folder is None:
+                raise NotFoundError(f"failed to load '{name}', no version is available")
+            model = await self._build(name, folder, config)
+            previous = self.models.get(name)
+            self.models[name] = model
+            if previous is not None:
+                await self._retire(previous, "replaced by a new load")
+            if model.state is not ModelState.READY:
+                raise InvalidArgumentError(f"load failed for model '{name}': {self.reason(model)}")
+            return model
+
+    async def unload(self, name: str) -> None:
+        """Unload a model: its workers, and with them its op libraries, are gone afterwards."""
+        async with self._lock(name):
+            model = self.models.get(name)
+            if model is None:
+                if name not in find_models(self.repositories):
+                    raise NotFoundError(f"failed to unload '{name}', no such model")
+                return
+            await self._retire(model, "unloaded")
+            log.info("model '%s' is unloaded", name)
+
+    async def _retire(self, model: Model, reason: str) -> None:
+        workers = []
+        for entry in model.versions.values():
+            entry.state, entry.reason = ModelState.UNLOADING, reason
+            if entry.worker is not None:
+                workers.append(entry.worker.stop())
+                entry.worker = None
+        await asyncio.gather(*workers, return_exceptions=True)
+        for entry in model.versions.values():
+            entry.state = ModelState.UNAVAILABLE
+        if not model.versions:
+            model.reason = reason
+
+    async def _build(self, name: str, folder: Path, override: ModelConfig | None = None) -> Model:
         model = Model(name, folder, ModelConfig(name=name))
-        self.models[name] = model
         try:
-            model.config = self._read_config(name, folder)
+            model.config = self._read_config(name, folder, override)
             versions = select_versions(model.config, version_folders(folder))
         except OpserveError as exc:
             model.reason = exc.message
@@ -170,9 +262,14 @@ class ModelManager:
                 )
         return model
 
-    def _read_config(self, name: str, folder: Path) -> ModelConfig:
+    def _read_config(
+        self, name: str, folder: Path, override: ModelConfig | None = None
+    ) -> ModelConfig:
         path = folder / "config.pbtxt"
-        config = read_model_config(path) if path.exists() else ModelConfig()
+        if override is not None:
+            config = override
+        else:
+            config = read_model_config(path) if path.exists() else ModelConfig()
         if not config.name:
             config.name = name
         elif config.name != name:
@@ -209,8 +306,14 @@ class ModelManager:
         """Start a worker for one version and load it there; the signature on success."""
         entry.state, entry.reason = ModelState.LOADING, ""
         try:
-            libraries = resolve_model_libraries(model.config, model.directory, entry.directory)
+            libraries = resolve_model_libraries(
+                model.config,
+                model.directory,
+                entry.directory,
+                self.repositories + self.op_library_roots,
+            )
             framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+            await self._inspect(model, framework, libraries)
             worker = WorkerProcess(
                 entry.label,
                 self.ring_capacity,
@@ -237,6 +340,24 @@ class ModelManager:
         entry.state = ModelState.READY
         entry.op_libraries = loaded.op_libraries
         return loaded.signature
+
+    async def _inspect(self, model: Model, framework: str | None, libraries: list[Path]) -> None:
+        """Every library this model's worker would load, inspected first in throwaway processes:
+        a mismatch or a collision is an error naming the library, never a crashed worker."""
+        shared = self.server_op_libraries.get(framework, []) + self.preloaded.get(framework, [])
+        if not libraries and not shared:
+            return
+        reports = await asyncio.gather(*(inspect_library_async(p) for p in [*libraries, *shared]))
+        problems = [problem for report in reports for problem in report.problems]
+        for report in reports[: len(libraries)]:
+            if report.framework not in (None, framework):
+                problems.append(
+                    f"op library '{report.path}' is built for {report.framework}, but model "
+                    f"'{model.name}' runs on {model.config.backend}"
+                )
+        problems += collisions(list(reports))
+        if problems:
+            raise UnavailableError("; ".join(problems))
 
     def _worker_environment(self) -> dict[str, str]:
         """Preloaded op libraries reach their framework's workers through `LoadModel`, loaded
@@ -274,6 +395,7 @@ class ModelManager:
 
     # shutting down -----------------------------------------------------------------------------
     async def shutdown(self) -> None:
+        """Unload every model at exit."""
         workers = []
         for model in self.models.values():
             for entry in model.versions.values():

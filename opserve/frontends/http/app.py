@@ -73,6 +73,8 @@ class HttpApp:
             _require(method, "GET")
             ok = self.dataplane.live() if parts[1] == "live" else self.dataplane.ready()
             return await _send(send, 200 if ok else 400, b"")
+        if parts[0] == "repository":
+            return await self._repository_route(method, parts[1:], scope, receive, send)
         if parts[0] == "models" and len(parts) >= 2:
             name, rest = parts[1], parts[2:]
             version = ""
@@ -111,6 +113,30 @@ class HttpApp:
             return await _send_json(send, dataplane.model_config(name, version))
         raise NotFoundError(f"unknown path '{scope['path']}'")
 
+    async def _repository_route(
+        self, method: str, parts: list[str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        _require(method, "POST")
+        body = _json_object(await _read_body(receive))
+        if parts == ["index"]:
+            ready = body.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidArgumentError("'ready' must be a boolean")
+            return await _send(
+                send, 200, orjson.dumps(self.dataplane.repository_index(ready)), _JSON
+            )
+        if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
+            name = parts[1]
+            if parts[2] == "load":
+                parameters = body.get("parameters", {})
+                if not isinstance(parameters, dict):
+                    raise InvalidArgumentError("'parameters' must be a JSON object")
+                await self.dataplane.load_model(name, parameters)
+            else:
+                await self.dataplane.unload_model(name)
+            return await _send(send, 200, b"")
+        raise NotFoundError(f"unknown path '{scope['path']}'")
+
     async def _infer(
         self, name: str, version: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
@@ -139,6 +165,19 @@ class HttpApp:
             out_headers.append((b"inference-header-content-length", str(json_length).encode()))
         payload = _maybe_compress(payload, headers.get(b"accept-encoding"), out_headers)
         await _send(send, 200, payload, out_headers)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """An optional JSON object body (repository requests may send none)."""
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"failed to parse the request JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    return value
 
 
 def _require(method: str, allowed: str) -> None:
