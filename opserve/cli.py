@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -98,7 +99,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared memory per direction per worker for tensors (default: 16 MiB); "
         "larger tensors are sent through the worker's socket instead",
     )
+    check = commands.add_parser(
+        "check",
+        help="validate a model repository offline, before deployment",
+        description="Validate every config, resolve and inspect every op library (in throwaway "
+        "processes), report collisions inside a model and mismatches with the installed "
+        "frameworks. Exits 1 when anything is wrong. Loads nothing into this process.",
+    )
+    check.add_argument(
+        "--model-repository",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="a Triton model repository (repeatable)",
+    )
+    check.add_argument(
+        "--op-library",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="a server-wide op library the server would load (repeatable)",
+    )
+    check.add_argument(
+        "--op-library-root",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a folder from which models may name op libraries by absolute path",
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    ops = commands.add_parser("ops", help="custom-op library tools")
+    ops_commands = ops.add_subparsers(dest="ops_command", metavar="COMMAND", required=True)
+    inspect = ops_commands.add_parser(
+        "inspect",
+        help="inspect one custom-op library",
+        description="Print which framework (and version) a library is built for, the shared "
+        "libraries and symbols it needs that are missing, and the ops it registers. The "
+        "library is loaded only in a throwaway process.",
+    )
+    inspect.add_argument("path", type=Path, metavar="PATH", help="the shared library")
+    inspect.add_argument("--json", action="store_true", help="print the facts as JSON")
     return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    from opserve.check import check_repository, format_report
+
+    report = check_repository(args.model_repository, args.op_library, args.op_library_root)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from opserve.check import format_library
+    from opserve.ops.inspect import inspect_library
+
+    if not args.path.is_file():
+        print(f"opserve ops inspect: error: '{args.path}' is not a file", file=sys.stderr)
+        return 2
+    report = inspect_library(args.path.resolve())
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_library(report))
+    return 0 if report.ok else 1
 
 
 def configure_logging(verbose: int) -> None:
@@ -151,4 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "check":
+        return _check(args)
+    if args.command == "ops":
+        return _inspect(args)
     return 2

@@ -182,6 +182,9 @@ PROBES = {
 }
 
 
+_PACKAGES = {"pytorch": "torch", "tensorflow": "tensorflow", "onnxruntime": "onnxruntime"}
+
+
 def main(argv: list[str]) -> None:
     framework, path = argv
     try:
@@ -189,7 +192,11 @@ def main(argv: list[str]) -> None:
     except ImportError as exc:
         result = {"error": f"{framework} is not installed: {exc}", "ops": []}
     except Exception as exc:  # the framework's loader message is the fact we want
-        result = {"error": f"{type(exc).__name__}: {exc}", "ops": []}
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        result = {"error": f"{type(exc).__name__}: {exc}{cause}", "ops": []}
+        module = sys.modules.get(_PACKAGES.get(framework, ""))
+        if module is not None:  # the framework itself loaded: say which one it is
+            result["framework_version"] = getattr(module, "__version__", None)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     # Skip the libraries' static destructors: some would call into the probe's borrowed tables.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from opserve.config import ModelSignature, autocomplete, normalize_platform, read_model_config
+from opserve.config import ModelSignature, autocomplete, model_config_for
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
 from opserve.ops import (
     BACKEND_FRAMEWORKS,
@@ -232,7 +232,7 @@ class ModelManager:
     async def _build(self, name: str, folder: Path, override: ModelConfig | None = None) -> Model:
         model = Model(name, folder, ModelConfig(name=name))
         try:
-            model.config = self._read_config(name, folder, override)
+            model.config = model_config_for(name, folder, override)
             versions = select_versions(model.config, version_folders(folder))
         except OpserveError as exc:
             model.reason = exc.message
@@ -261,23 +261,6 @@ class ModelManager:
                     "%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none"
                 )
         return model
-
-    def _read_config(
-        self, name: str, folder: Path, override: ModelConfig | None = None
-    ) -> ModelConfig:
-        path = folder / "config.pbtxt"
-        if override is not None:
-            config = override
-        else:
-            config = read_model_config(path) if path.exists() else ModelConfig()
-        if not config.name:
-            config.name = name
-        elif config.name != name:
-            raise InvalidArgumentError(
-                f"model name '{config.name}' in {path} does not match its folder name '{name}'"
-            )
-        normalize_platform(config, folder)
-        return config
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
         """Config tensors the model does not have make every version unavailable."""

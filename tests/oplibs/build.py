@@ -10,6 +10,7 @@ Builds are cached under `.cache/oplibs/` by a hash of the source, the flags and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -115,15 +116,21 @@ def build_library(
     return output
 
 
-def onnxruntime_my_ops(add_value: float = 1.0, name: str = "libmy_ops.so") -> Path:
+def onnxruntime_my_ops(
+    add_value: float = 1.0, name: str = "libmy_ops.so", request_api_version: int | None = None
+) -> Path:
+    defines = {"ADD_VALUE": f"{add_value}f"}
+    if request_api_version is not None:
+        defines["REQUEST_API_VERSION"] = str(request_api_version)
     return build_library(
         SOURCES / "onnxruntime" / "my_ops.cc",
         name,
-        defines={"ADD_VALUE": f"{add_value}f"},
+        defines=defines,
         include_dirs=[onnxruntime_include_dir()],
     )
 
 
+@functools.cache
 def framework_build_flags(framework: str) -> dict[str, object]:
     """Ask a framework, in a child process, for its version and the flags to build against it."""
     code = {
@@ -149,13 +156,18 @@ def framework_build_flags(framework: str) -> dict[str, object]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def pytorch_my_ops(add_value: float = 1.0, name: str = "libmy_torch_ops.so") -> Path:
+def pytorch_my_ops(
+    add_value: float = 1.0, name: str = "libmy_torch_ops.so", needs_missing_symbol: bool = False
+) -> Path:
     """my_ops::custom_modulo and my_ops::add_one for TorchScript (torch wants C++20)."""
     flags = framework_build_flags("pytorch")
+    defines = {"ADD_VALUE": repr(float(add_value)), "_GLIBCXX_USE_CXX11_ABI": str(flags["abi"])}
+    if needs_missing_symbol:
+        defines["NEEDS_MISSING_SYMBOL"] = "1"
     return build_library(
         SOURCES / "pytorch" / "my_ops.cc",
         name,
-        defines={"ADD_VALUE": repr(float(add_value)), "_GLIBCXX_USE_CXX11_ABI": str(flags["abi"])},
+        defines=defines,
         include_dirs=[Path(p) for p in flags["include"]],  # type: ignore[union-attr]
         link_flags=[*(f"-L{p}" for p in flags["lib"]), "-lc10", "-ltorch_cpu", "-ltorch"],  # type: ignore[union-attr]
         std="c++20",
@@ -163,13 +175,14 @@ def pytorch_my_ops(add_value: float = 1.0, name: str = "libmy_torch_ops.so") -> 
     )
 
 
-def tensorflow_zero_out(name: str = "libzero_out.so") -> Path:
+def tensorflow_zero_out(name: str = "libzero_out.so", keep_last: bool = False) -> Path:
     """The classic ZeroOut op for TensorFlow, with the flags TensorFlow gives."""
     flags = framework_build_flags("tensorflow")
     compile_flags = [f for f in flags["compile"] if not f.startswith("--std")]  # type: ignore[union-attr]
     return build_library(
         SOURCES / "tensorflow" / "zero_out.cc",
         name,
+        defines={"KEEP_LAST": "1"} if keep_last else None,
         extra_flags=compile_flags,
         link_flags=list(flags["link"]),  # type: ignore[arg-type]
         std="c++17",

@@ -3,6 +3,8 @@
 // Domain "my_ops", op "AddOne": y = x + ADD_VALUE for an FP32 tensor of any shape. ADD_VALUE is a
 // compile-time constant so that two builds of the same op name can behave differently.
 // Op "Checked": y = x, but aborts the process when an element is negative (a crashing op).
+// With REQUEST_API_VERSION defined, the library asks for that ONNX Runtime API version instead of
+// its headers' own: a library built for a newer onnxruntime than the server has.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -67,7 +69,11 @@ std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that us
 }  // namespace
 
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+#ifdef REQUEST_API_VERSION
+  Ort::InitApi(api_base->GetApi(REQUEST_API_VERSION));
+#else
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+#endif
   try {
     Ort::CustomOpDomain domain{"my_ops"};
     domain.Add(&add_one_op);

@@ -1,6 +1,7 @@
 // TensorFlow's classic custom op, built during the test run against the installed TensorFlow.
 //
-// ZeroOut(to_zero: int32) -> zeroed: int32 keeps the first element and zeroes the rest.
+// ZeroOut(to_zero: int32) -> zeroed: int32 keeps the first element and zeroes the rest; built with
+// KEEP_LAST, the same op name keeps the last element instead (a colliding library).
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -27,7 +28,11 @@ class ZeroOutOp : public OpKernel {
     auto output = output_tensor->flat<int32>();
     const int n = input.size();
     for (int i = 0; i < n; i++) output(i) = 0;
+#ifdef KEEP_LAST
+    if (n > 0) output(n - 1) = input(n - 1);
+#else
     if (n > 0) output(0) = input(0);
+#endif
   }
 };
 

@@ -1,0 +1,184 @@
+"""`opserve check`: validate a model repository offline, before deployment.
+
+Every config is parsed and named, every version folder and model file looked for, every op
+library resolved (with the same rules as the server), inspected in throwaway processes, and
+checked against its model's framework and the other libraries of that model. Nothing is loaded
+into this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opserve.config import model_config_for
+from opserve.errors import OpserveError
+from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
+from opserve.ops.inspect import LibraryReport, collisions, inspect_library
+from opserve.ops.resolve import resolve_model_libraries
+from opserve.repository.layout import find_models, select_versions, version_folders
+
+# backend -> (the package that must be importable, the extra that installs it)
+_FRAMEWORK_PACKAGES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime"),
+    "pytorch": ("torch", "pytorch"),
+    "tensorflow": ("tensorflow", "tensorflow"),
+}
+
+
+@dataclass
+class ModelReport:
+    name: str
+    backend: str = ""
+    versions: list[int] = field(default_factory=list)
+    libraries: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class RepositoryReport:
+    models: list[ModelReport]
+    libraries: dict[str, LibraryReport]
+    problems: list[str]  # repository-wide (duplicate names, unreadable folders, bad --op-library)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(m.ok for m in self.models)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "models": [{**m.__dict__, "ok": m.ok} for m in self.models],
+            "libraries": {path: report.to_json() for path, report in self.libraries.items()},
+        }
+
+
+def check_repository(
+    repositories: list[Path],
+    op_libraries: list[Path] | None = None,
+    op_library_roots: list[Path] | None = None,
+) -> RepositoryReport:
+    roots = [p.resolve() for p in repositories] + [p.resolve() for p in op_library_roots or []]
+    libraries: dict[str, LibraryReport] = {}
+    problems: list[str] = []
+
+    def inspected(path: Path) -> LibraryReport:
+        key = str(path)
+        if key not in libraries:
+            libraries[key] = inspect_library(path)
+        return libraries[key]
+
+    shared: dict[str | None, list[Path]] = {}
+    for library in [*(op_libraries or []), *preloaded_libraries()]:
+        try:
+            framework = library_framework(library)
+        except OpserveError as exc:
+            problems.append(f"op library '{library}' is {exc.message}")
+            continue
+        shared.setdefault(framework, []).append(library.resolve())
+        problems += inspected(library.resolve()).problems
+    try:
+        folders = find_models(repositories)
+    except OpserveError as exc:
+        return RepositoryReport([], libraries, [*problems, exc.message])
+    reports = [
+        _check_model(name, folder, roots, shared, inspected) for name, folder in folders.items()
+    ]
+    return RepositoryReport(reports, libraries, problems)
+
+
+def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type: ignore[no-untyped-def]
+    report = ModelReport(name)
+    try:
+        config = model_config_for(name, folder)
+    except OpserveError as exc:
+        report.problems.append(exc.message)
+        return report
+    report.backend = config.backend
+    package, extra = _FRAMEWORK_PACKAGES.get(config.backend, (None, None))
+    if package is None:
+        report.problems.append(f"backend '{config.backend}' is not supported by this server")
+    elif importlib.util.find_spec(package) is None:
+        report.problems.append(
+            f"backend '{config.backend}' needs {package}: pip install 'opserve[{extra}]'"
+        )
+    report.versions = select_versions(config, version_folders(folder))
+    if not report.versions:
+        report.problems.append(f"no version folders found in '{folder}'")
+    framework = BACKEND_FRAMEWORKS.get(config.backend)
+    for version in report.versions:
+        version_dir = folder / str(version)
+        if not (version_dir / config.default_model_filename).exists():
+            report.problems.append(
+                f"version {version}: model file '{version_dir / config.default_model_filename}' is missing"
+            )
+        try:
+            own = resolve_model_libraries(config, folder, version_dir, roots)
+        except OpserveError as exc:
+            report.problems.append(f"version {version}: {exc.message}")
+            continue
+        library_reports = [inspected(p) for p in [*own, *shared.get(framework, [])]]
+        for library in own:
+            if str(library) not in report.libraries:
+                report.libraries.append(str(library))
+        for library_report in library_reports[: len(own)]:
+            report.problems += [p for p in library_report.problems if p not in report.problems]
+            if library_report.framework not in (None, framework):
+                report.problems.append(
+                    f"op library '{library_report.path}' is built for {library_report.framework}, "
+                    f"but model '{name}' runs on {config.backend}"
+                )
+        report.problems += [f"version {version}: {c}" for c in collisions(library_reports)]
+    return report
+
+
+def format_report(report: RepositoryReport) -> str:
+    lines: list[str] = []
+    for problem in report.problems:
+        lines.append(f"error: {problem}")
+    for model in report.models:
+        status = "ok" if model.ok else "FAILED"
+        versions = ", ".join(map(str, model.versions)) or "none"
+        lines.append(
+            f"{status:6} {model.name} ({model.backend or 'unknown backend'}; versions {versions})"
+        )
+        for library in model.libraries:
+            facts = report.libraries.get(library)
+            ops = ", ".join(facts.ops) if facts and facts.ops else "no ops found"
+            lines.append(f"         op library {library}: {ops}")
+        for problem in model.problems:
+            lines.append(f"         error: {problem}")
+    failed = sum(not m.ok for m in report.models)
+    lines.append(
+        f"{len(report.models)} models, {failed} with problems"
+        + (f", {len(report.problems)} repository problems" if report.problems else "")
+    )
+    return "\n".join(lines)
+
+
+def format_library(report: LibraryReport) -> str:
+    lines = [f"library:    {report.path}"]
+    lines.append(
+        f"framework:  {report.framework or 'none recognised'}"
+        + (f" (installed: {report.framework_version})" if report.framework_version else "")
+    )
+    if report.api_version is not None:
+        lines.append(f"ORT API:    version {report.api_version} requested")
+    lines.append("needs:")
+    for soname, found in report.needed.items():
+        lines.append(f"  {soname} => {found or 'NOT FOUND'}")
+    if report.unresolved_symbols:
+        shown = report.unresolved_symbols[:20]
+        more = len(report.unresolved_symbols) - len(shown)
+        lines.append("symbols no needed library defines:" + (f" ({more} more)" if more else ""))
+        lines += [f"  {symbol}" for symbol in shown]
+    lines.append("ops:        " + (", ".join(report.ops) if report.ops else "none found"))
+    lines += [f"error:      {p}" for p in report.problems]
+    lines.append("verdict:    " + ("ok" if report.ok else "FAILED"))
+    return "\n".join(lines)
