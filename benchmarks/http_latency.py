@@ -59,6 +59,35 @@ def write_model(directory: Path) -> Path:
     return path
 
 
+def write_add_one_models(repository: Path) -> None:
+    """x + 1 twice: with our custom op my_ops::AddOne (its library in the model's folder, so the
+    model gets inspected and isolated) and with ONNX's own Add, for the cost of isolation."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from tests.oplibs import build
+
+    x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, 16])
+    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, 16])
+    one = numpy_helper.from_array(np.ones(1, dtype=np.float32), "ONE")
+    builtin = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "ONE"], ["OUTPUT0"])], "g", [x], [y], [one]
+    )
+    custom = helper.make_graph(
+        [helper.make_node("AddOne", ["INPUT0"], ["OUTPUT0"], domain="my_ops")], "g", [x], [y]
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("my_ops", 1)]
+    for name, graph in (("add_one_builtin", builtin), ("add_one_custom", custom)):
+        (repository / name / "1").mkdir(parents=True)
+        save(
+            helper.make_model(graph, opset_imports=opsets, ir_version=8),
+            str(repository / name / "1" / "model.onnx"),
+        )
+    shutil.copyfile(build.onnxruntime_my_ops(), repository / "add_one_custom" / "libmy_ops.so")
+    (repository / "add_one_custom" / "config.pbtxt").write_text(
+        'backend: "onnxruntime"\nmodel_operations { op_library_filename: "libmy_ops.so" }\n'
+    )
+
+
 def write_torchscript(directory: Path) -> Path:
     import torch
 
@@ -260,6 +289,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--skip-mlserver", action="store_true")
     parser.add_argument(
+        "--skip-custom-op", action="store_true", help="skip the custom-op (isolation cost) rows"
+    )
+    parser.add_argument(
         "--frameworks",
         nargs="*",
         default=["pytorch", "tensorflow"],
@@ -278,6 +310,8 @@ def main() -> None:
         rows.append(
             ("onnxruntime in-process", "session.run", 1, bench_raw_onnxruntime(model, args.seconds))
         )
+        if not args.skip_custom_op:
+            write_add_one_models(repository)
         framework_models = {}
         if "pytorch" in args.frameworks:
             (repository / "identity_torch" / "1").mkdir(parents=True)
@@ -298,6 +332,14 @@ def main() -> None:
                     rows.append(
                         ("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result)
                     )
+            if not args.skip_custom_op:
+                for name, label in (
+                    ("add_one_builtin", "opserve x+1, ONNX Add"),
+                    ("add_one_custom", "opserve x+1, custom op (own library)"),
+                ):
+                    for concurrency in args.concurrency:
+                        result = bench_http(server.url, name, True, concurrency, args.seconds)
+                        rows.append((label, "HTTP binary", concurrency, result))
             for name, label in (
                 ("identity_torch", "opserve TorchScript"),
                 ("identity_tf", "opserve SavedModel"),
