@@ -12,6 +12,16 @@ from pathlib import Path
 from opserve import __version__
 
 
+def _boolean(value: str) -> bool:
+    """Triton's boolean flags: true/false, 1/0."""
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opserve",
@@ -46,6 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=8000,
         metavar="PORT",
         help="HTTP port (default: 8000; 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--allow-grpc",
+        type=_boolean,
+        default=True,
+        metavar="BOOL",
+        help="serve gRPC (default: true)",
+    )
+    serve.add_argument(
+        "--grpc-address",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address to bind gRPC to (default: 0.0.0.0)",
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, default=8001, metavar="PORT", help="gRPC port (default: 8001)"
+    )
+    serve.add_argument(
+        "--allow-metrics",
+        type=_boolean,
+        default=True,
+        metavar="BOOL",
+        help="serve Prometheus metrics at /metrics (default: true)",
+    )
+    serve.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address to bind metrics to (default: 0.0.0.0)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        metavar="PORT",
+        help="metrics port (default: 8002)",
     )
     serve.add_argument(
         "--op-library",
@@ -207,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                 model_control_mode=args.model_control_mode,
                 load_models=args.load_model,
                 op_library_roots=args.op_library_root,
+                allow_grpc=args.allow_grpc,
+                grpc_address=args.grpc_address,
+                grpc_port=args.grpc_port,
+                allow_metrics=args.allow_metrics,
+                metrics_address=args.metrics_address,
+                metrics_port=args.metrics_port,
             )
         except ValueError as exc:
             print(f"opserve serve: error: {exc}", file=sys.stderr)

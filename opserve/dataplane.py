@@ -21,7 +21,7 @@ from opserve.proto import ModelConfig
 from opserve.repository.manager import Model, ModelManager, ModelState
 from opserve.schema import ModelSchema
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,24 @@ class DataPlane:
             raise UnavailableError(f"model '{model.name}' is not ready: {model.reason}")
         return model.schema
 
+    def model_statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Triton's `model_stats`: every loaded version of one model, or of every model."""
+        if name:
+            model = self.manager.model(name)
+            if version:
+                self.manager.version(name, version)  # NOT_FOUND / UNAVAILABLE as for inference
+                entries = [model.versions[int(version)]]
+            else:
+                entries = list(model.versions.values())
+            selected = [(model, e) for e in entries]
+        else:
+            selected = [(m, e) for m in self.manager.models.values() for e in m.versions.values()]
+        return [
+            entry.stats.to_json(model.name, str(entry.version))
+            for model, entry in sorted(selected, key=lambda p: (p[0].name, p[1].version))
+            if entry.scheduler is not None or entry.stats.execution_count
+        ]
+
     # repository --------------------------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self.manager.index(ready_only)
@@ -128,10 +146,11 @@ class DataPlane:
                     )
         else:
             outputs = list(schema.outputs)
-        worker = entry.worker
-        if worker is None:
+        scheduler = entry.scheduler
+        if scheduler is None:
             raise UnavailableError(f"{entry.label} is not ready: {entry.reason}")
-        results = await worker.infer(inputs, outputs)
+        batch_size = inputs[0].shape[0] if schema.batching and inputs else 1
+        results = await scheduler.infer(inputs, outputs, batch_size)
         return InferenceResponse(
             model.name, str(entry.version), _client_shapes(schema, results), request.id
         )

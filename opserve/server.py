@@ -8,7 +8,9 @@ import logging
 import uvicorn
 
 from opserve.dataplane import DataPlane
+from opserve.frontends.grpc import start_grpc_server
 from opserve.frontends.http import HttpApp
+from opserve.metrics import MetricsServer
 from opserve.repository import ModelManager
 from opserve.settings import ServerSettings
 
@@ -23,9 +25,18 @@ async def serve(settings: ServerSettings) -> None:
         settings.ring_capacity,
         settings.op_library_roots,
     )
+    grpc_server = None
+    metrics = None
     try:
         await manager.startup(settings.model_control_mode, settings.load_models)
         dataplane = DataPlane(manager)
+        if settings.allow_grpc:
+            grpc_server = await start_grpc_server(
+                dataplane, settings.grpc_address, settings.grpc_port
+            )
+        if settings.allow_metrics:
+            metrics = MetricsServer(manager)
+            await metrics.start(settings.metrics_address, settings.metrics_port)
         config = uvicorn.Config(
             HttpApp(dataplane),
             host=settings.http_address,
@@ -40,6 +51,10 @@ async def serve(settings: ServerSettings) -> None:
         log.info("serving HTTP on %s:%d", settings.http_address, settings.http_port)
         await http.serve()
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
+        if metrics is not None:
+            await metrics.stop()
         log.info("shutting down: unloading models")
         await manager.shutdown()
 

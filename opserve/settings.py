@@ -21,6 +21,12 @@ class ServerSettings:
     model_control_mode: str = "none"
     load_models: list[str] = field(default_factory=list)
     op_library_roots: list[Path] = field(default_factory=list)
+    allow_grpc: bool = True
+    grpc_address: str = "0.0.0.0"
+    grpc_port: int = 8001
+    allow_metrics: bool = True
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 8002
 
     def __post_init__(self) -> None:
         if not self.model_repositories:
@@ -34,8 +40,13 @@ class ServerSettings:
         for root in self.op_library_roots:
             if not root.is_dir():
                 raise ValueError(f"--op-library-root '{root}' is not a directory")
-        if not 0 <= self.http_port <= 65535:
-            raise ValueError(f"--http-port {self.http_port} is not a port number")
+        for flag, port in (
+            ("--http-port", self.http_port),
+            ("--grpc-port", self.grpc_port),
+            ("--metrics-port", self.metrics_port),
+        ):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{flag} {port} is not a port number")
         for library in self.op_libraries:
             if not library.is_file():
                 raise ValueError(f"--op-library '{library}' does not exist")

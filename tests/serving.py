@@ -33,6 +33,8 @@ class RunningServer:
         self.extra_args = extra_args or []
         self.env = env
         self.port = free_port()
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
         self.log_path = (
             log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"opserve-{self.port}.log"
         )
@@ -42,6 +44,14 @@ class RunningServer:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -56,6 +66,14 @@ class RunningServer:
             "127.0.0.1",
             "--http-port",
             str(self.port),
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-address",
+            "127.0.0.1",
+            "--metrics-port",
+            str(self.metrics_port),
         ]
         for repository in self.repositories:
             command += ["--model-repository", str(repository)]

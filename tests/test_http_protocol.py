@@ -19,6 +19,7 @@ def test_health_and_server_metadata(client: httpclient.InferenceServerClient) ->
         "binary_tensor_data",
         "model_configuration",
         "model_repository",
+        "statistics",
     }
 
 

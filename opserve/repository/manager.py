@@ -1,8 +1,9 @@
 """The lifecycle of the models in the repository: load, serve, restart, unload.
 
-Placement rule: every model version runs in a worker process of its own. A model's op libraries
-therefore load and unload with it, never meet another model's libraries, and a crash takes down
-only that version's worker, which is then restarted.
+Placement rule (the one place it lives: `_start`): every instance of a model version
+(`instance_group.count`) is a worker process of its own, never shared with another model. A
+model's op libraries therefore load and unload with it, never meet another model's libraries, and
+a crash takes down only that instance, which is then replaced.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from opserve.config import ModelSignature, autocomplete, model_config_for
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
@@ -27,7 +29,10 @@ from opserve.ops import (
 from opserve.ops.inspect import collisions, inspect_library_async
 from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
+from opserve.stats import VersionStats
+from opserve.workers.messages import ModelLoaded
 from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -49,8 +54,11 @@ class ModelVersion:
     directory: Path
     state: ModelState = ModelState.LOADING
     reason: str = ""
-    worker: WorkerProcess | None = None
+    workers: list[WorkerProcess] = field(default_factory=list)  # one per instance
+    scheduler: Scheduler | None = None  # set once the model's config is complete
+    stats: VersionStats = field(default_factory=VersionStats)
     op_libraries: list[str] = field(default_factory=list)
+    libraries: list[Path] = field(default_factory=list)  # the model's own, resolved
 
     @property
     def ready(self) -> bool:
@@ -102,7 +110,7 @@ class ModelManager:
         self.control_mode = "none"
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._restarts: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -217,13 +225,11 @@ class ModelManager:
             log.info("model '%s' is unloaded", name)
 
     async def _retire(self, model: Model, reason: str) -> None:
-        workers = []
         for entry in model.versions.values():
             entry.state, entry.reason = ModelState.UNLOADING, reason
-            if entry.worker is not None:
-                workers.append(entry.worker.stop())
-                entry.worker = None
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(
+            *(self._stop_version(e) for e in model.versions.values()), return_exceptions=True
+        )
         for entry in model.versions.values():
             entry.state = ModelState.UNAVAILABLE
         if not model.versions:
@@ -257,6 +263,11 @@ class ModelManager:
                 self._make_unavailable(model, exc.message)
         for entry in model.versions.values():
             if entry.ready:
+                entry.scheduler = Scheduler(entry.label, model.config, entry.stats)
+                for worker in entry.workers:
+                    entry.scheduler.add_instance(worker)
+        for entry in model.versions.values():
+            if entry.ready:
                 log.info(
                     "%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none"
                 )
@@ -283,46 +294,51 @@ class ModelManager:
         log.error("model '%s' is unavailable: %s", model.name, reason)
         for entry in model.versions.values():
             entry.state, entry.reason = ModelState.UNAVAILABLE, reason
-            self._stop_worker(entry)
+            self._background(self._stop_version(entry))
 
     async def _start(self, model: Model, entry: ModelVersion) -> ModelSignature | None:
-        """Start a worker for one version and load it there; the signature on success."""
+        """Inspect the version's op libraries, then start its instances; the model's signature
+        on success."""
         entry.state, entry.reason = ModelState.LOADING, ""
+        count = sum(g.count for g in model.config.instance_group) or 1
         try:
-            libraries = resolve_model_libraries(
+            entry.libraries = resolve_model_libraries(
                 model.config,
                 model.directory,
                 entry.directory,
                 self.repositories + self.op_library_roots,
             )
-            framework = BACKEND_FRAMEWORKS.get(model.config.backend)
-            await self._inspect(model, framework, libraries)
-            worker = WorkerProcess(
-                entry.label,
-                self.ring_capacity,
-                self._worker_exited,
-                self._worker_environment(),
+            await self._inspect(
+                model, BACKEND_FRAMEWORKS.get(model.config.backend), entry.libraries
             )
-            entry.worker = worker
-            await worker.start()
-            loaded = await worker.load(
-                model_name=model.name,
-                version=entry.version,
-                config=model.config.SerializeToString(),
-                model_dir=str(model.directory),
-                version_dir=str(entry.directory),
-                op_libraries=[str(p) for p in libraries],
-                server_op_libraries=[str(p) for p in self.server_op_libraries.get(framework, [])],
-                preloaded_libraries=[str(p) for p in self.preloaded.get(framework, [])],
-            )
+            loaded = await asyncio.gather(*(self._spawn(model, entry) for _ in range(count)))
         except OpserveError as exc:
             entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
             log.error("%s is UNAVAILABLE: %s", entry.label, exc.message)
-            self._stop_worker(entry)
+            await self._stop_version(entry)
             return None
         entry.state = ModelState.READY
-        entry.op_libraries = loaded.op_libraries
-        return loaded.signature
+        entry.op_libraries = loaded[0].op_libraries
+        return loaded[0].signature
+
+    async def _spawn(self, model: Model, entry: ModelVersion) -> ModelLoaded:
+        """One more instance of a version: a worker process with the model loaded."""
+        framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+        worker = WorkerProcess(
+            entry.label, self.ring_capacity, self._worker_exited, self._worker_environment()
+        )
+        entry.workers.append(worker)
+        await worker.start()
+        return await worker.load(
+            model_name=model.name,
+            version=entry.version,
+            config=model.config.SerializeToString(),
+            model_dir=str(model.directory),
+            version_dir=str(entry.directory),
+            op_libraries=[str(p) for p in entry.libraries],
+            server_op_libraries=[str(p) for p in self.server_op_libraries.get(framework, [])],
+            preloaded_libraries=[str(p) for p in self.preloaded.get(framework, [])],
+        )
 
     async def _inspect(self, model: Model, framework: str | None, libraries: list[Path]) -> None:
         """Every library this model's worker would load, inspected first in throwaway processes:
@@ -352,43 +368,56 @@ class ModelManager:
             env["LD_PRELOAD"] = ":".join(str(p) for p in others)
         return env
 
-    def _stop_worker(self, entry: ModelVersion) -> None:
-        worker, entry.worker = entry.worker, None
-        if worker is not None:
-            task = asyncio.ensure_future(worker.stop())
-            self._restarts.add(task)
-            task.add_done_callback(self._restarts.discard)
+    async def _stop_version(self, entry: ModelVersion) -> None:
+        """Stop every instance of a version (queued requests fail, in-flight ones finish)."""
+        workers, entry.workers = entry.workers, []
+        if entry.scheduler is not None:
+            await entry.scheduler.close()
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _worker_exited(self, worker: WorkerProcess, reason: str) -> None:
-        """A worker died under a ready model: mark it unavailable and start another."""
+        """An instance died: take it out of service and start another in its place."""
         for model in self.models.values():
             for entry in model.versions.values():
-                if entry.worker is worker and entry.state is ModelState.READY:
-                    entry.state = ModelState.UNAVAILABLE
-                    entry.reason = f"the worker process {reason}; restarting"
-                    entry.worker = None
-                    task = asyncio.ensure_future(self._restart(model, entry))
-                    self._restarts.add(task)
-                    task.add_done_callback(self._restarts.discard)
+                if worker not in entry.workers:
+                    continue
+                entry.workers.remove(worker)
+                if entry.scheduler is not None:
+                    entry.scheduler.remove_instance(worker)
+                if entry.state is ModelState.READY:
+                    if not entry.workers:
+                        entry.state = ModelState.UNAVAILABLE
+                        entry.reason = f"the worker process {reason}; restarting"
+                    self._background(self._replace(model, entry))
 
-    async def _restart(self, model: Model, entry: ModelVersion) -> None:
+    async def _replace(self, model: Model, entry: ModelVersion) -> None:
         await asyncio.sleep(RESTART_DELAY_S)
-        if await self._start(model, entry) is not None:
-            log.info("%s is READY again after its worker was restarted", entry.label)
+        try:
+            await self._spawn(model, entry)
+        except OpserveError as exc:
+            log.error("%s: restarting its worker failed: %s", entry.label, exc.message)
+            entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
+            return
+        if entry.scheduler is not None:
+            entry.scheduler.add_instance(entry.workers[-1])
+        entry.state, entry.reason = ModelState.READY, ""
+        log.info("%s is READY again after its worker was restarted", entry.label)
 
     # shutting down -----------------------------------------------------------------------------
     async def shutdown(self) -> None:
         """Unload every model at exit."""
-        workers = []
+        for task in list(self._tasks):
+            task.cancel()
         for model in self.models.values():
             for entry in model.versions.values():
                 entry.state = ModelState.UNLOADING
-                if entry.worker is not None:
-                    workers.append(entry.worker.stop())
-                    entry.worker = None
-        await asyncio.gather(*workers, return_exceptions=True)
-        for task in list(self._restarts):
-            task.cancel()
+        versions = [e for m in self.models.values() for e in m.versions.values()]
+        await asyncio.gather(*(self._stop_version(e) for e in versions), return_exceptions=True)
 
 
 def _by_framework(libraries: Iterable[Path]) -> dict[str | None, list[Path]]:

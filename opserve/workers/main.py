@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,14 @@ class Worker:
         return ModelLoaded(message.id, signature, libraries)
 
     def infer(self, message: Infer) -> InferResult | Failed:
+        started = time.monotonic_ns()
         try:
             if self.backend is None:
                 raise InternalError("no model is loaded in this worker")
             inputs = {ref.name: self._input_array(ref) for ref in message.inputs}
+            prepared = time.monotonic_ns()
             results = self.backend.execute(inputs, message.outputs)
+            executed = time.monotonic_ns()
             outputs = [self._write_output(name, array) for name, array in results.items()]
         except OpserveError as exc:
             return Failed(message.id, exc.code.value, exc.message, self.responses.head)
@@ -95,7 +99,15 @@ class Worker:
             )
         finally:
             self.requests.release(message.ring_end)
-        return InferResult(message.id, outputs, self.responses.head)
+        return InferResult(
+            message.id,
+            outputs,
+            self.responses.head,
+            started,
+            prepared - started,
+            executed - prepared,
+            time.monotonic_ns() - executed,
+        )
 
     def _input_array(self, ref: TensorRef) -> np.ndarray:
         data = (

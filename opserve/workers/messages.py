@@ -55,6 +55,12 @@ class InferResult:
     id: int
     outputs: list[TensorRef]
     ring_end: int  # release the response ring up to here once the outputs are copied
+    # time.monotonic_ns() when the worker began (the same clock in every process), and the
+    # nanoseconds spent preparing inputs, in the backend, and writing outputs
+    started_ns: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from opserve.errors import InternalError, OpserveError, error_from_code
@@ -35,6 +36,17 @@ from opserve.workers.ring import ShmRing
 log = logging.getLogger(__name__)
 
 DEFAULT_RING_CAPACITY = 16 << 20
+
+
+@dataclass(slots=True)
+class Execution:
+    """What one execution in a worker returned, with its timings (see `InferResult`)."""
+
+    outputs: list[Tensor]
+    started_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -148,7 +160,12 @@ class WorkerProcess:
     async def load(self, **fields: Any) -> ModelLoaded:
         return await self._submit(lambda i: LoadModel(id=i, **fields))
 
-    async def infer(self, inputs: list[Tensor], outputs: list[str] | None) -> list[Tensor]:
+    @property
+    def in_flight(self) -> int:
+        """Requests sent to this worker and not answered yet."""
+        return len(self._pending)
+
+    async def infer(self, inputs: list[Tensor], outputs: list[str] | None) -> Execution:
         ring = self._requests
         assert ring is not None
         refs = []
@@ -180,9 +197,15 @@ class WorkerProcess:
     # replies -----------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
         future = self._pending.pop(message.id, None)
-        result: list[Tensor] | ModelLoaded | Done
+        result: Execution | ModelLoaded | Done
         if isinstance(message, InferResult):
-            result = self._read_outputs(message.outputs)
+            result = Execution(
+                self._read_outputs(message.outputs),
+                message.started_ns,
+                message.input_ns,
+                message.infer_ns,
+                message.output_ns,
+            )
             self._responses.release(message.ring_end)  # type: ignore[union-attr]
         elif isinstance(message, Failed):
             if message.ring_end >= 0:

@@ -75,6 +75,10 @@ class HttpApp:
             return await _send(send, 200 if ok else 400, b"")
         if parts[0] == "repository":
             return await self._repository_route(method, parts[1:], scope, receive, send)
+        if parts == ["models", "stats"]:
+            _require(method, "GET")
+            stats = {"model_stats": self.dataplane.model_statistics()}
+            return await _send(send, 200, orjson.dumps(stats), _JSON)
         if parts[0] == "models" and len(parts) >= 2:
             name, rest = parts[1], parts[2:]
             version = ""
@@ -108,6 +112,10 @@ class HttpApp:
             except OpserveError as exc:  # Triton answers 400 for a model that is not ready
                 return await _send_error(send, exc, 400)
             return await _send(send, 200, b"")
+        if rest == ["stats"]:
+            _require(method, "GET")
+            stats = {"model_stats": dataplane.model_statistics(name, version)}
+            return await _send(send, 200, orjson.dumps(stats), _JSON)
         if rest == ["config"]:
             _require(method, "GET")
             return await _send_json(send, dataplane.model_config(name, version))

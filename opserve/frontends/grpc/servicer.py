@@ -1,0 +1,189 @@
+"""`inference.GRPCInferenceService` on grpc.aio, calling the same DataPlane as HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+
+from opserve.dataplane import DataPlane
+from opserve.errors import ErrorCode, OpserveError
+from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
+from opserve.proto import service_pb2, service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The one place where opserve's error codes become gRPC status codes.
+GRPC_STATUS = {
+    ErrorCode.INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorCode.UNKNOWN: grpc.StatusCode.UNKNOWN,
+}
+
+
+async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call`; an opserve error becomes the matching gRPC status."""
+    try:
+        return await call()
+    except OpserveError as exc:
+        await context.abort(GRPC_STATUS.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+        raise  # abort raises; this keeps type checkers content
+
+
+async def _value(value: T) -> T:
+    return value
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return service_pb2.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            ready = self.dataplane.model_ready(request.name, request.version)
+        except OpserveError:
+            ready = False
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = self.dataplane.server_metadata()
+        return service_pb2.ServerMetadataResponse(
+            name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
+        )
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def build() -> Any:
+            metadata = self.dataplane.model_metadata(request.name, request.version)
+            response = service_pb2.ModelMetadataResponse(
+                name=metadata.name, versions=metadata.versions, platform=metadata.platform
+            )
+            for kind, tensors in (("inputs", metadata.inputs), ("outputs", metadata.outputs)):
+                for tensor in tensors:
+                    getattr(response, kind).add(
+                        name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
+                    )
+            return response
+
+        return await _answer(context, lambda: _value(build()))
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def build() -> Any:
+            model, _ = self.dataplane.manager.version(request.name, request.version)
+            return service_pb2.ModelConfigResponse(config=model.config)
+
+        return await _answer(context, lambda: _value(build()))
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def build() -> Any:
+            stats = self.dataplane.model_statistics(request.name, request.version)
+            return json_format.ParseDict(
+                {"model_stats": stats}, service_pb2.ModelStatisticsResponse()
+            )
+
+        return await _answer(context, lambda: _value(build()))
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def infer() -> Any:
+            response = await self.dataplane.infer(decode_infer_request(request))
+            return encode_infer_response(response)
+
+        return await _answer(context, infer)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Requests of one stream run concurrently; each answer (or error) is sent as it is ready."""
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def handle(request: Any) -> None:
+            try:
+                response = await self.dataplane.infer(decode_infer_request(request))
+                answer = service_pb2.ModelStreamInferResponse(
+                    infer_response=encode_infer_response(response)
+                )
+            except OpserveError as exc:
+                answer = service_pb2.ModelStreamInferResponse(error_message=exc.message)
+                answer.infer_response.id = request.id
+                answer.infer_response.model_name = request.model_name
+            await answers.put(answer)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(handle(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await answers.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            finished = False
+            while not (finished and not running and answers.empty()):
+                answer = await answers.get()
+                if answer is None:
+                    finished = True
+                    if running:
+                        await asyncio.gather(*running, return_exceptions=True)
+                    continue
+                yield answer
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        index = self.dataplane.repository_index(request.ready)
+        response = service_pb2.RepositoryIndexResponse()
+        for entry in index:
+            response.models.add(**entry)
+        return response
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        parameters = {
+            key: getattr(value, value.WhichOneof("parameter_choice"))
+            for key, value in request.parameters.items()
+            if value.WhichOneof("parameter_choice")
+        }
+
+        async def load() -> Any:
+            await self.dataplane.load_model(request.model_name, parameters)
+            return service_pb2.RepositoryModelLoadResponse()
+
+        return await _answer(context, load)
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unload() -> Any:
+            await self.dataplane.unload_model(request.model_name)
+            return service_pb2.RepositoryModelUnloadResponse()
+
+        return await _answer(context, unload)
+
+
+async def start_grpc_server(dataplane: DataPlane, address: str, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(dataplane), server
+    )
+    server.add_insecure_port(f"{address}:{port}")
+    await server.start()
+    log.info("serving gRPC on %s:%d", address, port)
+    return server

@@ -1,0 +1,139 @@
+"""Prometheus metrics with Triton's names, read from the same statistics as the stats endpoints.
+
+Served on `--metrics-port` (default 8002) at `/metrics` by a small asyncio server on the server's
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from opserve.repository.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+_US = 1000  # ns per µs
+
+
+class _TritonCounter(Metric):
+    """A counter exposed under Triton's exact name. prometheus_client would add `_total` to a
+    counter's name, which Triton's names (and dashboards built on them) lack, so it is exposed
+    untyped: the samples are what PromQL reads, and they match Triton's."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        super().__init__(name, documentation + " (a counter)", "unknown")
+
+    def add_metric(self, labels: list[str], value: float) -> None:
+        self.add_sample(self.name, dict(zip(("model", "version"), labels, strict=True)), value)
+
+
+class ModelMetricsCollector(Collector):
+    """Triton's inference metrics, labelled `model` and `version`."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        def counter(name: str, documentation: str) -> _TritonCounter:
+            return _TritonCounter(name, documentation)
+
+        success = counter("nv_inference_request_success", "Number of successful inference requests")
+        failure = counter("nv_inference_request_failure", "Number of failed inference requests")
+        count = counter(
+            "nv_inference_count", "Number of inferences performed (batch elements count)"
+        )
+        executions = counter("nv_inference_exec_count", "Number of model executions performed")
+        duration = counter(
+            "nv_inference_request_duration_us",
+            "Cumulative inference request duration in microseconds",
+        )
+        queue = counter(
+            "nv_inference_queue_duration_us",
+            "Cumulative inference queuing duration in microseconds",
+        )
+        compute_input = counter(
+            "nv_inference_compute_input_duration_us",
+            "Cumulative compute input duration in microseconds",
+        )
+        compute_infer = counter(
+            "nv_inference_compute_infer_duration_us",
+            "Cumulative compute inference duration in microseconds",
+        )
+        compute_output = counter(
+            "nv_inference_compute_output_duration_us",
+            "Cumulative inference compute output duration in microseconds",
+        )
+        ready = GaugeMetricFamily(
+            "opserve_model_ready", "1 when the model version is READY", labels=["model", "version"]
+        )
+        for model in self.manager.models.values():
+            for entry in model.versions.values():
+                labels = [model.name, str(entry.version)]
+                stats = entry.stats
+                success.add_metric(labels, stats.success.count)
+                failure.add_metric(labels, stats.fail.count)
+                count.add_metric(labels, stats.inference_count)
+                executions.add_metric(labels, stats.execution_count)
+                duration.add_metric(labels, (stats.success.ns + stats.fail.ns) // _US)
+                queue.add_metric(labels, stats.queue.ns // _US)
+                compute_input.add_metric(labels, stats.compute_input.ns // _US)
+                compute_infer.add_metric(labels, stats.compute_infer.ns // _US)
+                compute_output.add_metric(labels, stats.compute_output.ns // _US)
+                ready.add_metric(labels, 1 if entry.ready else 0)
+        yield from (
+            success,
+            failure,
+            count,
+            executions,
+            duration,
+            queue,
+            compute_input,
+            compute_infer,
+            compute_output,
+            ready,
+        )
+
+
+class MetricsServer:
+    """`GET /metrics` in Prometheus' text format; anything else is 404."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ModelMetricsCollector(manager))
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        log.info("serving metrics on %s:%d", host, port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            line = request.split(b"\r\n", 1)[0].split()
+            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                body = generate_latest(self.registry)
+                head = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                )
+            else:
+                body = b"not found\n"
+                head = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(
+                head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
