@@ -114,11 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--model-control-mode",
-        choices=["none", "explicit"],
+        choices=["none", "explicit", "poll"],
         default="none",
         help="none (default): load every model at start-up and refuse load/unload requests; "
         "explicit: load only --load-model models, then load and unload through the "
-        "repository API (POST /v2/repository/models/<model>/load and .../unload)",
+        "repository API (POST /v2/repository/models/<model>/load and .../unload); "
+        "poll: load every model, then follow the repositories: added, changed and removed "
+        "models are loaded, reloaded and unloaded while the server runs",
+    )
+    serve.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="with --model-control-mode poll: how often to look at the repositories (default: 15)",
     )
     serve.add_argument(
         "--load-model",
@@ -251,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_verbose=args.log_verbose,
                 ring_capacity=args.shm_ring_bytes or DEFAULT_RING_CAPACITY,
                 model_control_mode=args.model_control_mode,
+                repository_poll_secs=args.repository_poll_secs,
                 load_models=args.load_model,
                 op_library_roots=args.op_library_root,
                 allow_grpc=args.allow_grpc,

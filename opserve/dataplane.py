@@ -127,6 +127,10 @@ class DataPlane:
         await self.manager.unload(name)
 
     def _require_explicit(self) -> None:
+        if self.manager.control_mode == "poll":
+            raise UnavailableError(
+                "explicit model load / unload is not allowed if polling is enabled"
+            )
         if self.manager.control_mode != "explicit":
             raise UnavailableError(
                 "explicit model load / unload is not allowed if model control mode is not EXPLICIT"

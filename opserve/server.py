@@ -29,6 +29,8 @@ async def serve(settings: ServerSettings) -> None:
     metrics = None
     try:
         await manager.startup(settings.model_control_mode, settings.load_models)
+        if settings.model_control_mode == "poll":
+            manager.start_polling(settings.repository_poll_secs)
         dataplane = DataPlane(manager)
         if settings.allow_grpc:
             grpc_server = await start_grpc_server(

@@ -19,6 +19,7 @@ class ServerSettings:
     log_verbose: int = 0
     ring_capacity: int = DEFAULT_RING_CAPACITY
     model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0
     load_models: list[str] = field(default_factory=list)
     op_library_roots: list[Path] = field(default_factory=list)
     allow_grpc: bool = True
@@ -31,10 +32,12 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.model_repositories:
             raise ValueError("at least one --model-repository is required")
-        if self.model_control_mode not in ("none", "explicit"):
+        if self.model_control_mode not in ("none", "explicit", "poll"):
             raise ValueError(
-                f"--model-control-mode must be none or explicit, not {self.model_control_mode!r}"
+                f"--model-control-mode must be none, explicit or poll, not {self.model_control_mode!r}"
             )
+        if self.repository_poll_secs <= 0:
+            raise ValueError("--repository-poll-secs must be positive")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")
         for root in self.op_library_roots:

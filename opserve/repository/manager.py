@@ -111,6 +111,7 @@ class ModelManager:
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -176,7 +177,7 @@ class ModelManager:
     async def startup(
         self, control_mode: str = "none", load_models: list[str] | None = None
     ) -> None:
-        """Mode none loads every model; explicit loads those named (`*` for all)."""
+        """Modes none and poll load every model; explicit loads those named (`*` for all)."""
         self.control_mode = control_mode
         folders = find_models(self.repositories)
         wanted = (
@@ -194,6 +195,48 @@ class ModelManager:
             if isinstance(result, BaseException) and not isinstance(result, OpserveError):
                 raise result
 
+    # polling -----------------------------------------------------------------------------------
+    def start_polling(self, interval_s: float) -> None:
+        """Mode poll: watch the repositories and follow what changes, model by model."""
+        self._background(self._poll_forever(interval_s))
+
+    async def _poll_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # a bad scan must not end polling
+                log.exception("polling the model repositories failed")
+
+    async def poll_once(self) -> None:
+        """Load added models, reload changed ones (a hot swap), unload removed ones."""
+        try:
+            folders = find_models(self.repositories)
+        except OpserveError as exc:
+            log.error("cannot poll the model repositories: %s", exc.message)
+            return
+        changed = [
+            name
+            for name, folder in folders.items()
+            if name not in self.models or fingerprint(folder) != self._fingerprints.get(name)
+        ]
+        removed = [name for name in self.models if name not in folders]
+        for name in changed:
+            log.info("poll: model '%s' %s", name, "changed" if name in self.models else "appeared")
+        for name in removed:
+            log.info("poll: model '%s' was removed", name)
+        await asyncio.gather(
+            *(self.load(name) for name in changed),
+            *(self._remove(name) for name in removed),
+            return_exceptions=True,
+        )
+
+    async def _remove(self, name: str) -> None:
+        await self.unload(name)
+        async with self._lock(name):
+            self.models.pop(name, None)
+            self._fingerprints.pop(name, None)
+
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
@@ -204,6 +247,9 @@ class ModelManager:
             folder = find_models(self.repositories).get(name)
             if folder is None:
                 raise NotFoundError(f"failed to load '{name}', no version is available")
+            self._fingerprints[name] = fingerprint(
+                folder
+            )  # before reading: a change now shows next time
             model = await self._build(name, folder, config)
             previous = self.models.get(name)
             self.models[name] = model
@@ -418,6 +464,19 @@ class ModelManager:
                 entry.state = ModelState.UNLOADING
         versions = [e for m in self.models.values() for e in m.versions.values()]
         await asyncio.gather(*(self._stop_version(e) for e in versions), return_exceptions=True)
+
+
+def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a model folder holds: every file's path, size and modification time."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.is_file():
+                stat = path.stat()
+                entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(entries)
 
 
 def _by_framework(libraries: Iterable[Path]) -> dict[str | None, list[Path]]:

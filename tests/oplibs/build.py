@@ -127,6 +127,7 @@ def onnxruntime_my_ops(
         name,
         defines=defines,
         include_dirs=[onnxruntime_include_dir()],
+        std="c++20",
     )
 
 

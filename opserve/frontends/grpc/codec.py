@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from opserve.datatypes import NUMPY_DTYPES, serialize_bytes
+from opserve.datatypes import NUMPY_DTYPES, element_count, serialize_bytes
 from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import service_pb2
@@ -69,6 +69,8 @@ def decode_infer_request(request: Any) -> InferenceRequest:
 
 def _typed_contents(tensor: Any) -> bytes:
     field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None and element_count(tensor.shape) == 0:
+        return b""
     if field is None:
         raise InvalidArgumentError(
             f"input '{tensor.name}': {tensor.datatype} data must be sent in raw_input_contents"

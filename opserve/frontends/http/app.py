@@ -5,6 +5,7 @@ Routing is a split of the path: the hot path (`POST .../infer`) passes through n
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import logging
@@ -161,7 +162,17 @@ class HttpApp:
                 "Inference-Header-Content-Length must be an integer"
             ) from None
         request, output_format = decode_request(body, length, name, version)
-        response = await self.dataplane.infer(request)
+        # A client that goes away cancels its request: a queued one is then dropped unexecuted.
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, asyncio.current_task()))
+        try:
+            response = await self.dataplane.infer(request)
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                log.debug("client went away: request to '%s' dropped", name)
+                return
+            raise
+        finally:
+            watcher.cancel()
         payload, json_length = encode_response(response, output_format)
         out_headers = [
             (
@@ -173,6 +184,15 @@ class HttpApp:
             out_headers.append((b"inference-header-content-length", str(json_length).encode()))
         payload = _maybe_compress(payload, headers.get(b"accept-encoding"), out_headers)
         await _send(send, 200, payload, out_headers)
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any] | None) -> bool:
+    """Wait for the client to disconnect, then cancel `task`; True when that happened."""
+    message = await receive()
+    if message.get("type") == "http.disconnect" and task is not None:
+        task.cancel()
+        return True
+    return False
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

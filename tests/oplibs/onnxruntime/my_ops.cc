@@ -3,14 +3,17 @@
 // Domain "my_ops", op "AddOne": y = x + ADD_VALUE for an FP32 tensor of any shape. ADD_VALUE is a
 // compile-time constant so that two builds of the same op name can behave differently.
 // Op "Checked": y = x, but aborts the process when an element is negative (a crashing op).
+// Op "Slow": y = x after sleeping 200 ms per call (for scheduling tests).
 // With REQUEST_API_VERSION defined, the library asks for that ONNX Runtime API version instead of
 // its headers' own: a library built for a newer onnxruntime than the server has.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #ifndef ADD_VALUE
@@ -32,6 +35,7 @@ struct UnaryFloatKernel {
     Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
     float* y = output.GetTensorMutableData<float>();
     const size_t count = info.GetElementCount();
+    if constexpr (requires { Fn::before(); }) Fn::before();
     for (size_t i = 0; i < count; ++i) y[i] = Fn::apply(x[i]);
   }
 };
@@ -61,6 +65,13 @@ struct Checked {
   }
 };
 
+struct Slow {
+  static constexpr const char* name = "Slow";
+  static float apply(float x) { return x; }
+  static void before() { std::this_thread::sleep_for(std::chrono::milliseconds(200)); }
+};
+
+const UnaryFloatOp<Slow> slow_op;
 const UnaryFloatOp<AddOne> add_one_op;
 const UnaryFloatOp<Checked> checked_op;
 std::mutex domains_mutex;
@@ -78,6 +89,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     Ort::CustomOpDomain domain{"my_ops"};
     domain.Add(&add_one_op);
     domain.Add(&checked_op);
+    domain.Add(&slow_op);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
