@@ -88,6 +88,39 @@ def write_add_one_models(repository: Path) -> None:
     )
 
 
+CHAIN_LENGTH = 4000
+
+
+def write_chain_models(repository: Path) -> None:
+    """A model whose cost is per execution, not per row: a chain of small Adds on [batch, 16]
+    (like a model of many small kernels). Once without batching, once with dynamic batching."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    step = numpy_helper.from_array(np.full(1, 0.001, dtype=np.float32), "STEP")
+    nodes, previous = [], "INPUT0"
+    for index in range(CHAIN_LENGTH):
+        output = "OUTPUT0" if index == CHAIN_LENGTH - 1 else f"t{index}"
+        nodes.append(helper.make_node("Add", [previous, "STEP"], [output]))
+        previous = output
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, 16])],
+        [step],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for name, scheduling in (
+        ("chain", ""),
+        ("chain_batched", "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"),
+    ):
+        (repository / name / "1").mkdir(parents=True)
+        save(model, str(repository / name / "1" / "model.onnx"))
+        (repository / name / "config.pbtxt").write_text(
+            f'backend: "onnxruntime"\nmax_batch_size: 32\n{scheduling}'
+        )
+
+
 def write_torchscript(directory: Path) -> Path:
     import torch
 
@@ -170,14 +203,29 @@ def bench_raw_onnxruntime(model: Path, seconds: float) -> dict[str, float]:
 
 
 def _client_loop(
-    url: str, model: str, binary: bool, seconds: float, start_at: float, queue
+    url: str,
+    model: str,
+    binary: bool,
+    seconds: float,
+    start_at: float,
+    queue,
+    protocol: str = "http",
 ) -> None:
-    import tritonclient.http as httpclient
+    data = np.random.rand(1, 16).astype(np.float32)
+    if protocol == "grpc":
+        import tritonclient.grpc as grpcclient
 
-    client = httpclient.InferenceServerClient(url, connection_timeout=60, network_timeout=60)
-    tensor = httpclient.InferInput("INPUT0", [1, 16], "FP32")
-    tensor.set_data_from_numpy(np.random.rand(1, 16).astype(np.float32), binary_data=binary)
-    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]
+        client = grpcclient.InferenceServerClient(url)
+        tensor = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(data)
+        outputs = [grpcclient.InferRequestedOutput("OUTPUT0")]
+    else:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(url, connection_timeout=60, network_timeout=60)
+        tensor = httpclient.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(data, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]
     for _ in range(20):  # warm up the connection
         client.infer(model, [tensor], outputs=outputs)
     while time.time() < start_at:
@@ -191,13 +239,15 @@ def _client_loop(
 
 
 def bench_http(
-    url: str, model: str, binary: bool, concurrency: int, seconds: float
+    url: str, model: str, binary: bool, concurrency: int, seconds: float, protocol: str = "http"
 ) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    start_at = time.time() + 3.0
+    start_at = time.time() + max(3.0, 0.5 * concurrency)  # every client started and warm
     clients = [
-        context.Process(target=_client_loop, args=(url, model, binary, seconds, start_at, queue))
+        context.Process(
+            target=_client_loop, args=(url, model, binary, seconds, start_at, queue, protocol)
+        )
         for _ in range(concurrency)
     ]
     for process in clients:
@@ -291,6 +341,13 @@ def main() -> None:
     parser.add_argument(
         "--skip-custom-op", action="store_true", help="skip the custom-op (isolation cost) rows"
     )
+    parser.add_argument("--skip-grpc", action="store_true", help="skip the gRPC rows")
+    parser.add_argument(
+        "--batching-concurrency",
+        type=int,
+        default=32,
+        help="concurrency of the dynamic-batching rows (0 skips them)",
+    )
     parser.add_argument(
         "--frameworks",
         nargs="*",
@@ -312,6 +369,8 @@ def main() -> None:
         )
         if not args.skip_custom_op:
             write_add_one_models(repository)
+        if args.batching_concurrency:
+            write_chain_models(repository)
         framework_models = {}
         if "pytorch" in args.frameworks:
             (repository / "identity_torch" / "1").mkdir(parents=True)
@@ -332,6 +391,21 @@ def main() -> None:
                     rows.append(
                         ("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result)
                     )
+            if not args.skip_grpc:
+                for concurrency in args.concurrency:
+                    result = bench_http(
+                        server.grpc_url, "identity", True, concurrency, args.seconds, "grpc"
+                    )
+                    rows.append(("opserve", "gRPC", concurrency, result))
+            if args.batching_concurrency:
+                for name, label in (
+                    ("chain", "opserve 4000-Add chain, no batching"),
+                    ("chain_batched", "opserve 4000-Add chain, dynamic batching"),
+                ):
+                    result = bench_http(
+                        server.url, name, True, args.batching_concurrency, args.seconds
+                    )
+                    rows.append((label, "HTTP binary", args.batching_concurrency, result))
             if not args.skip_custom_op:
                 for name, label in (
                     ("add_one_builtin", "opserve x+1, ONNX Add"),
@@ -379,6 +453,17 @@ def main() -> None:
                     f"{ours['requests_per_s'] / ml['requests_per_s']:.2f}x, p50 "
                     f"{ours['p50_us'] / ml['p50_us']:.2f}x"
                 )
+    plain = by_key.get(
+        ("opserve 4000-Add chain, no batching", "HTTP binary", args.batching_concurrency)
+    )
+    batched = by_key.get(
+        ("opserve 4000-Add chain, dynamic batching", "HTTP binary", args.batching_concurrency)
+    )
+    if plain and batched:
+        print(
+            f"c={args.batching_concurrency} dynamic batching / no batching: throughput "
+            f"{batched['requests_per_s'] / plain['requests_per_s']:.2f}x"
+        )
     if args.json:
         args.json.write_text(
             json.dumps(

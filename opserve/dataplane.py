@@ -154,7 +154,7 @@ class DataPlane:
         if scheduler is None:
             raise UnavailableError(f"{entry.label} is not ready: {entry.reason}")
         batch_size = inputs[0].shape[0] if schema.batching and inputs else 1
-        results = await scheduler.infer(inputs, outputs, batch_size)
+        results = await scheduler.infer(inputs, outputs, batch_size, request.on_wait)
         return InferenceResponse(
             model.name, str(entry.version), _client_shapes(schema, results), request.id
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,9 @@ class InferenceRequest:
     requested_outputs: list[str] | None = None  # None means every output
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    # called when the request has to wait for an instance: a frontend may then start watching
+    # for its client going away (cancelling the request drops it before it runs)
+    on_wait: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opserve.datatypes import deserialize_bytes, serialize_bytes
@@ -96,11 +97,13 @@ class Scheduler:
         self.target = max(preferred) if preferred else self.max_batch_size
         self.delay_ns = policy.max_queue_delay_microseconds * 1000
         self.max_queue_size = policy.default_queue_policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
-        # requests an instance holds at once: two overlap the hop with the work; one lets a batch
-        # grow while the instance is busy
-        self.depth = 1 if self.batching else 2
+        # requests an instance holds at once: a few keep it busy while answers travel back (and
+        # cost no hand-over per request); one lets a batch grow while the instance is busy
+        self.depth = 1 if self.batching else 4
         self._busy: dict[WorkerProcess, int] = {}
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[_Pending] = deque()  # batching: requests waiting to be batched
+        # no batching: requests waiting for an instance with room
+        self._waiters: deque[asyncio.Future[WorkerProcess]] = deque()
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -110,6 +113,7 @@ class Scheduler:
         self.instances.append(worker)
         self._busy[worker] = 0
         self._wakeup.set()
+        self._wake_waiters()
 
     def remove_instance(self, worker: WorkerProcess) -> None:
         if worker in self._busy:
@@ -126,23 +130,16 @@ class Scheduler:
 
     # requests ----------------------------------------------------------------------------------
     async def infer(
-        self, inputs: list[Tensor], outputs: list[str], batch_size: int
+        self,
+        inputs: list[Tensor],
+        outputs: list[str],
+        batch_size: int,
+        on_wait: Callable[[], None] | None = None,
     ) -> list[Tensor]:
+        """The request's outputs; `on_wait` is called if it has to wait for an instance."""
+        if not self.batching:
+            return await self._infer_alone(inputs, outputs, batch_size, on_wait)
         arrival = time.monotonic_ns()
-        if not self.batching and not self._queue:
-            instance = self._free_instance()
-            if instance is not None:  # the fast path: no queue, no hop through the dispatcher
-                pending = _Pending(
-                    inputs,
-                    outputs,
-                    batch_size,
-                    arrival,
-                    (),
-                    asyncio.get_running_loop().create_future(),
-                )
-                self._busy[instance] += 1
-                await self._run(instance, [pending])
-                return pending.future.result()
         if len(self._queue) >= self.max_queue_size:
             self.stats.record_failure(0)
             raise UnavailableError(
@@ -151,10 +148,70 @@ class Scheduler:
         future: asyncio.Future[list[Tensor]] = asyncio.get_running_loop().create_future()
         key = batch_key(inputs, outputs) if self.batching else ()
         self._queue.append(_Pending(inputs, outputs, batch_size, arrival, key, future))
+        if on_wait is not None:
+            on_wait()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.ensure_future(self._dispatch())
         self._wakeup.set()
         return await future  # cancelled when the client goes away: the dispatcher skips it
+
+    async def _infer_alone(
+        self,
+        inputs: list[Tensor],
+        outputs: list[str],
+        batch_size: int,
+        on_wait: Callable[[], None] | None,
+    ) -> list[Tensor]:
+        """Without batching, a request runs in its own coroutine: on an instance with room at
+        once, or after waiting in line for one (no dispatcher task, no hop)."""
+        arrival = time.monotonic_ns()
+        instance = self._free_instance() if not self._waiters else None
+        if instance is not None:
+            self._busy[instance] += 1
+        else:
+            if len(self._waiters) >= self.max_queue_size:
+                self.stats.record_failure(0)
+                raise UnavailableError(
+                    f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
+                )
+            waiter: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            if on_wait is not None:
+                on_wait()
+            try:
+                instance = await waiter  # an instance handed over by a finishing request
+            except asyncio.CancelledError:  # the client went away while waiting: never runs
+                if waiter.done() and not waiter.cancelled():
+                    self._release(waiter.result())
+                raise
+        future: asyncio.Future[list[Tensor]] = asyncio.get_running_loop().create_future()
+        await self._run(instance, [_Pending(inputs, outputs, batch_size, arrival, (), future)])
+        return future.result()
+
+    def _release(self, instance: WorkerProcess) -> None:
+        """An instance has room again: hand it to the first request still waiting."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                if instance.alive and instance in self._busy:
+                    waiter.set_result(instance)  # the slot passes on; the count stays
+                    return
+                self._waiters.appendleft(waiter)
+                break
+        if instance in self._busy:
+            self._busy[instance] -= 1
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """Give free instances (a new or replaced one) to waiting requests."""
+        while self._waiters:
+            instance = self._free_instance()
+            if instance is None:
+                return
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._busy[instance] += 1
+                waiter.set_result(instance)
 
     def _drop_cancelled(self) -> None:
         while self._queue and self._queue[0].future.done():
@@ -239,9 +296,12 @@ class Scheduler:
                     pending.future.set_exception(error)
             return
         finally:
-            if instance in self._busy:
-                self._busy[instance] -= 1
-            self._wakeup.set()
+            if self.batching:
+                if instance in self._busy:
+                    self._busy[instance] -= 1
+                self._wakeup.set()
+            else:
+                self._release(instance)
         self.stats.record_execution(
             sum(sizes), execution.input_ns, execution.infer_ns, execution.output_ns
         )
@@ -261,7 +321,12 @@ class Scheduler:
     async def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
+        error = UnavailableError(f"{self.label} is being unloaded")
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(UnavailableError(f"{self.label} is being unloaded"))
+                pending.future.set_exception(error)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
         self._queue.clear()
+        self._waiters.clear()

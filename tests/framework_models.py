@@ -73,6 +73,16 @@ def torch_add_sub(output: Path, library: str | None = None) -> None:
     torch.jit.save(torch.jit.script(AddSub()), str(output))
 
 
+def torch_double(output: Path, library: str | None = None) -> None:
+    import torch
+
+    class Double(torch.nn.Module):
+        def forward(self, INPUT__0: torch.Tensor) -> torch.Tensor:
+            return INPUT__0 * 2
+
+    torch.jit.save(torch.jit.script(Double()), str(output))
+
+
 def tf_zero_out_savedmodel(output: Path, library: str) -> None:
     import tensorflow as tf
 
@@ -129,6 +139,7 @@ GENERATORS = {
     "torch_modulo": torch_modulo,
     "torch_add_one": torch_add_one,
     "torch_add_sub": torch_add_sub,
+    "torch_double": torch_double,
     "tf_zero_out_savedmodel": tf_zero_out_savedmodel,
     "tf_zero_out_graphdef": tf_zero_out_graphdef,
     "tf_add_sub_savedmodel": tf_add_sub_savedmodel,

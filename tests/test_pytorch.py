@@ -40,6 +40,13 @@ output [ { name: "DIFFERENCE__1" data_type: TYPE_FP32 dims: [ 4 ] },
 """
 
 
+BF16_CONFIG = """
+platform: "pytorch_libtorch"
+input [ { name: "INPUT__0" data_type: TYPE_BF16 dims: [ 4 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_BF16 dims: [ 4 ] } ]
+"""
+
+
 def modulo_config(name: str, library: str | None) -> str:
     ops = f'model_operations {{ op_library_filename: "{library}" }}' if library else ""
     return MODULO_CONFIG.format(name=name, ops=ops)
@@ -71,6 +78,7 @@ def torch_server(tmp_path_factory, torch_ops: Path, modulo_model: Path):
     build.copy_to(torch_ops, folder / "libmy_torch_ops.so")
     write(repo, "torch_missing_op", modulo_config("torch_missing_op", None), modulo_model)
     write(repo, "torch_add_sub", ADD_SUB_CONFIG, framework_model("torch_add_sub", "model.pt"))
+    write(repo, "torch_bf16", BF16_CONFIG, framework_model("torch_double", "model.pt"))
     with RunningServer([repo], log_path=repo.parent / "server.log") as server:
         yield server
 
@@ -151,3 +159,16 @@ def test_ld_preload(plain_torch_repository: Path, torch_ops: Path, tmp_path: Pat
         modulo(httpclient.InferenceServerClient(server.url), "torch_modulo")
         # the server process itself stays free of libtorch: only the worker preloads it
         assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+
+
+def test_bf16_over_grpc(torch_server: RunningServer) -> None:
+    import ml_dtypes
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(torch_server.grpc_url)
+    values = np.array([1.5, -2.0, 0.25, 3.0], dtype=ml_dtypes.bfloat16)
+    tensor = grpcclient.InferInput("INPUT__0", [4], "BF16")
+    tensor.set_data_from_numpy(values)
+    result = client.infer("torch_bf16", [tensor])
+    assert result.get_response().outputs[0].datatype == "BF16"
+    assert result.as_numpy("OUTPUT__0").astype(np.float32).tolist() == [3.0, -4.0, 0.5, 6.0]

@@ -24,6 +24,7 @@ from opserve.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from opserve.proto import model_config_pb2
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class PyTorchBackend(Backend):
         self._device = torch.device("cpu")
         self._input_positions: dict[str, int] = {}
         self._output_positions: dict[str, int] = {}
+        self._bf16_inputs: set[str] = set()
 
     def load(self) -> None:
         for library in self.context.libraries_to_load:
@@ -77,14 +79,15 @@ class PyTorchBackend(Backend):
         module.eval()
         self._module = module
         self._input_positions = self._map_inputs(module)
+        self._bf16_inputs = {
+            t.name for t in self.context.config.input if t.data_type == model_config_pb2.TYPE_BF16
+        }
         self._output_positions = {
             t.name: int(m.group(1)) if (m := _INDEXED.match(t.name)) else i
             for i, t in enumerate(self.context.config.output)
         }
 
     def _choose_device(self) -> torch.device:
-        from opserve.proto import model_config_pb2
-
         groups = self.context.config.instance_group
         wants_gpu = any(g.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU for g in groups)
         if wants_gpu and torch.cuda.is_available():
@@ -126,7 +129,10 @@ class PyTorchBackend(Backend):
                 raise UnsupportedError("the PyTorch backend does not take BYTES tensors")
             if not array.flags.writeable:
                 array = array.copy()
-            arguments[self._input_positions[name]] = torch.from_numpy(array).to(self._device)
+            tensor = torch.from_numpy(array)
+            if name in self._bf16_inputs:  # BF16 crosses as 16-bit words
+                tensor = tensor.view(torch.bfloat16)
+            arguments[self._input_positions[name]] = tensor.to(self._device)
         while arguments and arguments[-1] is None:
             arguments.pop()
         with (
@@ -144,7 +150,10 @@ class PyTorchBackend(Backend):
                     f"model '{self.context.config.name}' returned {len(results)} outputs; "
                     f"output '{name}' wants position {position}"
                 )
-            produced[name] = results[position].detach().cpu().numpy()
+            value = results[position].detach().cpu()
+            if value.dtype == torch.bfloat16:  # numpy has no bfloat16: hand over the 16-bit words
+                value = value.view(torch.uint16)
+            produced[name] = value.numpy()
         return produced
 
     def unload(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from opserve.backends import Backend, BackendContext, backend_class
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
 from opserve.errors import InternalError, OpserveError
-from opserve.proto import ModelConfig
+from opserve.proto import ModelConfig, model_config_pb2
 from opserve.workers.channel import BlockingChannel
 from opserve.workers.messages import (
     Done,
@@ -42,6 +42,7 @@ class Worker:
         self.requests = requests
         self.responses = responses
         self.backend: Backend | None = None
+        self.bf16_outputs: set[str] = set()  # outputs whose 16-bit words are BF16
 
     def serve(self) -> None:
         while (message := self.channel.receive()) is not None:
@@ -77,6 +78,9 @@ class Worker:
             log.exception("loading model '%s' failed", message.model_name)
             return Failed(message.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
         self.backend = backend
+        self.bf16_outputs = {
+            o.name for o in config.output if o.data_type == model_config_pb2.TYPE_BF16
+        }
         libraries = [str(p) for p in backend.loaded_op_libraries]
         return ModelLoaded(message.id, signature, libraries)
 
@@ -125,6 +129,8 @@ class Worker:
     def _write_output(self, name: str, array: np.ndarray) -> TensorRef:
         array = np.asarray(array)
         datatype = numpy_to_v2(array.dtype)
+        if name in self.bf16_outputs and array.dtype.itemsize == 2:
+            datatype = "BF16"
         if datatype == "BYTES":
             data: bytes | memoryview = serialize_bytes(
                 e if isinstance(e, (bytes, str)) else str(e) for e in array.reshape(-1)

@@ -162,17 +162,28 @@ class HttpApp:
                 "Inference-Header-Content-Length must be an integer"
             ) from None
         request, output_format = decode_request(body, length, name, version)
-        # A client that goes away cancels its request: a queued one is then dropped unexecuted.
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, asyncio.current_task()))
+        # A request that has to wait is watched: if its client goes away, the request is
+        # cancelled and dropped before it runs.
+        watchers: list[asyncio.Task[bool]] = []
+        task = asyncio.current_task()
+        request.on_wait = lambda: watchers.append(
+            asyncio.ensure_future(_cancel_on_disconnect(receive, task))
+        )
         try:
             response = await self.dataplane.infer(request)
         except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled() and watcher.result():
+            if (
+                watchers
+                and watchers[0].done()
+                and not watchers[0].cancelled()
+                and watchers[0].result()
+            ):
                 log.debug("client went away: request to '%s' dropped", name)
                 return
             raise
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
         payload, json_length = encode_response(response, output_format)
         out_headers = [
             (
