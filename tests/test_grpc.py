@@ -215,3 +215,23 @@ def test_statistics(grpc_client) -> None:
     with pytest.raises(InferenceServerException) as raised:
         grpc_client.get_inference_statistics("nope")
     assert raised.value.status() == str(grpc.StatusCode.NOT_FOUND)
+
+
+def test_asyncio_client(server: RunningServer) -> None:
+    import asyncio
+
+    import tritonclient.grpc.aio as aioclient
+
+    async def run() -> list[np.ndarray]:
+        client = aioclient.InferenceServerClient(server.grpc_url)
+        try:
+            assert await client.is_model_ready("simple")
+            _, _, inputs = simple_inputs()
+            results = await asyncio.gather(*(client.infer("simple", inputs) for _ in range(4)))
+            return [r.as_numpy("OUTPUT0") for r in results]
+        finally:
+            await client.close()
+
+    a, b, _ = simple_inputs()
+    for output in asyncio.run(run()):
+        np.testing.assert_array_equal(output, a + b)
