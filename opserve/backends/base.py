@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from opserve.config.autocomplete import ModelSignature
+from opserve.errors import InternalError, InvalidArgumentError, OpserveError
 from opserve.proto import ModelConfig
 
 
@@ -35,6 +38,32 @@ class BackendContext:
     @property
     def model_path(self) -> Path:
         return self.version_dir / self.config.default_model_filename
+
+
+MISSING_OP_HINT = (
+    "if the model uses custom operations, list their library in its config.pbtxt as "
+    'model_operations { op_library_filename: "libmy_ops.so" } (a path inside the model folder), '
+    "or load it for every model with --op-library"
+)
+
+
+def exception_message(exc: BaseException) -> str:
+    """The framework's own words (TensorFlow keeps them in `.message`)."""
+    return getattr(exc, "message", None) or str(exc)
+
+
+@contextmanager
+def translated(action: str, invalid: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """A framework's exceptions become opserve errors at the backend boundary: `invalid` ones
+    (bad input) are INVALID_ARG, anything else INTERNAL."""
+    try:
+        yield
+    except OpserveError:
+        raise
+    except invalid as exc:
+        raise InvalidArgumentError(f"{action}: {exception_message(exc)}") from exc
+    except Exception as exc:
+        raise InternalError(f"{action}: {exception_message(exc)}") from exc
 
 
 class Backend(ABC):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import onnxruntime as ort
 
-from opserve.backends.base import Backend, BackendContext
+from opserve.backends.base import Backend, BackendContext, translated
 from opserve.config.autocomplete import ModelSignature, TensorSpec
-from opserve.errors import InternalError, InvalidArgumentError, OpserveError, UnavailableError
+from opserve.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +29,6 @@ _ORT_TYPES = {
     "tensor(string)": "BYTES",
     "tensor(bfloat16)": "BF16",
 }
-
-
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """ONNX Runtime's exceptions become opserve errors at this boundary."""
-    try:
-        yield
-    except OpserveError:
-        raise
-    except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
-        raise InvalidArgumentError(f"{action}: {exc}") from exc
-    except Exception as exc:  # ORT raises its own classes and RuntimeError
-        raise InternalError(f"{action}: {exc}") from exc
 
 
 class OnnxRuntimeBackend(Backend):
@@ -104,7 +89,8 @@ class OnnxRuntimeBackend(Backend):
             for name, array in inputs.items()
         }
         names = outputs or [o.name for o in session.get_outputs()]
-        with _translated(f"onnxruntime failed to run model '{self.context.config.name}'"):
+        invalid = (ort.capi.onnxruntime_pybind11_state.InvalidArgument,)
+        with translated(f"onnxruntime failed to run model '{self.context.config.name}'", invalid):
             results = session.run(names, feeds)
         return dict(zip(names, results, strict=True))
 

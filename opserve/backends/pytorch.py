@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from opserve.backends.base import Backend, BackendContext
+from opserve.backends.base import MISSING_OP_HINT, Backend, BackendContext, translated
 from opserve.config.autocomplete import ModelSignature
 from opserve.errors import (
     InternalError,
-    InvalidArgumentError,
-    OpserveError,
     UnavailableError,
     UnsupportedError,
 )
@@ -29,24 +25,6 @@ from opserve.proto import model_config_pb2
 log = logging.getLogger(__name__)
 
 _INDEXED = re.compile(r"^.*__(\d+)$")
-MISSING_OP_HINT = (
-    "if the model uses custom operations, list their library in its config.pbtxt as "
-    'model_operations { op_library_filename: "libmy_ops.so" } (a path inside the model folder), '
-    "or load it for every model with --op-library"
-)
-
-
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """PyTorch's exceptions become opserve errors at this boundary."""
-    try:
-        yield
-    except OpserveError:
-        raise
-    except (TypeError, ValueError, IndexError) as exc:
-        raise InvalidArgumentError(f"{action}: {exc}") from exc
-    except Exception as exc:  # RuntimeError and torch's own classes
-        raise InternalError(f"{action}: {exc}") from exc
 
 
 class PyTorchBackend(Backend):
@@ -136,7 +114,10 @@ class PyTorchBackend(Backend):
         while arguments and arguments[-1] is None:
             arguments.pop()
         with (
-            _translated(f"PyTorch failed to run model '{self.context.config.name}'"),
+            translated(
+                f"PyTorch failed to run model '{self.context.config.name}'",
+                (TypeError, ValueError, IndexError),
+            ),
             torch.inference_mode(),
         ):
             result = module(*arguments)

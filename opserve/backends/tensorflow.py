@@ -9,8 +9,7 @@ tensors are named by the config (`NAME` means the tensor `NAME:0`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,33 +17,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from opserve.backends.base import Backend, BackendContext  # noqa: E402
+from opserve.backends.base import (  # noqa: E402
+    MISSING_OP_HINT,
+    Backend,
+    BackendContext,
+    exception_message,
+    translated,
+)
 from opserve.config.autocomplete import ModelSignature, TensorSpec  # noqa: E402
 from opserve.datatypes import numpy_to_v2  # noqa: E402
-from opserve.errors import InternalError, InvalidArgumentError, OpserveError, UnavailableError  # noqa: E402
-
-MISSING_OP_HINT = (
-    "if the model uses custom operations, list their library in its config.pbtxt as "
-    'model_operations { op_library_filename: "libmy_ops.so" } (a path inside the model folder), '
-    "or load it for every model with --op-library"
-)
-
-
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """TensorFlow's exceptions become opserve errors at this boundary."""
-    try:
-        yield
-    except OpserveError:
-        raise
-    except (tf.errors.InvalidArgumentError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"{action}: {_message(exc)}") from exc
-    except Exception as exc:
-        raise InternalError(f"{action}: {_message(exc)}") from exc
-
-
-def _message(exc: Exception) -> str:
-    return getattr(exc, "message", None) or str(exc)
+from opserve.errors import OpserveError, UnavailableError  # noqa: E402
 
 
 def _spec(name: str, spec: Any) -> TensorSpec:
@@ -76,7 +58,7 @@ class TensorFlowBackend(Backend):
                 tf.load_op_library(str(library))
             except Exception as exc:
                 raise UnavailableError(
-                    f"failed to load op library '{library}': {_message(exc)}"
+                    f"failed to load op library '{library}': {exception_message(exc)}"
                 ) from exc
             self.loaded_op_libraries.append(library)
         path = self.context.model_path
@@ -90,7 +72,7 @@ class TensorFlowBackend(Backend):
         except OpserveError:
             raise
         except Exception as exc:
-            message = f"TensorFlow failed to load '{path}': {_message(exc)}"
+            message = f"TensorFlow failed to load '{path}': {exception_message(exc)}"
             if "Op type not registered" in message:
                 message += f" (hint: {MISSING_OP_HINT})"
             raise UnavailableError(message) from exc
@@ -152,7 +134,8 @@ class TensorFlowBackend(Backend):
     ) -> dict[str, np.ndarray]:
         if self._run is None:
             raise UnavailableError(f"model '{self.context.config.name}' is not loaded")
-        with _translated(f"TensorFlow failed to run model '{self.context.config.name}'"):
+        invalid = (tf.errors.InvalidArgumentError, TypeError, ValueError)
+        with translated(f"TensorFlow failed to run model '{self.context.config.name}'", invalid):
             return self._run(inputs, outputs or self._output_names)
 
     def unload(self) -> None:
