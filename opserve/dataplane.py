@@ -54,7 +54,8 @@ class DataPlane:
 
     def ready(self) -> bool:
         """Ready once every model that was asked for is READY (Triton's strict readiness)."""
-        return all(m.state is ModelState.READY for m in self.manager.models.values())
+        models = self.manager.models.values()
+        return all(m.state is ModelState.READY for m in models if not m.unloaded)
 
     # models ------------------------------------------------------------------------------------
     def model_ready(self, name: str, version: str = "") -> bool:

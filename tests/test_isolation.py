@@ -207,6 +207,19 @@ def test_explicit_mode_loads_unloads_and_reloads_new_libraries(tmp_path: Path, o
         ).json()
         assert sorted(e["name"] for e in ready) == ["adds", "simple"]
 
+        # a load request may carry the config, in JSON, as Triton's does
+        override = {
+            "backend": "onnxruntime",
+            "max_batch_size": 2,
+            "model_operations": {"op_library_filename": ["libmy_ops.so"]},
+        }
+        client.load_model("adds", config=json.dumps(override))
+        assert client.get_model_config("adds")["max_batch_size"] == 2
+        assert added(client, "adds") == 2.0
+
+        client.unload_model("adds")  # an unloaded model does not hold the server's readiness back
+        assert client.is_server_ready()
+
 
 def test_loading_a_model_that_fails_reports_why(tmp_path: Path) -> None:
     repo = tmp_path / "repository"

@@ -78,6 +78,7 @@ class Model:
     reason: str = ""  # why the model as a whole is unavailable (config errors, no versions)
     completed: list[str] = field(default_factory=list)  # what auto-complete filled in
     schema: ModelSchema | None = None  # set once the config is complete
+    unloaded: bool = False  # unloaded on request: out of service, and not held against readiness
 
     def ready_versions(self) -> list[ModelVersion]:
         return sorted((v for v in self.versions.values() if v.ready), key=lambda v: -v.version)
@@ -268,6 +269,7 @@ class ModelManager:
                     raise NotFoundError(f"failed to unload '{name}', no such model")
                 return
             await self._retire(model, "unloaded")
+            model.unloaded = True
             log.info("model '%s' is unloaded", name)
 
     async def _retire(self, model: Model, reason: str) -> None:
