@@ -9,7 +9,8 @@ Baselines measured in the same run (these machines are shared and noisy, so comp
 The same identity (FP32 [1, 16]) is also served as a TorchScript model and a SavedModel, next to
 the in-process framework call.
 
-Load: closed loop, `tritonclient.http`, one client process per concurrent request. MLServer does not implement the binary tensor extension, so the like-for-like comparison is
+Load: closed loop, `tritonclient.http`, one client process per concurrent request; and, where
+scripts/install-perf-analyzer has installed it, Triton's own C++ load tool `perf_analyzer`. MLServer does not implement the binary tensor extension, so the like-for-like comparison is
 JSON; opserve's binary rows are what `tritonclient` sends by default.
 
     python benchmarks/http_latency.py [--seconds 5] [--json results.json]
@@ -260,6 +261,49 @@ def bench_http(
     return summarize(latencies, seconds)
 
 
+PERF_ANALYZER = ROOT / ".venv-perf-analyzer" / "bin" / "perf_analyzer"
+
+
+def bench_perf_analyzer(
+    url: str, model: str, protocol: str, concurrency: int, seconds: float
+) -> dict[str, float]:
+    """Triton's own C++ load tool (scripts/install-perf-analyzer), closed loop at `concurrency`."""
+    import csv
+
+    (cuda,) = (ROOT / ".venv-perf-analyzer").glob(
+        "lib/python3*/site-packages/nvidia/cuda_runtime/lib"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.csv"
+        subprocess.run(
+            [
+                str(PERF_ANALYZER),
+                "-m",
+                model,
+                "-u",
+                url,
+                "-i",
+                protocol,
+                "--concurrency-range",
+                str(concurrency),
+                "--measurement-interval",
+                str(int(seconds * 1000)),
+                "-f",
+                str(report),
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "LD_LIBRARY_PATH": str(cuda)},
+        )
+        (row,) = csv.DictReader(report.open())
+    return {
+        "requests_per_s": float(row["Inferences/Second"]),
+        "p50_us": float(row["p50 latency"]),
+        "p99_us": float(row["p99 latency"]),
+        "count": 0,
+    }
+
+
 def ensure_mlserver() -> Path:
     python = MLSERVER_VENV / "bin" / "python"
     if not (MLSERVER_VENV / "bin" / "mlserver").exists():
@@ -391,6 +435,13 @@ def main() -> None:
                     rows.append(
                         ("opserve", "HTTP binary" if binary else "HTTP JSON", concurrency, result)
                     )
+            if PERF_ANALYZER.exists():
+                for protocol, url in (("http", server.url), ("grpc", server.grpc_url)):
+                    for concurrency in args.concurrency:
+                        result = bench_perf_analyzer(
+                            url, "identity", protocol, concurrency, args.seconds
+                        )
+                        rows.append(("opserve, perf_analyzer load", protocol, concurrency, result))
             if not args.skip_grpc:
                 for concurrency in args.concurrency:
                     result = bench_http(
