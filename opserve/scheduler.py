@@ -230,19 +230,19 @@ class Scheduler:
             return False
 
     async def _dispatch(self) -> None:
+        """With batching: wait for an idle instance, then for a batch, then run it."""
         while True:
             self._drop_cancelled()
             if not self._queue:
                 return  # started again by the next queued request
-            instance = self._free_instance()
-            if instance is None:
+            if self._free_instance() is None:
                 await self._wait()
                 continue
-            if self.batching:
-                await self._gather()
-                self._drop_cancelled()
-                if not self._queue:
-                    continue
+            await self._gather()
+            self._drop_cancelled()
+            instance = self._free_instance()  # again: the wait may have cost one
+            if not self._queue or instance is None:
+                continue
             batch = self._take()
             self._busy[instance] += 1
             task = asyncio.ensure_future(self._run(instance, batch))
@@ -264,8 +264,6 @@ class Scheduler:
     def _take(self) -> list[_Pending]:
         first = self._queue.popleft()
         batch, size = [first], first.batch_size
-        if not self.batching:
-            return batch
         kept: deque[_Pending] = deque()
         while self._queue:
             pending = self._queue.popleft()

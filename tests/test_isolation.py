@@ -289,7 +289,12 @@ def test_ops_inspect_command(ort_ops) -> None:
     facts = json.loads(output)
     assert code == 0 and facts["ok"]
     assert facts["framework"] == "onnxruntime" and facts["api_version"] > 0
-    assert facts["ops"] == ["my_ops::AddOne", "my_ops::Checked", "my_ops::Slow"]
+    assert facts["ops"] == [
+        "my_ops::AddOne",
+        "my_ops::Checked",
+        "my_ops::Rendezvous",
+        "my_ops::Slow",
+    ]
     assert facts["needed"]["libc.so.6"]
     text = subprocess.run(
         [sys.executable, "-m", "opserve", "ops", "inspect", str(ort_ops[0])],
@@ -404,6 +409,7 @@ def test_check_command(tmp_path: Path, ort_ops) -> None:
     assert report["libraries"][str((repo / "good" / "libmy_ops.so").resolve())]["ops"] == [
         "my_ops::AddOne",
         "my_ops::Checked",
+        "my_ops::Rendezvous",
         "my_ops::Slow",
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,9 +40,9 @@ model_operations {{ op_library_filename: "libmy_ops.so" }}
 """
 
 
-def slow_model(repo: Path, name: str, count: int, extra: str = "") -> None:
+def slow_model(repo: Path, name: str, count: int, extra: str = "", op: str = "Slow") -> None:
     folder = models.write_model(
-        repo, name, models.custom_op("Slow"), SLOW.format(count=count, extra=extra)
+        repo, name, models.custom_op(op), SLOW.format(count=count, extra=extra)
     )
     build.copy_to(build.onnxruntime_my_ops(), folder / "libmy_ops.so")
 
@@ -56,7 +57,8 @@ def scheduling_server(tmp_path_factory):
         [models.tensor("OUTPUT0", "FP32", [None, None])],
     )
     models.write_model(repo, "batched_variable", variable, BATCHED_VARIABLE)
-    slow_model(repo, "slow_two_instances", 2)
+    slow_model(repo, "rendezvous_two_instances", 2, op="Rendezvous")
+    slow_model(repo, "rendezvous_one_instance", 1, op="Rendezvous")
     slow_model(
         repo,
         "slow_small_queue",
@@ -125,17 +127,30 @@ def slow_request(
     )
 
 
-def test_two_instances_run_two_slow_requests_at_once(scheduling_server) -> None:
-    slow_request(scheduling_server, "slow_two_instances")  # warm up both paths
-    start = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
-        answers = list(
-            pool.map(lambda v: slow_request(scheduling_server, "slow_two_instances", v), [1.0, 2.0])
-        )
-    elapsed = time.monotonic() - start
-    assert answers == [1.0, 2.0]
-    # each request sleeps 200 ms in its op: one after the other would take 400 ms or more
-    assert elapsed < 0.39, f"the two requests did not overlap ({elapsed:.3f} s)"
+def rendezvous(server: RunningServer, model: str, key: int) -> float:
+    client = httpclient.InferenceServerClient(server.url, network_timeout=60)
+    data = np.full((1, 4), float(key), dtype=np.float32)
+    return float(
+        client.infer(model, [infer_input("INPUT0", data, "FP32")]).as_numpy("OUTPUT0")[0, 0]
+    )
+
+
+@pytest.mark.parametrize(
+    "model, met",
+    [("rendezvous_two_instances", [1.0, 1.0]), ("rendezvous_one_instance", [0.0, 1.0])],
+)
+def test_two_instances_execute_two_requests_at_once(
+    scheduling_server, model: str, met: list[float]
+) -> None:
+    """Two requests meet inside the op only if they execute at the same time; with one instance
+    the first waits alone (the control that shows this test can fail)."""
+    key = random.randrange(1, 2**23)  # exact as an FP32 value; names the meeting point
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: rendezvous(scheduling_server, model, key), range(2)))
+    finally:
+        Path(f"/dev/shm/opserve-rendezvous-{key}").unlink(missing_ok=True)
+    assert sorted(answers) == met
 
 
 def test_a_full_queue_fails_fast_with_unavailable(scheduling_server) -> None:

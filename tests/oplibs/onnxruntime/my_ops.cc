@@ -4,13 +4,21 @@
 // compile-time constant so that two builds of the same op name can behave differently.
 // Op "Checked": y = x, but aborts the process when an element is negative (a crashing op).
 // Op "Slow": y = x after sleeping 200 ms per call (for scheduling tests).
+// Op "Rendezvous": proves two executions overlap, without timing them. Calls that share a key
+// (x[0]) meet in a counter in shared memory; each waits (up to 3 s) for a second arrival and
+// answers 1 everywhere if it met one, 0 if it waited alone.
 // With REQUEST_API_VERSION defined, the library asks for that ONNX Runtime API version instead of
 // its headers' own: a library built for a newer onnxruntime than the server has.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <string>
 #include <cstdlib>
 #include <mutex>
 #include <thread>
@@ -71,6 +79,52 @@ struct Slow {
   static void before() { std::this_thread::sleep_for(std::chrono::milliseconds(200)); }
 };
 
+struct RendezvousKernel {
+  RendezvousKernel(const OrtApi&, const OrtKernelInfo*) {}
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    Ort::ConstValue input = context.GetInput(0);
+    auto info = input.GetTensorTypeAndShapeInfo();
+    const float* x = input.GetTensorData<float>();
+    Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
+    float* y = output.GetTensorMutableData<float>();
+    const size_t count = info.GetElementCount();
+    bool met = false;
+    if (count > 0) {
+      const std::string name = "/opserve-rendezvous-" + std::to_string(static_cast<long>(x[0]));
+      const int fd = shm_open(name.c_str(), O_CREAT | O_RDWR, 0600);
+      if (fd >= 0 && ftruncate(fd, sizeof(long)) == 0) {
+        void* memory = mmap(nullptr, sizeof(long), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (memory != MAP_FAILED) {
+          long* arrivals = static_cast<long*>(memory);
+          __atomic_fetch_add(arrivals, 1, __ATOMIC_SEQ_CST);
+          const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+          while (!(met = __atomic_load_n(arrivals, __ATOMIC_SEQ_CST) >= 2) &&
+                 std::chrono::steady_clock::now() < deadline) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          }
+          munmap(memory, sizeof(long));
+        }
+      }
+      if (fd >= 0) close(fd);
+    }
+    for (size_t i = 0; i < count; ++i) y[i] = met ? 1.0f : 0.0f;
+  }
+};
+
+struct RendezvousOp : Ort::CustomOpBase<RendezvousOp, RendezvousKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
+    return new RendezvousKernel(api, info);
+  }
+  const char* GetName() const { return "Rendezvous"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+const RendezvousOp rendezvous_op;
 const UnaryFloatOp<Slow> slow_op;
 const UnaryFloatOp<AddOne> add_one_op;
 const UnaryFloatOp<Checked> checked_op;
@@ -90,6 +144,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     domain.Add(&add_one_op);
     domain.Add(&checked_op);
     domain.Add(&slow_op);
+    domain.Add(&rendezvous_op);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
