@@ -18,6 +18,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def children(pid: int) -> set[int]:
+    """The processes `pid` started (a server's workers)."""
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def mapped(pid: int, text: str) -> bool:
+    """Whether a mapping of process `pid` (a loaded library) has `text` in its path."""
+    try:
+        return text in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 class RunningServer:
     """`with RunningServer([repo]) as server:` starts opserve, waits until it is live, stops it."""
 

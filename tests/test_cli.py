@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.serving import children, mapped
+
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -65,17 +67,9 @@ def test_server_core_imports_no_framework() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _maps(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return ""
-
-
 def test_models_run_in_worker_processes_not_in_the_server(server) -> None:
     """At run time the server process has no framework mapped; its worker children do."""
-    pid = server.process.pid
-    assert "onnxruntime" not in _maps(pid)
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    assert children, "the server has no worker processes"
-    assert any("onnxruntime" in _maps(int(child)) for child in children)
+    workers = children(server.process.pid)
+    assert workers, "the server has no worker processes"
+    assert not mapped(server.process.pid, "onnxruntime")
+    assert any(mapped(worker, "onnxruntime") for worker in workers)

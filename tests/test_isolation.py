@@ -22,7 +22,7 @@ from tests.conftest import SIMPLE_CONFIG, custom_op_config
 from tests.framework_models import framework_model
 from tests.frameworks import requires
 from tests.oplibs import build
-from tests.serving import RunningServer
+from tests.serving import RunningServer, children, mapped
 
 TORCH_ADD_ONE_CONFIG = """
 name: "{name}"
@@ -158,15 +158,7 @@ def test_colliding_tensorflow_libraries(tmp_path: Path) -> None:
 
 
 def worker_pids(server: RunningServer) -> set[int]:
-    pid = server.process.pid
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-
-def mapped(pid: int, library: str) -> bool:
-    try:
-        return library in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
+    return children(server.process.pid)
 
 
 def test_explicit_mode_loads_unloads_and_reloads_new_libraries(tmp_path: Path, ort_ops) -> None:

@@ -30,7 +30,8 @@
 
 namespace {
 
-// y = Fn::apply(x), element by element, for an FP32 tensor of any shape.
+// y = Fn(x) for an FP32 tensor of any shape: Fn::run(x, y, count) when Fn has one, else
+// Fn::apply element by element.
 template <typename Fn>
 struct UnaryFloatKernel {
   UnaryFloatKernel(const OrtApi&, const OrtKernelInfo*) {}
@@ -43,8 +44,11 @@ struct UnaryFloatKernel {
     Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
     float* y = output.GetTensorMutableData<float>();
     const size_t count = info.GetElementCount();
-    if constexpr (requires { Fn::before(); }) Fn::before();
-    for (size_t i = 0; i < count; ++i) y[i] = Fn::apply(x[i]);
+    if constexpr (requires { Fn::run(x, y, count); }) {
+      Fn::run(x, y, count);
+    } else {
+      for (size_t i = 0; i < count; ++i) y[i] = Fn::apply(x[i]);
+    }
   }
 };
 
@@ -75,21 +79,15 @@ struct Checked {
 
 struct Slow {
   static constexpr const char* name = "Slow";
-  static float apply(float x) { return x; }
-  static void before() { std::this_thread::sleep_for(std::chrono::milliseconds(200)); }
+  static void run(const float* x, float* y, size_t count) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    for (size_t i = 0; i < count; ++i) y[i] = x[i];
+  }
 };
 
-struct RendezvousKernel {
-  RendezvousKernel(const OrtApi&, const OrtKernelInfo*) {}
-
-  void Compute(OrtKernelContext* raw_context) {
-    Ort::KernelContext context(raw_context);
-    Ort::ConstValue input = context.GetInput(0);
-    auto info = input.GetTensorTypeAndShapeInfo();
-    const float* x = input.GetTensorData<float>();
-    Ort::UnownedValue output = context.GetOutput(0, info.GetShape());
-    float* y = output.GetTensorMutableData<float>();
-    const size_t count = info.GetElementCount();
+struct Rendezvous {
+  static constexpr const char* name = "Rendezvous";
+  static void run(const float* x, float* y, size_t count) {
     bool met = false;
     if (count > 0) {
       const std::string name = "/opserve-rendezvous-" + std::to_string(static_cast<long>(x[0]));
@@ -113,18 +111,7 @@ struct RendezvousKernel {
   }
 };
 
-struct RendezvousOp : Ort::CustomOpBase<RendezvousOp, RendezvousKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const {
-    return new RendezvousKernel(api, info);
-  }
-  const char* GetName() const { return "Rendezvous"; }
-  size_t GetInputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
-const RendezvousOp rendezvous_op;
+const UnaryFloatOp<Rendezvous> rendezvous_op;
 const UnaryFloatOp<Slow> slow_op;
 const UnaryFloatOp<AddOne> add_one_op;
 const UnaryFloatOp<Checked> checked_op;
