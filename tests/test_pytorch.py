@@ -15,7 +15,7 @@ from tests.clients import infer_input
 from tests.framework_models import framework_model
 from tests.frameworks import place, requires
 from tests.oplibs import build
-from tests.serving import RunningServer
+from tests.serving import RunningServer, mapped
 
 pytestmark = requires("torch")
 
@@ -158,7 +158,7 @@ def test_ld_preload(plain_torch_repository: Path, torch_ops: Path, tmp_path: Pat
     with RunningServer([plain_torch_repository], env=env, log_path=tmp_path / "log") as server:
         modulo(httpclient.InferenceServerClient(server.url), "torch_modulo")
         # the server process itself stays free of libtorch: only the worker preloads it
-        assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+        assert not mapped(server.process.pid, "libtorch")
 
 
 def test_bf16_over_grpc(torch_server: RunningServer) -> None:

@@ -14,7 +14,7 @@ from tests.clients import infer_input
 from tests.framework_models import framework_model
 from tests.frameworks import place, requires
 from tests.oplibs import build
-from tests.serving import RunningServer
+from tests.serving import RunningServer, mapped
 
 pytestmark = requires("tensorflow")
 
@@ -175,4 +175,4 @@ def test_ld_preload(plain_tf_repository: Path, zero_out_library: Path, tmp_path:
         client = httpclient.InferenceServerClient(server.url)
         zero_out(client, "zero_out_savedmodel", "to_zero", "zeroed")
         zero_out(client, "zero_out_graphdef", "INPUT0", "OUTPUT0")
-        assert "libtensorflow_framework" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+        assert not mapped(server.process.pid, "libtensorflow_framework")

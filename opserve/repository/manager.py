@@ -248,9 +248,8 @@ class ModelManager:
             folder = find_models(self.repositories).get(name)
             if folder is None:
                 raise NotFoundError(f"failed to load '{name}', no version is available")
-            self._fingerprints[name] = fingerprint(
-                folder
-            )  # before reading: a change now shows next time
+            # taken before reading: a change made while loading shows at the next poll
+            self._fingerprints[name] = fingerprint(folder)
             model = await self._build(name, folder, config)
             previous = self.models.get(name)
             self.models[name] = model
@@ -314,8 +313,6 @@ class ModelManager:
                 entry.scheduler = Scheduler(entry.label, model.config, entry.stats)
                 for worker in entry.workers:
                     entry.scheduler.add_instance(worker)
-        for entry in model.versions.values():
-            if entry.ready:
                 log.info(
                     "%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none"
                 )

@@ -67,9 +67,8 @@ class HttpApp:
             raise NotFoundError(f"unknown path '{scope['path']}'")
         parts = parts[1:]
         if not parts:
-            return await _send_json(
-                send, self.dataplane.server_metadata(), method=method, allowed="GET"
-            )
+            _require(method, "GET")
+            return await _send_json(send, self.dataplane.server_metadata())
         if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
             _require(method, "GET")
             ok = self.dataplane.live() if parts[1] == "live" else self.dataplane.ready()
@@ -78,8 +77,7 @@ class HttpApp:
             return await self._repository_route(method, parts[1:], scope, receive, send)
         if parts == ["models", "stats"]:
             _require(method, "GET")
-            stats = {"model_stats": self.dataplane.model_statistics()}
-            return await _send(send, 200, orjson.dumps(stats), _JSON)
+            return await _send_json(send, {"model_stats": self.dataplane.model_statistics()})
         if parts[0] == "models" and len(parts) >= 2:
             name, rest = parts[1], parts[2:]
             version = ""
@@ -116,7 +114,7 @@ class HttpApp:
         if rest == ["stats"]:
             _require(method, "GET")
             stats = {"model_stats": dataplane.model_statistics(name, version)}
-            return await _send(send, 200, orjson.dumps(stats), _JSON)
+            return await _send_json(send, stats)
         if rest == ["config"]:
             _require(method, "GET")
             return await _send_json(send, dataplane.model_config(name, version))
@@ -131,9 +129,7 @@ class HttpApp:
             ready = body.get("ready", False)
             if not isinstance(ready, bool):
                 raise InvalidArgumentError("'ready' must be a boolean")
-            return await _send(
-                send, 200, orjson.dumps(self.dataplane.repository_index(ready)), _JSON
-            )
+            return await _send_json(send, self.dataplane.repository_index(ready))
         if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
             name = parts[1]
             if parts[2] == "load":
@@ -282,8 +278,7 @@ async def _send(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_json(send: Send, value: Any, method: str = "GET", allowed: str = "GET") -> None:
-    _require(method, allowed)
+async def _send_json(send: Send, value: Any) -> None:
     await _send(send, 200, orjson.dumps(value), _JSON)
 
 
