@@ -209,6 +209,12 @@ def test_explicit_mode_loads_unloads_and_reloads_new_libraries(tmp_path: Path, o
         assert client.get_model_config("adds")["max_batch_size"] == 2
         assert added(client, "adds") == 2.0
 
+        # a reload that fails loses nothing: the loaded model keeps serving
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("adds", config=json.dumps({"backend": "no_such_backend"}))
+        assert refused.value.status() == "400" and "keeps serving" in refused.value.message()
+        assert client.is_model_ready("adds") and added(client, "adds") == 2.0
+
         client.unload_model("adds")  # an unloaded model does not hold the server's readiness back
         assert client.is_server_ready()
 

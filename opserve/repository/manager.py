@@ -243,7 +243,8 @@ class ModelManager:
 
     async def load(self, name: str, config: ModelConfig | None = None) -> Model:
         """Load a model, or load it again (new files, new libraries): the new versions start
-        while the old ones keep serving; then the old workers finish their requests and end."""
+        while the old ones keep serving; then the old workers finish their requests and end.
+        If the new load fails, the old model stays in service."""
         async with self._lock(name):
             folder = find_models(self.repositories).get(name)
             if folder is None:
@@ -252,6 +253,17 @@ class ModelManager:
             self._fingerprints[name] = fingerprint(folder)
             model = await self._build(name, folder, config)
             previous = self.models.get(name)
+            if (
+                model.state is not ModelState.READY
+                and previous is not None
+                and previous.state is ModelState.READY
+            ):
+                # a reload that fails loses nothing: the loaded model keeps serving
+                await self._retire(model, "load failed")
+                raise InvalidArgumentError(
+                    f"load failed for model '{name}': {self.reason(model)}; "
+                    "the model that was loaded keeps serving"
+                )
             self.models[name] = model
             if previous is not None:
                 await self._retire(previous, "replaced by a new load")
