@@ -7,6 +7,7 @@ size of the data.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +16,16 @@ from google.protobuf import json_format
 from opserve import __version__
 from opserve.config import config_to_json
 from opserve.datatypes import ITEM_SIZES, count_bytes_elements, element_count
-from opserve.errors import InvalidArgumentError, UnavailableError, UnsupportedError
+from opserve.errors import (
+    InvalidArgumentError,
+    OpserveError,
+    UnavailableError,
+    UnsupportedError,
+)
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import ModelConfig
-from opserve.repository.manager import Model, ModelManager, ModelState
+from opserve.repository.manager import Model, ModelManager, ModelState, ModelVersion
+from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
@@ -138,27 +145,69 @@ class DataPlane:
             )
 
     # inference ---------------------------------------------------------------------------------
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def _prepare(
+        self, request: InferenceRequest, streaming: bool
+    ) -> tuple[Model, ModelVersion, Scheduler, int]:
+        """Find the version, validate the request against its config (inputs reshaped as the
+        model wants them, requested outputs checked)."""
         model, entry = self.manager.version(request.model_name, request.model_version)
+        if not streaming and model.config.model_transaction_policy.decoupled:
+            raise UnsupportedError(
+                f"model '{model.name}' uses the decoupled transaction policy: its responses "
+                "must be streamed (gRPC ModelStreamInfer, or HTTP generate_stream)"
+            )
         schema = self.schema(model)
-        inputs = validate_inputs(model.name, schema, request)
-        outputs = request.requested_outputs
-        if outputs is not None:
-            for name in outputs:
+        request.inputs = validate_inputs(model.name, schema, request)
+        if request.requested_outputs is not None:
+            for name in request.requested_outputs:
                 if name not in schema.outputs:
                     raise InvalidArgumentError(
                         f"unexpected inference output '{name}' for model '{model.name}'"
                     )
-        else:
-            outputs = list(schema.outputs)
         scheduler = entry.scheduler
         if scheduler is None:
             raise UnavailableError(f"{entry.label} is not ready: {entry.reason}")
-        batch_size = inputs[0].shape[0] if schema.batching and inputs else 1
-        results = await scheduler.infer(inputs, outputs, batch_size, request.on_wait)
-        return InferenceResponse(
-            model.name, str(entry.version), _client_shapes(schema, results), request.id
-        )
+        batch_size = request.inputs[0].shape[0] if schema.batching and request.inputs else 1
+        return model, entry, scheduler, batch_size
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """The one response to a request (a decoupled model must be streamed)."""
+        model, entry, scheduler, batch_size = self._prepare(request, streaming=False)
+        response = await scheduler.infer(request, batch_size, request.on_wait)
+        return self._finish(model, entry, request, response)
+
+    async def stream(
+        self, request: InferenceRequest
+    ) -> AsyncIterator[tuple[InferenceResponse | OpserveError | None, bool]]:
+        """Every response to a request, the last flagged final: one for most models, any
+        number (even none: only the final flag) for a decoupled one. Errors after the request
+        was accepted come as items; a request that is refused raises."""
+        model, entry, scheduler, batch_size = self._prepare(request, streaming=True)
+        if not scheduler.decoupled:
+            try:
+                response = await scheduler.infer(request, batch_size, request.on_wait)
+            except OpserveError as exc:
+                yield exc, True
+                return
+            yield self._finish(model, entry, request, response), True
+            return
+        async for item, final in scheduler.stream(request, batch_size):
+            if isinstance(item, InferenceResponse):
+                item = self._finish(model, entry, request, item)
+            yield item, final
+
+    def _finish(
+        self,
+        model: Model,
+        entry: ModelVersion,
+        request: InferenceRequest,
+        response: InferenceResponse,
+    ) -> InferenceResponse:
+        response.model_name = model.name
+        response.model_version = str(entry.version)
+        response.id = request.id
+        response.outputs = _client_shapes(self.schema(model), response.outputs)
+        return response
 
 
 def _config_from_json(name: str, value: Any) -> ModelConfig:

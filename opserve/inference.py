@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
+from opserve.errors import OpserveError
 
 
 @dataclass(slots=True)
@@ -59,6 +60,8 @@ class InferenceRequest:
     requested_outputs: list[str] | None = None  # None means every output
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    correlation_id: int | str = 0
+    flags: int = 0
     # called when the request has to wait for an instance: a frontend may then start watching
     # for its client going away (cancelling the request drops it before it runs)
     on_wait: Callable[[], None] | None = None
@@ -70,3 +73,8 @@ class InferenceResponse:
     model_version: str
     outputs: list[Tensor]
     id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# What a model delivers for one request: a response, an error, or (None) only a final flag.
+Delivery = InferenceResponse | OpserveError | None

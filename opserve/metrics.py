@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from opserve.custom_metrics import CustomMetrics
 from opserve.repository.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -100,12 +102,42 @@ class ModelMetricsCollector(Collector):
         )
 
 
+class CustomMetricsCollector(Collector):
+    """The metric families models defined (`pb_utils.MetricFamily`), under their own names."""
+
+    def __init__(self, metrics: CustomMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for family in list(self.metrics.families.values()):
+            if family.kind == "histogram":
+                exposed: Metric = Metric(family.name, family.description, "histogram")
+                for labels, series in family.series.items():
+                    cumulative = 0
+                    for bound, count in zip(
+                        [*series.buckets, float("inf")], series.counts, strict=True
+                    ):
+                        cumulative += count
+                        bucket = {**dict(labels), "le": floatToGoString(bound)}
+                        exposed.add_sample(family.name + "_bucket", bucket, cumulative)
+                    exposed.add_sample(family.name + "_count", dict(labels), series.count)
+                    exposed.add_sample(family.name + "_sum", dict(labels), series.total)
+            else:
+                kind = "gauge" if family.kind == "gauge" else "unknown"  # see _TritonCounter
+                exposed = Metric(family.name, family.description, kind)
+                for labels, series in family.series.items():
+                    exposed.add_sample(family.name, dict(labels), series.value)
+            yield exposed
+
+
 class MetricsServer:
     """`GET /metrics` in Prometheus' text format; anything else is 404."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, custom: CustomMetrics | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ModelMetricsCollector(manager))
+        if custom is not None:
+            self.registry.register(CustomMetricsCollector(custom))
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:

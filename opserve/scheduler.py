@@ -1,10 +1,15 @@
 """Scheduling a model version's requests onto its instances (worker processes).
 
-A request goes straight to an instance with room when nothing is queued; otherwise it waits in a
-bounded queue (full: UNAVAILABLE at once), where a request whose client went away is dropped before
-it runs. With `dynamic_batching`, queued requests with the same input shapes are merged along the
-batch dimension up to `max_batch_size` (or the largest preferred size), executed once and split
-back; the first request waits at most `max_queue_delay_microseconds` for company.
+A request travels whole (id, parameters, requested outputs, tensors) to a worker. Without
+batching it goes straight to an instance with room, or waits in a bounded queue (full:
+UNAVAILABLE at once), where a request whose client went away is dropped before it runs. With
+`dynamic_batching`, queued requests with the same input shapes travel together as one batch (a
+list of requests) up to `max_batch_size` (or the largest preferred size); the first waits at most
+`max_queue_delay_microseconds` for company. Framework backends merge a batch inside the worker;
+Python models get the list as it is.
+
+A decoupled model answers each request with any number of responses, the last one flagged final;
+`stream` yields them as they come. `infer` is for models that answer exactly once.
 """
 
 from __future__ import annotations
@@ -13,82 +18,93 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
-from opserve.datatypes import deserialize_bytes, serialize_bytes
 from opserve.errors import InternalError, OpserveError, UnavailableError
-from opserve.inference import Tensor
+from opserve.inference import Delivery, InferenceRequest, InferenceResponse
 from opserve.proto import ModelConfig
 from opserve.stats import VersionStats
-from opserve.workers.process import Execution, WorkerProcess
+from opserve.workers.process import Timings, WorkerProcess
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE_SIZE = 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending:
-    inputs: list[Tensor]
-    outputs: list[str]
+    """One request from its arrival until its final response (a `Submission` for a worker)."""
+
+    request: InferenceRequest
     batch_size: int
     arrival_ns: int
     key: tuple[object, ...]
-    future: asyncio.Future[list[Tensor]]
+    future: asyncio.Future[InferenceResponse] | None  # the one answer (not decoupled)
+    stream: asyncio.Queue[tuple[Delivery, bool]] | None  # decoupled: every answer
+    cancelled: bool = False
+    failed: bool = False
+    finished_ns: int = 0  # when its final response came
+    timings: Timings | None = None  # of the execution that served it, once it returned
+    execution: tuple[WorkerProcess, int, int] | None = None  # worker, execution id, index
+    counted: bool = False  # in the statistics
+    on_finish: Callable[[_Pending], None] | None = field(default=None, repr=False)
+
+    def deliver(self, item: Delivery, final: bool) -> None:
+        if isinstance(item, OpserveError):
+            self.failed = True
+        if self.stream is not None:
+            self.stream.put_nowait((item, final))
+        elif self.future is not None and not self.future.done():
+            if isinstance(item, OpserveError):
+                self.future.set_exception(item)
+            elif item is None:
+                self.failed = True
+                self.future.set_exception(
+                    InternalError(f"model '{self.request.model_name}' sent no response")
+                )
+            else:
+                self.future.set_result(item)
+        if final:
+            self.finished_ns = time.monotonic_ns()
+            if self.on_finish is not None:
+                self.on_finish(self)
+
+    @property
+    def waiting(self) -> bool:
+        """Still wanted: not cancelled, not answered."""
+        if self.cancelled:
+            return False
+        return self.future is None or not self.future.done()
+
+    def cancel(self) -> None:
+        """The client went away: drop it if queued, tell the model if it runs."""
+        self.cancelled = True
+        if self.future is not None and not self.future.done():
+            self.future.cancel()
+        if self.execution is not None:
+            worker, execution, index = self.execution
+            worker.cancel(execution, index)
 
 
-def batch_key(inputs: list[Tensor], outputs: list[str]) -> tuple[object, ...]:
-    """Requests with equal keys can be merged: same inputs, same shapes past the batch dimension."""
-    return (tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in inputs)), tuple(outputs))
-
-
-def merge(requests: list[_Pending]) -> list[Tensor]:
-    """Concatenate the requests' inputs along dimension 0 (raw data concatenates in row order)."""
-    merged = []
-    total = sum(r.batch_size for r in requests)
-    for tensor in sorted(requests[0].inputs, key=lambda t: t.name):
-        parts = [next(t for t in r.inputs if t.name == tensor.name).data for r in requests]
-        merged.append(
-            Tensor(tensor.name, tensor.datatype, (total, *tensor.shape[1:]), b"".join(parts))
-        )
-    return merged
-
-
-def split(outputs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
-    """Each request's share of the batched outputs, by its batch size."""
-    total = sum(sizes)
-    shares: list[list[Tensor]] = [[] for _ in sizes]
-    for tensor in outputs:
-        if not tensor.shape or tensor.shape[0] != total:
-            raise InternalError(
-                f"output '{tensor.name}' has shape {list(tensor.shape)}, but the batch holds {total}"
-            )
-        rest = tensor.shape[1:]
-        if tensor.datatype == "BYTES":
-            elements = deserialize_bytes(tensor.data)
-            per_row = len(elements) // total
-            start = 0
-            for share, size in zip(shares, sizes, strict=True):
-                chunk = elements[start : start + size * per_row]
-                share.append(Tensor(tensor.name, "BYTES", (size, *rest), serialize_bytes(chunk)))
-                start += size * per_row
-        else:
-            row = len(tensor.data) // total
-            start = 0
-            for share, size in zip(shares, sizes, strict=True):
-                data = tensor.data[start : start + size * row]
-                share.append(Tensor(tensor.name, tensor.datatype, (size, *rest), data))
-                start += size * row
-    return shares
+def batch_key(request: InferenceRequest) -> tuple[object, ...]:
+    """Requests with equal keys can share a batch: same inputs, same shapes past dimension 0,
+    same requested outputs."""
+    inputs = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
+    outputs = tuple(request.requested_outputs) if request.requested_outputs is not None else None
+    return (inputs, outputs)
 
 
 class Scheduler:
     """The requests of one model version, onto that version's instances."""
 
-    def __init__(self, label: str, config: ModelConfig, stats: VersionStats) -> None:
+    def __init__(
+        self, label: str, config: ModelConfig, stats: VersionStats, decoupled: bool = False
+    ) -> None:
         self.label = label
         self.stats = stats
+        self.decoupled = decoupled
         self.instances: list[WorkerProcess] = []
         self.batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
         self.max_batch_size = max(config.max_batch_size, 1)
@@ -97,7 +113,7 @@ class Scheduler:
         self.target = max(preferred) if preferred else self.max_batch_size
         self.delay_ns = policy.max_queue_delay_microseconds * 1000
         self.max_queue_size = policy.default_queue_policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
-        # requests an instance holds at once: a few keep it busy while answers travel back (and
+        # executions an instance holds at once: a few keep it busy while answers travel back (and
         # cost no hand-over per request); one lets a batch grow while the instance is busy
         self.depth = 1 if self.batching else 4
         self._busy: dict[WorkerProcess, int] = {}
@@ -129,64 +145,93 @@ class Scheduler:
         return best
 
     # requests ----------------------------------------------------------------------------------
+    def _pending(self, request: InferenceRequest, batch_size: int) -> _Pending:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            request,
+            batch_size,
+            time.monotonic_ns(),
+            batch_key(request) if self.batching else (),
+            None if self.decoupled else loop.create_future(),
+            asyncio.Queue() if self.decoupled else None,
+        )
+        pending.on_finish = self._account
+        return pending
+
     async def infer(
         self,
-        inputs: list[Tensor],
-        outputs: list[str],
+        request: InferenceRequest,
         batch_size: int,
         on_wait: Callable[[], None] | None = None,
-    ) -> list[Tensor]:
-        """The request's outputs; `on_wait` is called if it has to wait for an instance."""
-        if not self.batching:
-            return await self._infer_alone(inputs, outputs, batch_size, on_wait)
-        arrival = time.monotonic_ns()
+    ) -> InferenceResponse:
+        """The one response of a model that is not decoupled; `on_wait` is called if the
+        request has to wait for an instance."""
+        pending = self._pending(request, batch_size)
+        assert pending.future is not None
+        if self.batching:
+            self._enqueue(pending, on_wait)
+            return await pending.future  # cancelled when the client goes away: never runs
+        instance = await self._acquire(on_wait)
+        await self._run(instance, [pending])
+        return pending.future.result()
+
+    async def stream(
+        self, request: InferenceRequest, batch_size: int
+    ) -> AsyncIterator[tuple[Delivery, bool]]:
+        """Every answer of a decoupled model to `request`, the last one final. Closing the
+        iterator early (the client went away) drops the request or tells the model."""
+        pending = self._pending(request, batch_size)
+        assert pending.stream is not None
+        try:
+            if self.batching:
+                self._enqueue(pending, None)
+            else:
+                instance = await self._acquire(None)
+                self._background(self._run(instance, [pending]))
+            while True:
+                item, final = await pending.stream.get()
+                yield item, final
+                if final:
+                    return
+        finally:
+            if not pending.finished_ns:
+                pending.cancel()
+
+    def _enqueue(self, pending: _Pending, on_wait: Callable[[], None] | None) -> None:
         if len(self._queue) >= self.max_queue_size:
             self.stats.record_failure(0)
             raise UnavailableError(
                 f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
             )
-        future: asyncio.Future[list[Tensor]] = asyncio.get_running_loop().create_future()
-        key = batch_key(inputs, outputs) if self.batching else ()
-        self._queue.append(_Pending(inputs, outputs, batch_size, arrival, key, future))
+        self._queue.append(pending)
         if on_wait is not None:
             on_wait()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.ensure_future(self._dispatch())
         self._wakeup.set()
-        return await future  # cancelled when the client goes away: the dispatcher skips it
 
-    async def _infer_alone(
-        self,
-        inputs: list[Tensor],
-        outputs: list[str],
-        batch_size: int,
-        on_wait: Callable[[], None] | None,
-    ) -> list[Tensor]:
-        """Without batching, a request runs in its own coroutine: on an instance with room at
-        once, or after waiting in line for one (no dispatcher task, no hop)."""
-        arrival = time.monotonic_ns()
+    async def _acquire(self, on_wait: Callable[[], None] | None) -> WorkerProcess:
+        """Without batching: an instance with room at once, or after waiting in line for one
+        (no dispatcher task, no hop)."""
         instance = self._free_instance() if not self._waiters else None
         if instance is not None:
             self._busy[instance] += 1
-        else:
-            if len(self._waiters) >= self.max_queue_size:
-                self.stats.record_failure(0)
-                raise UnavailableError(
-                    f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
-                )
-            waiter: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            if on_wait is not None:
-                on_wait()
-            try:
-                instance = await waiter  # an instance handed over by a finishing request
-            except asyncio.CancelledError:  # the client went away while waiting: never runs
-                if waiter.done() and not waiter.cancelled():
-                    self._release(waiter.result())
-                raise
-        future: asyncio.Future[list[Tensor]] = asyncio.get_running_loop().create_future()
-        await self._run(instance, [_Pending(inputs, outputs, batch_size, arrival, (), future)])
-        return future.result()
+            return instance
+        if len(self._waiters) >= self.max_queue_size:
+            self.stats.record_failure(0)
+            raise UnavailableError(
+                f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
+            )
+        waiter: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if on_wait is not None:
+            on_wait()
+        try:
+            return await waiter  # an instance handed over by a finishing request
+        except asyncio.CancelledError:  # the client went away while waiting: never runs
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())
+            raise
 
     def _release(self, instance: WorkerProcess) -> None:
         """An instance has room again: hand it to the first request still waiting."""
@@ -214,7 +259,7 @@ class Scheduler:
                 waiter.set_result(instance)
 
     def _drop_cancelled(self) -> None:
-        while self._queue and self._queue[0].future.done():
+        while self._queue and not self._queue[0].waiting:
             self._queue.popleft()
 
     async def _wait(self, timeout_ns: int | None = None) -> bool:
@@ -245,9 +290,12 @@ class Scheduler:
                 continue
             batch = self._take()
             self._busy[instance] += 1
-            task = asyncio.ensure_future(self._run(instance, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._background(self._run(instance, batch))
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _gather(self) -> None:
         """Wait (up to the delay, counted from the first request's arrival) for a full batch."""
@@ -259,7 +307,7 @@ class Scheduler:
                 return
 
     def _ready_size(self, key: tuple[object, ...]) -> int:
-        return sum(p.batch_size for p in self._queue if p.key == key and not p.future.done())
+        return sum(p.batch_size for p in self._queue if p.key == key and p.waiting)
 
     def _take(self) -> list[_Pending]:
         first = self._queue.popleft()
@@ -267,7 +315,7 @@ class Scheduler:
         kept: deque[_Pending] = deque()
         while self._queue:
             pending = self._queue.popleft()
-            if pending.future.done():
+            if not pending.waiting:
                 continue
             if pending.key == first.key and size + pending.batch_size <= min(
                 self.target, self.max_batch_size
@@ -280,19 +328,17 @@ class Scheduler:
         return batch
 
     async def _run(self, instance: WorkerProcess, batch: list[_Pending]) -> None:
-        """Execute one batch on one instance and answer each of its requests."""
+        """Execute one batch on one instance; its responses reach each request as they come."""
+        timings = None
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else merge(batch)
-            execution: Execution = await instance.infer(inputs, batch[0].outputs)
-            sizes = [p.batch_size for p in batch]
-            shares = [execution.outputs] if len(batch) == 1 else split(execution.outputs, sizes)
+            execution, returned = instance.execute(batch)
+            for index, pending in enumerate(batch):
+                pending.execution = (instance, execution, index)
+            timings = await returned
         except OpserveError as error:
-            now = time.monotonic_ns()
             for pending in batch:
-                self.stats.record_failure(now - pending.arrival_ns)
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-            return
+                if not pending.finished_ns:
+                    pending.deliver(error, True)
         finally:
             if self.batching:
                 if instance in self._busy:
@@ -300,29 +346,44 @@ class Scheduler:
                 self._wakeup.set()
             else:
                 self._release(instance)
+        if timings is None:
+            return
         self.stats.record_execution(
-            sum(sizes), execution.input_ns, execution.infer_ns, execution.output_ns
+            sum(p.batch_size for p in batch), timings.input_ns, timings.infer_ns, timings.output_ns
         )
-        now = time.monotonic_ns()
-        for pending, outputs in zip(batch, shares, strict=True):
-            self.stats.record_success(
-                pending.batch_size,
-                now - pending.arrival_ns,
-                max(execution.started_ns - pending.arrival_ns, 0),
-                execution.input_ns,
-                execution.infer_ns,
-                execution.output_ns,
-            )
-            if not pending.future.done():
-                pending.future.set_result(outputs)
+        for pending in batch:
+            pending.timings = timings
+            if pending.finished_ns:
+                self._account(pending)
+
+    def _account(self, pending: _Pending) -> None:
+        """Statistics for a finished request (once its execution's timings are known)."""
+        if pending.counted:
+            return
+        if pending.failed:
+            pending.counted = True
+            self.stats.record_failure(pending.finished_ns - pending.arrival_ns)
+            return
+        timings = pending.timings
+        if timings is None:
+            return  # counted when its execution returns
+        pending.counted = True
+        self.stats.record_success(
+            pending.batch_size,
+            pending.finished_ns - pending.arrival_ns,
+            max(timings.started_ns - pending.arrival_ns, 0),
+            timings.input_ns,
+            timings.infer_ns,
+            timings.output_ns,
+        )
 
     async def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         error = UnavailableError(f"{self.label} is being unloaded")
         for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            if pending.waiting:
+                pending.deliver(error, True)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(error)

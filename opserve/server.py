@@ -7,11 +7,13 @@ import logging
 
 import uvicorn
 
+from opserve.custom_metrics import CustomMetrics
 from opserve.dataplane import DataPlane
 from opserve.frontends.grpc import start_grpc_server
 from opserve.frontends.http import HttpApp
 from opserve.metrics import MetricsServer
 from opserve.repository import ModelManager
+from opserve.services import ServerServices
 from opserve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -27,17 +29,19 @@ async def serve(settings: ServerSettings) -> None:
     )
     grpc_server = None
     metrics = None
+    custom_metrics = CustomMetrics()
+    dataplane = DataPlane(manager)
+    manager.host = ServerServices(dataplane, custom_metrics)
     try:
         await manager.startup(settings.model_control_mode, settings.load_models)
         if settings.model_control_mode == "poll":
             manager.start_polling(settings.repository_poll_secs)
-        dataplane = DataPlane(manager)
         if settings.allow_grpc:
             grpc_server = await start_grpc_server(
                 dataplane, settings.grpc_address, settings.grpc_port
             )
         if settings.allow_metrics:
-            metrics = MetricsServer(manager)
+            metrics = MetricsServer(manager, custom_metrics)
             await metrics.start(settings.metrics_address, settings.metrics_port)
         config = uvicorn.Config(
             HttpApp(dataplane),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from opserve.backends.base import Backend, BackendContext
+from opserve.backends.base import Backend, BackendContext, Description, Reply, Request
 from opserve.errors import UnavailableError, UnsupportedError
 
 # backend name -> (module, class, the pip extra that provides its framework)
@@ -16,6 +16,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("opserve.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime"),
     "pytorch": ("opserve.backends.pytorch", "PyTorchBackend", "pytorch"),
     "tensorflow": ("opserve.backends.tensorflow", "TensorFlowBackend", "tensorflow"),
+    "python": ("opserve.backends.python", "PythonBackend", ""),
 }
 
 
@@ -34,4 +35,4 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(module, class_name)
 
 
-__all__ = ["Backend", "BackendContext", "backend_class"]
+__all__ = ["Backend", "BackendContext", "Description", "Reply", "Request", "backend_class"]

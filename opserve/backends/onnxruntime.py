@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 
 from opserve.backends.base import Backend, BackendContext, translated
-from opserve.config.autocomplete import ModelSignature, TensorSpec
 from opserve.errors import UnavailableError
+from opserve.signature import ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from opserve.backends.base import MISSING_OP_HINT, Backend, BackendContext, translated
-from opserve.config.autocomplete import ModelSignature
 from opserve.errors import (
     InternalError,
     UnavailableError,
     UnsupportedError,
 )
 from opserve.proto import model_config_pb2
+from opserve.signature import ModelSignature
 
 log = logging.getLogger(__name__)
 

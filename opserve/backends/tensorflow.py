@@ -24,9 +24,9 @@ from opserve.backends.base import (  # noqa: E402
     exception_message,
     translated,
 )
-from opserve.config.autocomplete import ModelSignature, TensorSpec  # noqa: E402
 from opserve.datatypes import numpy_to_v2  # noqa: E402
 from opserve.errors import OpserveError, UnavailableError  # noqa: E402
+from opserve.signature import ModelSignature, TensorSpec  # noqa: E402
 
 
 def _spec(name: str, spec: Any) -> TensorSpec:

@@ -6,30 +6,11 @@ The model is described by its backend inside a worker (the frontend imports no f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from opserve.datatypes import v2_to_config
 from opserve.proto import ModelConfig, model_config_pb2
+from opserve.signature import ModelSignature, TensorSpec
 
 DEFAULT_MAX_BATCH_SIZE = 4
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str  # V2 name; "" when the model does not say
-    shape: tuple[int, ...]  # full shape, -1 for a dynamic dimension
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSignature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def supports_batching(self) -> bool:
-        """Every input and output has a dynamic first dimension."""
-        tensors = self.inputs + self.outputs
-        return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
 
 
 def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:

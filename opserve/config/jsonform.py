@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from opserve.errors import InvalidArgumentError
 from opserve.proto import ModelConfig
 
 _INT64_TYPES = {
@@ -56,3 +57,29 @@ def _unquote_int64(value: dict[str, Any], descriptor: Descriptor) -> None:
                 _unquote_int64(item, field.message_type)
         elif field.type in _INT64_TYPES:
             value[field.name] = [int(v) for v in item] if isinstance(item, list) else int(item)
+
+
+def config_from_model_json(name: str, text: str) -> ModelConfig:
+    """A config a model completed itself (the Python backend's `auto_complete_config`), back
+    from Triton's JSON form; what protobuf cannot take is an error naming the model."""
+    config = ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise InvalidArgumentError(
+            f"model '{name}': auto_complete_config returned a config that is not valid: {exc}"
+        ) from None
+    if config.name != name:
+        raise InvalidArgumentError(
+            f"model '{name}': auto_complete_config changed the model's name to '{config.name}'"
+        )
+    return config
+
+
+def changed_fields(before: ModelConfig, after: ModelConfig) -> list[str]:
+    """The top-level fields whose values differ (what a model's auto-complete filled in)."""
+    changed = []
+    for field in after.DESCRIPTOR.fields:
+        if getattr(before, field.name) != getattr(after, field.name):
+            changed.append(field.name)
+    return changed

@@ -9,6 +9,7 @@ a crash takes down only that instance, which is then replaced.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Coroutine, Iterable
@@ -17,7 +18,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from opserve.config import ModelSignature, autocomplete, model_config_for
+from opserve.config import (
+    ModelSignature,
+    autocomplete,
+    changed_fields,
+    config_from_model_json,
+    config_to_json,
+    model_config_for,
+)
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
 from opserve.ops import (
     BACKEND_FRAMEWORKS,
@@ -32,8 +40,10 @@ from opserve.repository.layout import find_models, select_versions, version_fold
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.stats import VersionStats
+from opserve.workers.environments import environment_launcher
+from opserve.workers.launcher import Launcher
 from opserve.workers.messages import ModelLoaded
-from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerProcess
+from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerHost, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +123,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        self.host: WorkerHost | None = None  # what models may call (BLS, logging, metrics)
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -295,6 +306,9 @@ class ModelManager:
             model.reason = reason
 
     async def _build(self, name: str, folder: Path, override: ModelConfig | None = None) -> Model:
+        """Two phases: one worker per version describes the model (its signature, or the config
+        its own `auto_complete_config` completed); the config is completed once; then every
+        instance starts with the completed config."""
         model = Model(name, folder, ModelConfig(name=name))
         try:
             model.config = model_config_for(name, folder, override)
@@ -309,26 +323,42 @@ class ModelManager:
             return model
         for number in versions:
             model.versions[number] = ModelVersion(name, number, folder / str(number))
-        signatures = await asyncio.gather(*(self._start(model, v) for v in model.versions.values()))
-        signature = next((s for s in signatures if s is not None), None)
-        if signature is not None:
-            model.completed = autocomplete(model.config, signature)
-            if model.completed:
-                log.info("model '%s': auto-completed %s", name, ", ".join(model.completed))
-            self._check_against_model(model, signature)
+        described = await asyncio.gather(
+            *(self._describe(model, v) for v in model.versions.values())
+        )
+        description = next((d for d in described if d is not None), None)
+        if description is not None:
             try:
+                self._complete(model, description)
                 model.schema = ModelSchema.from_config(model.config)
             except OpserveError as exc:
                 self._make_unavailable(model, exc.message)
+        await asyncio.gather(
+            *(self._start_instances(model, v) for v in model.versions.values() if v.ready)
+        )
+        decoupled = model.config.model_transaction_policy.decoupled
         for entry in model.versions.values():
             if entry.ready:
-                entry.scheduler = Scheduler(entry.label, model.config, entry.stats)
+                entry.scheduler = Scheduler(entry.label, model.config, entry.stats, decoupled)
                 for worker in entry.workers:
                     entry.scheduler.add_instance(worker)
                 log.info(
                     "%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none"
                 )
         return model
+
+    def _complete(self, model: Model, description: ModelLoaded) -> None:
+        """Complete the config from the model's description (phase one's answer)."""
+        if description.config_json is not None:  # the model completed it (Python backend)
+            completed = config_from_model_json(model.name, description.config_json)
+            model.completed = [f for f in changed_fields(model.config, completed)]
+            model.config = completed
+            model.completed += autocomplete(model.config, ModelSignature((), ()))
+        elif description.signature is not None:
+            model.completed = autocomplete(model.config, description.signature)
+            self._check_against_model(model, description.signature)
+        if model.completed:
+            log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
         """Config tensors the model does not have make every version unavailable."""
@@ -353,11 +383,10 @@ class ModelManager:
             entry.state, entry.reason = ModelState.UNAVAILABLE, reason
             self._background(self._stop_version(entry))
 
-    async def _start(self, model: Model, entry: ModelVersion) -> ModelSignature | None:
-        """Inspect the version's op libraries, then start its instances; the model's signature
-        on success."""
+    async def _describe(self, model: Model, entry: ModelVersion) -> ModelLoaded | None:
+        """Phase one for a version: inspect its op libraries, start its first instance and have
+        it describe the model. None when the version cannot load."""
         entry.state, entry.reason = ModelState.LOADING, ""
-        count = sum(g.count for g in model.config.instance_group) or 1
         try:
             entry.libraries = resolve_model_libraries(
                 model.config,
@@ -368,34 +397,94 @@ class ModelManager:
             await self._inspect(
                 model, BACKEND_FRAMEWORKS.get(model.config.backend), entry.libraries
             )
-            loaded = await asyncio.gather(*(self._spawn(model, entry) for _ in range(count)))
+            described = await self._spawn(model, entry, describe=True)
         except OpserveError as exc:
-            entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
-            log.error("%s is UNAVAILABLE: %s", entry.label, exc.message)
-            await self._stop_version(entry)
+            await self._fail_version(entry, exc.message)
             return None
         entry.state = ModelState.READY
-        entry.op_libraries = loaded[0].op_libraries
-        return loaded[0].signature
+        return described
 
-    async def _spawn(self, model: Model, entry: ModelVersion) -> ModelLoaded:
-        """One more instance of a version: a worker process with the model loaded."""
+    async def _start_instances(self, model: Model, entry: ModelVersion) -> None:
+        """Phase two for a version: every instance serves with the completed config (the
+        first one, which described the model, keeps what it loaded)."""
+        count = sum(g.count for g in model.config.instance_group) or 1
+        try:
+            first = entry.workers[0]
+            loaded = [await first.load(**self._load_fields(model, entry, 0, describe=False))]
+            loaded += await asyncio.gather(
+                *(self._spawn(model, entry, index=i) for i in range(1, count))
+            )
+        except (OpserveError, IndexError) as exc:
+            message = exc.message if isinstance(exc, OpserveError) else "its worker is gone"
+            await self._fail_version(entry, message)
+            return
+        entry.op_libraries = loaded[0].op_libraries
+
+    async def _fail_version(self, entry: ModelVersion, reason: str) -> None:
+        entry.state, entry.reason = ModelState.UNAVAILABLE, reason
+        log.error("%s is UNAVAILABLE: %s", entry.label, reason)
+        await self._stop_version(entry)
+
+    def _instance_name(self, model: Model, index: int) -> str:
+        """Triton's instance names: `<group name>_<index in the group>`, a group named
+        `<model>_<group index>` unless it has a name."""
+        for number, group in enumerate(model.config.instance_group):
+            if index < max(group.count, 1):
+                return f"{group.name or f'{model.name}_{number}'}_{index}"
+            index -= max(group.count, 1)
+        return f"{model.name}_0_{index}"
+
+    def _load_fields(
+        self, model: Model, entry: ModelVersion, index: int, describe: bool
+    ) -> dict[str, Any]:
         framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+        return {
+            "model_name": model.name,
+            "version": entry.version,
+            "config": model.config.SerializeToString(),
+            "config_json": json.dumps(config_to_json(model.config)),
+            "model_dir": str(model.directory),
+            "version_dir": str(entry.directory),
+            "instance_name": self._instance_name(model, index),
+            "describe": describe,
+            "op_libraries": [str(p) for p in entry.libraries],
+            "server_op_libraries": [str(p) for p in self.server_op_libraries.get(framework, [])],
+            "preloaded_libraries": [str(p) for p in self.preloaded.get(framework, [])],
+            "repository": str(model.directory.parent),
+            "library_frameworks": {
+                str(p): f for p in entry.libraries if (f := _framework_of(p)) is not None
+            },
+        }
+
+    async def _spawn(
+        self, model: Model, entry: ModelVersion, index: int = 0, describe: bool = False
+    ) -> ModelLoaded:
+        """One more instance of a version: a worker process with the model loaded (or, in
+        phase one, described)."""
         worker = WorkerProcess(
-            entry.label, self.ring_capacity, self._worker_exited, self._worker_environment()
+            entry.label,
+            self.ring_capacity,
+            self._worker_exited,
+            await self._launcher(model),
+            self.host,
         )
         entry.workers.append(worker)
         await worker.start()
-        return await worker.load(
-            model_name=model.name,
-            version=entry.version,
-            config=model.config.SerializeToString(),
-            model_dir=str(model.directory),
-            version_dir=str(entry.directory),
-            op_libraries=[str(p) for p in entry.libraries],
-            server_op_libraries=[str(p) for p in self.server_op_libraries.get(framework, [])],
-            preloaded_libraries=[str(p) for p in self.preloaded.get(framework, [])],
-        )
+        return await worker.load(**self._load_fields(model, entry, index, describe))
+
+    async def _launcher(self, model: Model) -> Launcher:
+        """How this model's workers start: the server's interpreter, or the Python model's own
+        execution environment."""
+        env = self._worker_environment()
+        parameter = model.config.parameters.get("EXECUTION_ENV_PATH")
+        if parameter is not None and parameter.string_value:
+            if model.config.backend != "python":
+                raise InvalidArgumentError(
+                    f"model '{model.name}': EXECUTION_ENV_PATH is a parameter of Python models; "
+                    f"backend '{model.config.backend}' runs in the server's environment"
+                )
+            return await environment_launcher(parameter.string_value, model.directory, env)
+        return Launcher(env=env)
 
     async def _inspect(self, model: Model, framework: str | None, libraries: list[Path]) -> None:
         """Every library this model's worker would load, inspected first in throwaway processes:
@@ -455,7 +544,7 @@ class ModelManager:
     async def _replace(self, model: Model, entry: ModelVersion) -> None:
         await asyncio.sleep(RESTART_DELAY_S)
         try:
-            await self._spawn(model, entry)
+            await self._spawn(model, entry, index=len(entry.workers))
         except OpserveError as exc:
             log.error("%s: restarting its worker failed: %s", entry.label, exc.message)
             entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
@@ -490,12 +579,15 @@ def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(entries)
 
 
+def _framework_of(library: Path) -> str | None:
+    try:
+        return library_framework(library)
+    except OpserveError:
+        return None
+
+
 def _by_framework(libraries: Iterable[Path]) -> dict[str | None, list[Path]]:
     grouped: dict[str | None, list[Path]] = {}
     for library in libraries:
-        try:
-            framework = library_framework(library)
-        except OpserveError:
-            framework = None
-        grouped.setdefault(framework, []).append(library)
+        grouped.setdefault(_framework_of(library), []).append(library)
     return grouped

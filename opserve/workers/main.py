@@ -1,39 +1,75 @@
-"""The worker process: hosts one model version and executes its requests in order.
+"""The worker process: hosts one instance of one model version.
 
-Started by the server as `python -m opserve.workers.main SOCKET_FD REQUEST_RING_FD
-RESPONSE_RING_FD RING_CAPACITY`. The server never imports a framework; this process does.
+Started by the server (see `launcher`) as `python -m opserve.workers.main SOCKET_FD
+REQUEST_RING_FD RESPONSE_RING_FD RING_CAPACITY`. The server never imports a framework; this
+process does.
+
+Two threads: a reader receives every message; loads and executions go, in order, to the main
+thread, while answers to the model's own calls (BLS results, metric values) and cancellations are
+handed straight to whoever waits for them, so a model may call the server from inside `execute`.
+Anything may send (a decoupled model answers from its own threads): a message and the ring
+writes it refers to are made under the channel's lock, so ring positions follow message order.
+
+This module and what it imports need only the standard library and numpy (protobuf only for a
+framework backend), so a Python model may run under another interpreter.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from opserve.backends import Backend, BackendContext, backend_class
+from opserve.backends import Backend, BackendContext, Reply, Request, backend_class
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
-from opserve.errors import InternalError, OpserveError
-from opserve.proto import ModelConfig, model_config_pb2
+from opserve.errors import InternalError, OpserveError, error_from_code
 from opserve.workers.channel import BlockingChannel
 from opserve.workers.messages import (
+    BlsRequest,
+    BlsResult,
+    Call,
+    CallResult,
+    Cancel,
     Done,
+    Execute,
+    Executed,
     Failed,
-    Infer,
-    InferResult,
     LoadModel,
+    Message,
     ModelLoaded,
+    Responses,
     TensorRef,
     UnloadModel,
+    WireError,
+    WireRequest,
+    WireResponse,
 )
-from opserve.workers.ring import ShmRing
+from opserve.workers.ring import Releases, ShmRing
 
 log = logging.getLogger("opserve.worker")
+
+
+@dataclass
+class _Execution:
+    """An execution whose requests are not all answered (decoupled models answer later)."""
+
+    id: int
+    requests: list[Request]
+    release: list[int | bool]  # its entry in the request ring's releases
+    open: set[int] = field(default_factory=set)  # indexes without a final response yet
+    returned: bool = False  # `execute` has returned
 
 
 class Worker:
@@ -41,13 +77,26 @@ class Worker:
         self.channel = channel
         self.requests = requests
         self.responses = responses
+        self.releases = Releases(requests)
         self.backend: Backend | None = None
         self.bf16_outputs: set[str] = set()  # outputs whose 16-bit words are BF16
+        self._tasks: queue.SimpleQueue[tuple[Message, list[int | bool] | None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._waiting: dict[int, queue.SimpleQueue[tuple[Message, list[int | bool]]]] = {}
+        self._executions: dict[int, _Execution] = {}
+        self._lock = threading.Lock()  # guards _executions
+        self._ids = itertools.count(1)
 
+    # threads -----------------------------------------------------------------------------------
     def serve(self) -> None:
-        while (message := self.channel.receive()) is not None:
-            if isinstance(message, Infer):
-                self.channel.send(self.infer(message))
+        reader = threading.Thread(target=self._read, name="opserve-reader", daemon=True)
+        reader.start()
+        while (task := self._tasks.get()) is not None:
+            message, release = task
+            if isinstance(message, Execute):
+                assert release is not None
+                self.execute(message, release)
             elif isinstance(message, LoadModel):
                 self.channel.send(self.load(message))
             elif isinstance(message, UnloadModel):
@@ -57,60 +106,146 @@ class Worker:
                 self.channel.send(Done(message.id))
                 return
 
+    def _read(self) -> None:
+        try:
+            while (message := self.channel.receive()) is not None:
+                if isinstance(message, (Execute, BlsResult)):
+                    release = self.releases.register(message.ring_end)
+                    if isinstance(message, BlsResult):
+                        self._deliver(message.id, message, release)
+                    else:
+                        self._tasks.put((message, release))
+                elif isinstance(message, CallResult):
+                    self._deliver(message.id, message, [0, True])
+                elif isinstance(message, Cancel):
+                    with self._lock:
+                        execution = self._executions.get(message.id)
+                    if execution is not None and message.index < len(execution.requests):
+                        execution.requests[message.index].cancelled = True
+                else:
+                    self._tasks.put((message, None))
+        except OSError:
+            pass
+        self._tasks.put(None)  # the server has gone: end
+        for waiting in list(self._waiting.values()):
+            waiting.put(
+                (CallResult(0, error=WireError("UNAVAILABLE", "the server has gone")), [0, True])
+            )
+
+    def _deliver(self, call: int, message: Message, release: list[int | bool]) -> None:
+        waiting = self._waiting.get(call)
+        if waiting is not None:
+            waiting.put((message, release))
+        elif isinstance(message, BlsResult):
+            self.releases.finish(release)
+
+    # loading -----------------------------------------------------------------------------------
     def load(self, message: LoadModel) -> ModelLoaded | Failed:
-        config = ModelConfig()
-        config.ParseFromString(message.config)
         context = BackendContext(
-            config=config,
+            config_bytes=message.config,
+            config_json=message.config_json,
             model_dir=Path(message.model_dir),
             version_dir=Path(message.version_dir),
             op_libraries=[Path(p) for p in message.op_libraries],
             server_op_libraries=[Path(p) for p in message.server_op_libraries],
             preloaded_libraries=[Path(p) for p in message.preloaded_libraries],
+            model_name=message.model_name,
+            version=message.version,
+            instance_name=message.instance_name,
+            repository=message.repository,
+            library_frameworks=message.library_frameworks,
+            services=self,
         )
+        config = context.config_dict
         try:
-            backend = backend_class(config.backend)(context)
-            backend.load()
-            signature = backend.signature()
+            if self.backend is None:
+                self.backend = backend_class(config.get("backend", ""))(context)
+            if message.describe:
+                description = self.backend.describe()
+                return ModelLoaded(
+                    message.id,
+                    description.signature,
+                    [str(p) for p in self.backend.loaded_op_libraries],
+                    description.config_json,
+                )
+            self.backend.start(context)
         except OpserveError as exc:
             return Failed(message.id, exc.code.value, exc.message)
         except Exception as exc:  # a backend bug must not kill the worker silently
             log.exception("loading model '%s' failed", message.model_name)
             return Failed(message.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
-        self.backend = backend
         self.bf16_outputs = {
-            o.name for o in config.output if o.data_type == model_config_pb2.TYPE_BF16
+            o["name"] for o in config.get("output", []) if o.get("data_type") == "TYPE_BF16"
         }
-        libraries = [str(p) for p in backend.loaded_op_libraries]
-        return ModelLoaded(message.id, signature, libraries)
+        libraries = [str(p) for p in self.backend.loaded_op_libraries]
+        return ModelLoaded(message.id, None, libraries, decoupled=self.backend.decoupled)
 
-    def infer(self, message: Infer) -> InferResult | Failed:
+    # executing ---------------------------------------------------------------------------------
+    def execute(self, message: Execute, release: list[int | bool]) -> None:
         started = time.monotonic_ns()
+        backend = self.backend
+        requests: list[Request] = []
         try:
-            if self.backend is None:
+            requests = [self._request(message.id, i, r) for i, r in enumerate(message.requests)]
+            if backend is None:
                 raise InternalError("no model is loaded in this worker")
-            inputs = {ref.name: self._input_array(ref) for ref in message.inputs}
+            execution = _Execution(message.id, requests, release, set(range(len(requests))))
+            if backend.decoupled:
+                with self._lock:
+                    self._executions[message.id] = execution
             prepared = time.monotonic_ns()
-            results = self.backend.execute(inputs, message.outputs)
+            replies = backend.run(requests)
             executed = time.monotonic_ns()
-            outputs = [self._write_output(name, array) for name, array in results.items()]
-        except OpserveError as exc:
-            return Failed(message.id, exc.code.value, exc.message, self.responses.head)
         except Exception as exc:
+            self._fail_execution(message.id, requests or message.requests, release, exc)
+            return
+        if backend.decoupled:
+            timings = (started, prepared - started, executed - prepared, 0)
+            self.channel.send(Executed(message.id, timings))
+            execution.returned = True
+            self._maybe_finish(execution)
+            return
+        try:
+            if replies is None or len(replies) != len(requests):
+                got = "None" if replies is None else f"{len(replies)} responses"
+                raise InternalError(
+                    f"model returned {got} for {len(requests)} requests; execute must return "
+                    "one response per request"
+                )
+            with self.channel.lock:
+                wires = [self._wire_response(i, reply) for i, reply in enumerate(replies)]
+                timings = (started, prepared - started, executed - prepared, 0)
+                timings = (*timings[:3], time.monotonic_ns() - executed)
+                self.channel.send_locked(Responses(message.id, wires, self.responses.head, timings))
+        except Exception as exc:
+            self._fail_execution(message.id, requests, release, exc)
+            return
+        self.releases.finish(release)
+
+    def _fail_execution(
+        self, execution: int, requests: list[Any], release: list[int | bool], exc: Exception
+    ) -> None:
+        if not isinstance(exc, OpserveError):
             log.exception("inference failed")
-            return Failed(
-                message.id, "INTERNAL", f"{type(exc).__name__}: {exc}", self.responses.head
-            )
-        finally:
-            self.requests.release(message.ring_end)
-        return InferResult(
-            message.id,
-            outputs,
-            self.responses.head,
-            started,
-            prepared - started,
-            executed - prepared,
-            time.monotonic_ns() - executed,
+        error = _wire_error(exc)
+        with self._lock:
+            state = self._executions.pop(execution, None)
+        indexes = sorted(state.open) if state is not None else range(len(requests))
+        with self.channel.lock:
+            wires = [WireResponse(i, None, error, True) for i in indexes]
+            self.channel.send_locked(Responses(execution, wires, self.responses.head, (0, 0, 0, 0)))
+        self.releases.finish(release)
+
+    def _request(self, execution: int, index: int, wire: WireRequest) -> Request:
+        return Request(
+            index,
+            execution,
+            wire.id,
+            {ref.name: self._input_array(ref) for ref in wire.inputs},
+            wire.outputs,
+            wire.parameters,
+            wire.correlation_id,
+            wire.flags,
         )
 
     def _input_array(self, ref: TensorRef) -> np.ndarray:
@@ -121,12 +256,49 @@ class Worker:
         )
         dtype = NUMPY_DTYPES[ref.datatype]
         if dtype is None:
-            array = np.empty(len(elements := deserialize_bytes(data)), dtype=np.object_)
-            array[:] = elements
-            return array.reshape(ref.shape)
-        return np.frombuffer(data, dtype=dtype).reshape(ref.shape)
+            objects = np.empty(len(elements := deserialize_bytes(data)), dtype=np.object_)
+            objects[:] = elements
+            return objects.reshape(ref.shape)
+        array = np.frombuffer(data, dtype=dtype).reshape(ref.shape)
+        array.flags.writeable = False
+        return array
 
-    def _write_output(self, name: str, array: np.ndarray) -> TensorRef:
+    # answering ---------------------------------------------------------------------------------
+    def respond(self, request: Request, reply: Reply | None, final: bool) -> None:
+        """A decoupled model's response (from any thread); `final` closes the request."""
+        with self._lock:
+            execution = self._executions.get(request.execution)
+            if execution is None or request.index not in execution.open:
+                raise InternalError("the response sender of this request is closed")
+            if final:
+                execution.open.discard(request.index)
+        with self.channel.lock:
+            if reply is None:
+                wire = WireResponse(request.index, None, None, final)
+            else:
+                wire = self._wire_response(request.index, reply, final)
+            self.channel.send_locked(Responses(request.execution, [wire], self.responses.head))
+        if final:
+            self._maybe_finish(execution)
+
+    def _maybe_finish(self, execution: _Execution) -> None:
+        with self._lock:
+            if execution.open or not execution.returned:
+                return
+            if self._executions.pop(execution.id, None) is None:
+                return
+        self.releases.finish(execution.release)
+
+    def _wire_response(self, index: int, reply: Reply, final: bool = True) -> WireResponse:
+        """Outputs written into the response ring (the caller holds the channel's lock)."""
+        if reply.error is not None:
+            return WireResponse(index, None, _wire_error(reply.error), final, reply.parameters)
+        outputs = reply.outputs or {}
+        refs = [self.write_tensor(name, array) for name, array in outputs.items()]
+        return WireResponse(index, refs, None, final, reply.parameters)
+
+    def write_tensor(self, name: str, array: np.ndarray) -> TensorRef:
+        """Copy one tensor into the response ring (the caller holds the channel's lock)."""
         array = np.asarray(array)
         datatype = numpy_to_v2(array.dtype)
         if name in self.bf16_outputs and array.dtype.itemsize == 2:
@@ -142,6 +314,70 @@ class Worker:
         if offset is None:
             return TensorRef(name, datatype, shape, inline=bytes(data))
         return TensorRef(name, datatype, shape, offset, len(data))
+
+    # the model's own calls ---------------------------------------------------------------------
+    def infer(
+        self, request: WireRequest, inputs: dict[str, np.ndarray], decoupled: bool, timeout_us: int
+    ) -> Iterator[Reply]:
+        """Run a request on any model the server has (BLS); replies as they come, the last one
+        final. Output arrays are the worker's own copies."""
+        call = next(self._ids)
+        answers: queue.SimpleQueue[tuple[Message, list[int | bool]]] = queue.SimpleQueue()
+        self._waiting[call] = answers
+        try:
+            with self.channel.lock:
+                request.inputs = [self.write_tensor(n, a) for n, a in inputs.items()]
+                self.channel.send_locked(
+                    BlsRequest(call, request, decoupled, timeout_us, self.responses.head)
+                )
+            while True:
+                message, release = answers.get()
+                if isinstance(message, CallResult):  # the server went away
+                    assert message.error is not None
+                    yield Reply(error=error_from_code(message.error.code, message.error.message))
+                    return
+                assert isinstance(message, BlsResult)
+                try:
+                    reply = self._reply(message.response)
+                finally:
+                    self.releases.finish(release)
+                yield reply
+                if message.response.final:
+                    return
+        finally:
+            del self._waiting[call]
+
+    def _reply(self, wire: WireResponse) -> Reply:
+        if wire.error is not None:
+            return Reply(error=error_from_code(wire.error.code, wire.error.message))
+        outputs = None
+        if wire.outputs is not None:
+            outputs = {ref.name: np.array(self._input_array(ref)) for ref in wire.outputs}
+        return Reply(outputs, None, wire.parameters)
+
+    def call(self, service: str, arguments: dict[str, Any], wait: bool) -> Any:
+        """A call on a server service (logging, metrics); its answer when `wait`."""
+        if not wait:
+            self.channel.send(Call(0, service, arguments))
+            return None
+        call = next(self._ids)
+        answers: queue.SimpleQueue[tuple[Message, list[int | bool]]] = queue.SimpleQueue()
+        self._waiting[call] = answers
+        try:
+            self.channel.send(Call(call, service, arguments))
+            message, _ = answers.get()
+        finally:
+            del self._waiting[call]
+        assert isinstance(message, CallResult)
+        if message.error is not None:
+            raise error_from_code(message.error.code, message.error.message)
+        return message.value
+
+
+def _wire_error(exc: BaseException) -> WireError:
+    if isinstance(exc, OpserveError):
+        return WireError(exc.code.value, exc.message)
+    return WireError("INTERNAL", f"{type(exc).__name__}: {exc}")
 
 
 def main(argv: list[str]) -> int:

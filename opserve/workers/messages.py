@@ -1,15 +1,22 @@
-"""The typed messages that cross between the server and a worker process.
+"""The typed messages that cross between the server and a worker process, in both directions.
 
-Each message is a small dataclass with the id of the request it belongs to; it is pickled, but
-tensor data never is: a `TensorRef` points into the sender's shared-memory ring (or, when the
-ring has no room, carries the bytes inline).
+Each message is a small dataclass with an id; it is pickled, but tensor data never is: a
+`TensorRef` points into the sender's shared-memory ring (or, when the ring has no room, carries
+the bytes inline). The server sends into the request ring, the worker into the response ring.
+
+Ids: the server numbers what it starts (loads, executions, cancellations), the worker numbers what
+it starts (BLS requests, metric calls); each side answers with the id it was given.
+
+This module imports neither protobuf nor a framework: a worker under another interpreter (a
+per-model environment) needs only the standard library and numpy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from opserve.config.autocomplete import ModelSignature
+from opserve.signature import ModelSignature
 
 
 @dataclass(slots=True)
@@ -23,49 +30,126 @@ class TensorRef:
 
 
 @dataclass(slots=True)
+class WireRequest:
+    """One inference request, whole: what the model sees of it."""
+
+    id: str
+    inputs: list[TensorRef]
+    outputs: list[str] | None  # requested outputs; None means all
+    parameters: dict[str, Any] = field(default_factory=dict)
+    correlation_id: int | str = 0
+    flags: int = 0
+    model_name: str = ""  # set on BLS requests
+    model_version: str = ""
+
+
+@dataclass(slots=True)
+class WireError:
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class WireResponse:
+    """One response to request `index` of an execution (or of a BLS call)."""
+
+    index: int
+    outputs: list[TensorRef] | None = None  # None: no response, only a flag
+    error: WireError | None = None
+    final: bool = True
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# server -> worker --------------------------------------------------------------------------------
+@dataclass(slots=True)
 class LoadModel:
+    """Phase 1 (`describe=True`): load enough to describe the model (its signature, or its own
+    auto-completed config). Phase 2: start serving with the completed config."""
+
     id: int
     model_name: str
     version: int
     config: bytes  # a serialized ModelConfig
+    config_json: str  # the same config in Triton's JSON form
     model_dir: str
     version_dir: str
+    instance_name: str = ""
+    describe: bool = False
     op_libraries: list[str] = field(default_factory=list)  # resolved per-model libraries
     server_op_libraries: list[str] = field(default_factory=list)  # --op-library
     preloaded_libraries: list[str] = field(default_factory=list)  # from LD_PRELOAD
+    repository: str = ""  # the model's repository folder
+    library_frameworks: dict[str, str] = field(default_factory=dict)  # path -> framework
 
 
 @dataclass(slots=True)
-class ModelLoaded:
+class Execute:
+    """A batch of requests for one execution; the request ring up to `ring_end` is theirs."""
+
     id: int
-    signature: ModelSignature
-    op_libraries: list[str]  # what the backend registered, resolved paths
+    requests: list[WireRequest]
+    ring_end: int
 
 
 @dataclass(slots=True)
-class Infer:
-    id: int
-    inputs: list[TensorRef]
-    outputs: list[str] | None  # None means all
-    ring_end: int  # release the request ring up to here once the inputs are used
+class Cancel:
+    """The client of request `index` of execution `id` went away."""
 
-
-@dataclass(slots=True)
-class InferResult:
     id: int
-    outputs: list[TensorRef]
-    ring_end: int  # release the response ring up to here once the outputs are copied
-    # time.monotonic_ns() when the worker began (the same clock in every process), and the
-    # nanoseconds spent preparing inputs, in the backend, and writing outputs
-    started_ns: int = 0
-    input_ns: int = 0
-    infer_ns: int = 0
-    output_ns: int = 0
+    index: int
 
 
 @dataclass(slots=True)
 class UnloadModel:
     id: int
+
+
+@dataclass(slots=True)
+class BlsResult:
+    """An answer to a worker's `BlsRequest`; its tensors are in the request ring up to `ring_end`."""
+
+    id: int
+    response: WireResponse
+    ring_end: int
+
+
+@dataclass(slots=True)
+class CallResult:
+    id: int
+    value: Any = None
+    error: WireError | None = None
+
+
+# worker -> server --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class ModelLoaded:
+    id: int
+    signature: ModelSignature | None  # phase 1 of a framework model
+    op_libraries: list[str]  # what the backend registered, resolved paths
+    config_json: str | None = None  # phase 1 of a model that completes its own config
+    decoupled: bool = False
+
+
+@dataclass(slots=True)
+class Responses:
+    """Responses of execution `id`; outputs are in the response ring before `ring_end`.
+
+    A non-decoupled model answers every request at once, with the execution's timings
+    (`time.monotonic_ns()` when the worker began: the same clock in every process, and the
+    nanoseconds spent preparing inputs, executing, and writing outputs). A decoupled model sends
+    responses as it makes them, then `Executed` when `execute` returns.
+    """
+
+    id: int
+    responses: list[WireResponse]
+    ring_end: int
+    timings: tuple[int, int, int, int] | None = None
+
+
+@dataclass(slots=True)
+class Executed:
+    id: int
+    timings: tuple[int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -81,4 +165,41 @@ class Failed:
     ring_end: int = -1  # response ring position to release, when outputs had been written
 
 
-Message = LoadModel | ModelLoaded | Infer | InferResult | UnloadModel | Done | Failed
+@dataclass(slots=True)
+class BlsRequest:
+    """A model asks the server to run `request` (tensors in the response ring before `ring_end`)."""
+
+    id: int
+    request: WireRequest
+    decoupled: bool
+    timeout_us: int
+    ring_end: int
+
+
+@dataclass(slots=True)
+class Call:
+    """A model's call on a server service that answers (`CallResult`) unless `id` is 0.
+
+    `service` is "log" or "metric"; `arguments` are the service's own.
+    """
+
+    id: int
+    service: str
+    arguments: dict[str, Any]
+
+
+Message = (
+    LoadModel
+    | ModelLoaded
+    | Execute
+    | Cancel
+    | Responses
+    | Executed
+    | UnloadModel
+    | Done
+    | Failed
+    | BlsRequest
+    | BlsResult
+    | Call
+    | CallResult
+)

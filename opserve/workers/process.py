@@ -1,35 +1,44 @@
 """The server's handle on one worker process: start it, talk to it, notice when it dies.
 
-Requests are pipelined over a socket pair: each gets an id and a future; replies resolve the
-futures in arrival order. Input tensors are copied once into the request ring, outputs once out
-of the response ring; only small control messages cross the socket.
+Executions are pipelined over a socket pair: each gets an id; the worker's answers find their
+requests by id and index. Input tensors are copied once into the request ring, outputs once out
+of the response ring; only small control messages cross the socket. The worker may also speak
+first: a BLS request or a service call (logging, metrics) goes to the `WorkerHost`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import signal
 import socket
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from opserve.errors import InternalError, OpserveError, error_from_code
-from opserve.inference import Tensor
-from opserve.workers.channel import FRAME, encode
+from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
+from opserve.workers.channel import FrameDecoder, encode
+from opserve.workers.launcher import Launcher
 from opserve.workers.messages import (
+    BlsRequest,
+    BlsResult,
+    Call,
+    CallResult,
+    Cancel,
     Done,
+    Execute,
+    Executed,
     Failed,
-    Infer,
-    InferResult,
     LoadModel,
     Message,
     ModelLoaded,
+    Responses,
     TensorRef,
     UnloadModel,
+    WireError,
+    WireRequest,
+    WireResponse,
 )
 from opserve.workers.ring import ShmRing
 
@@ -39,14 +48,41 @@ DEFAULT_RING_CAPACITY = 16 << 20
 
 
 @dataclass(slots=True)
-class Execution:
-    """What one execution in a worker returned, with its timings (see `InferResult`)."""
+class Timings:
+    """When the worker began an execution (`time.monotonic_ns()`, one clock for every process)
+    and the nanoseconds it spent preparing inputs, executing, and writing outputs."""
 
-    outputs: list[Tensor]
     started_ns: int
     input_ns: int
     infer_ns: int
     output_ns: int
+
+
+class Submission(Protocol):
+    """A request handed to a worker, and where its responses go."""
+
+    request: InferenceRequest
+
+    def deliver(self, item: Delivery, final: bool) -> None: ...
+
+
+class WorkerHost(Protocol):
+    """The server's side of what a model may ask for."""
+
+    def bls(
+        self, request: InferenceRequest, decoupled: bool, timeout_us: int
+    ) -> AsyncIterator[tuple[Delivery, bool]]: ...
+
+    def call(self, worker: WorkerProcess, service: str, arguments: dict[str, Any]) -> Any: ...
+
+    def worker_ended(self, worker: WorkerProcess) -> None: ...
+
+
+@dataclass(slots=True)
+class _Running:
+    batch: Sequence[Submission]
+    returned: asyncio.Future[Timings]  # `execute` returned in the worker
+    open: set[int] = field(default_factory=set)  # requests without a final response
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -63,25 +99,13 @@ def describe_exit(returncode: int | None) -> str:
 
 class _ChannelProtocol(asyncio.Protocol):
     def __init__(self, on_message: Callable[[Message], None], on_lost: Callable[[], None]) -> None:
-        self._buffer = bytearray()
+        self._decoder = FrameDecoder()
         self._on_message = on_message
         self._on_lost = on_lost
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        offset = 0
-        size = len(buffer)
-        while size - offset >= FRAME.size:
-            (length,) = FRAME.unpack_from(buffer, offset)
-            end = offset + FRAME.size + length
-            if end > size:
-                break
-            message = pickle.loads(buffer[offset + FRAME.size : end])
-            offset = end
+        for message in self._decoder.feed(data):
             self._on_message(message)
-        if offset:
-            del buffer[:offset]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost()
@@ -95,20 +119,25 @@ class WorkerProcess:
         label: str,
         ring_capacity: int = DEFAULT_RING_CAPACITY,
         on_exit: Callable[[WorkerProcess, str], None] | None = None,
-        env: dict[str, str] | None = None,
+        launcher: Launcher | None = None,
+        host: WorkerHost | None = None,
     ) -> None:
         self.label = label
-        self.env = env
+        self.launcher = launcher or Launcher()
         self.ring_capacity = ring_capacity
+        self.host = host
         self._on_exit = on_exit
         self._process: asyncio.subprocess.Process | None = None
         self._transport: asyncio.Transport | None = None
         self._requests: ShmRing | None = None
         self._responses: ShmRing | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}  # loads and unloads
+        self._running: dict[int, _Running] = {}  # executions
+        self._busy = 0  # executions whose `execute` has not returned
         self._next_id = 0
         self._stopping = False
         self._exited = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.exit_reason = ""
 
     @property
@@ -119,6 +148,11 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._process is not None and not self._exited.is_set()
 
+    @property
+    def in_flight(self) -> int:
+        """Executions sent to this worker whose `execute` has not returned."""
+        return self._busy
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -127,14 +161,10 @@ class WorkerProcess:
         fds = (child.fileno(), self._requests.fd, self._responses.fd)
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "opserve.workers.main",
-                *(str(fd) for fd in fds),
-                str(self.ring_capacity),
+                *self.launcher.command(fds, self.ring_capacity),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
-                env=self.env,
+                env=self.launcher.env,
             )
         finally:
             child.close()
@@ -146,40 +176,55 @@ class WorkerProcess:
         log.debug("worker %s started (pid %s)", self.label, self._process.pid)
 
     # requests ----------------------------------------------------------------------------------
-    def _submit(self, build: Callable[[int], Message]) -> asyncio.Future[Any]:
+    def _check_alive(self) -> asyncio.Transport:
         if not self.alive or self._transport is None or self._transport.is_closing():
             raise InternalError(
                 f"the worker process of {self.label} {describe_exit(self._returncode())}"
             )
+        return self._transport
+
+    def _new_id(self) -> int:
         self._next_id += 1
+        return self._next_id
+
+    def _submit(self, build: Callable[[int], Message]) -> asyncio.Future[Any]:
+        transport = self._check_alive()
+        message_id = self._new_id()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[self._next_id] = future
-        self._transport.write(encode(build(self._next_id)))
+        self._pending[message_id] = future
+        transport.write(encode(build(message_id)))
         return future
 
     async def load(self, **fields: Any) -> ModelLoaded:
         return await self._submit(lambda i: LoadModel(id=i, **fields))
 
-    @property
-    def in_flight(self) -> int:
-        """Requests sent to this worker and not answered yet."""
-        return len(self._pending)
-
-    async def infer(self, inputs: list[Tensor], outputs: list[str] | None) -> Execution:
+    def execute(self, batch: Sequence[Submission]) -> tuple[int, asyncio.Future[Timings]]:
+        """Send a batch for one execution: its id, and a future of its timings, resolved when
+        `execute` has returned in the worker. Responses reach each submission's `deliver`."""
+        transport = self._check_alive()
         ring = self._requests
         assert ring is not None
-        refs = []
-        for tensor in inputs:
-            offset = ring.write(tensor.data)
-            if offset is None:
-                refs.append(
-                    TensorRef(tensor.name, tensor.datatype, tensor.shape, inline=bytes(tensor.data))
-                )
-            else:
-                refs.append(
-                    TensorRef(tensor.name, tensor.datatype, tensor.shape, offset, len(tensor.data))
-                )
-        return await self._submit(lambda i: Infer(i, refs, outputs, ring.head))
+        wires = [_wire_request(s.request) for s in batch]
+        if len(batch) == 1:
+            for tensor, ref in zip(batch[0].request.inputs, wires[0].inputs, strict=True):
+                _place(ring, [tensor], [ref])
+        else:  # each input's tensors end to end, so the worker merges them without a copy
+            for position in range(len(wires[0].inputs)):
+                name = wires[0].inputs[position].name
+                tensors = [_input(s.request, name) for s in batch]
+                refs = [_ref(w, name) for w in wires]
+                _place(ring, tensors, refs)
+        execution = self._new_id()
+        returned: asyncio.Future[Timings] = asyncio.get_running_loop().create_future()
+        self._running[execution] = _Running(batch, returned, set(range(len(batch))))
+        self._busy += 1
+        transport.write(encode(Execute(execution, wires, ring.head)))
+        return execution, returned
+
+    def cancel(self, execution: int, index: int) -> None:
+        """Tell the model that a request's client went away (`is_cancelled`)."""
+        if execution in self._running and self.alive and self._transport is not None:
+            self._transport.write(encode(Cancel(execution, index)))
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Unload and end the process; kill it if it does not end in time."""
@@ -190,38 +235,71 @@ class WorkerProcess:
                 await asyncio.wait_for(self._exited.wait(), timeout)
             except (asyncio.TimeoutError, OpserveError):
                 pass
+        self.kill()
+        await self._exited.wait()
+
+    def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
-            await self._exited.wait()
 
-    # replies -----------------------------------------------------------------------------------
+    # what the worker says ----------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
-        future = self._pending.pop(message.id, None)
-        result: Execution | ModelLoaded | Done
-        if isinstance(message, InferResult):
-            result = Execution(
-                self._read_outputs(message.outputs),
-                message.started_ns,
-                message.input_ns,
-                message.infer_ns,
-                message.output_ns,
-            )
-            self._responses.release(message.ring_end)  # type: ignore[union-attr]
+        if isinstance(message, Responses):
+            self._responses_arrived(message)
+        elif isinstance(message, Executed):
+            self._executed(message.id, message.timings)
+        elif isinstance(message, BlsRequest):
+            request = self._bls_request(message)
+            self._background(self._serve_bls(message.id, request, message))
+        elif isinstance(message, Call):
+            self._serve_call(message)
         elif isinstance(message, Failed):
             if message.ring_end >= 0:
                 self._responses.release(message.ring_end)  # type: ignore[union-attr]
+            future = self._pending.pop(message.id, None)
             if future is not None and not future.done():
                 future.set_exception(error_from_code(message.code, message.message))
-            return
         elif isinstance(message, (ModelLoaded, Done)):
-            result = message
+            future = self._pending.pop(message.id, None)
+            if future is not None and not future.done():
+                future.set_result(message)
         else:
             log.error("unexpected message from worker %s: %r", self.label, message)
-            return
-        if future is not None and not future.done():
-            future.set_result(result)
 
-    def _read_outputs(self, refs: list[TensorRef]) -> list[Tensor]:
+    def _responses_arrived(self, message: Responses) -> None:
+        running = self._running.get(message.id)
+        deliveries = [(wire, self._delivery(wire)) for wire in message.responses]
+        self._responses.release(message.ring_end)  # type: ignore[union-attr]
+        if running is None:
+            return
+        for wire, item in deliveries:
+            if wire.final:
+                running.open.discard(wire.index)
+            running.batch[wire.index].deliver(item, wire.final)
+        if message.timings is not None:
+            self._executed(message.id, message.timings)
+        elif not running.open and running.returned.done():
+            del self._running[message.id]
+
+    def _executed(self, execution: int, timings: tuple[int, int, int, int]) -> None:
+        running = self._running.get(execution)
+        if running is None:
+            return
+        self._busy -= 1
+        if not running.open:
+            del self._running[execution]
+        if not running.returned.done():
+            running.returned.set_result(Timings(*timings))
+
+    def _delivery(self, wire: WireResponse) -> Delivery:
+        if wire.error is not None:
+            return error_from_code(wire.error.code, wire.error.message)
+        if wire.outputs is None:
+            return None
+        outputs = self._read_tensors(wire.outputs)
+        return InferenceResponse("", "", outputs, parameters=wire.parameters)
+
+    def _read_tensors(self, refs: list[TensorRef]) -> list[Tensor]:
         buffer = self._responses.buffer  # type: ignore[union-attr]
         return [
             Tensor(
@@ -234,6 +312,61 @@ class WorkerProcess:
             )
             for ref in refs
         ]
+
+    # the model's own requests ------------------------------------------------------------------
+    def _bls_request(self, message: BlsRequest) -> InferenceRequest:
+        wire = message.request
+        inputs = self._read_tensors(wire.inputs)
+        self._responses.release(message.ring_end)  # type: ignore[union-attr]
+        return InferenceRequest(
+            wire.model_name,
+            wire.model_version,
+            inputs,
+            wire.outputs,
+            wire.id,
+            wire.parameters,
+            correlation_id=wire.correlation_id,
+            flags=wire.flags,
+        )
+
+    async def _serve_bls(self, call: int, request: InferenceRequest, message: BlsRequest) -> None:
+        if self.host is None:
+            stream = _single(InternalError("this worker has no server to run requests on"))
+        else:
+            stream = self.host.bls(request, message.decoupled, message.timeout_us)
+        async for item, final in stream:
+            if not self.alive or self._transport is None:
+                return
+            ring = self._requests
+            assert ring is not None
+            if isinstance(item, OpserveError):
+                wire = WireResponse(0, None, WireError(item.code.value, item.message), final)
+            elif item is None:
+                wire = WireResponse(0, None, None, final)
+            else:
+                refs = [_ref_for(t) for t in item.outputs]
+                _place_each(ring, item.outputs, refs)
+                wire = WireResponse(0, refs, None, final, item.parameters)
+            self._transport.write(encode(BlsResult(call, wire, ring.head)))
+
+    def _serve_call(self, message: Call) -> None:
+        try:
+            if self.host is None:
+                raise InternalError("this worker has no server to call")
+            value = self.host.call(self, message.service, message.arguments)
+            answer = CallResult(message.id, value)
+        except OpserveError as exc:
+            answer = CallResult(message.id, None, WireError(exc.code.value, exc.message))
+        except Exception as exc:  # a bad call must not break the channel
+            log.exception("service call %s from %s failed", message.service, self.label)
+            answer = CallResult(message.id, None, WireError("INTERNAL", str(exc)))
+        if message.id and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(encode(answer))
+
+    def _background(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # the end of a worker -----------------------------------------------------------------------
     def _returncode(self) -> int | None:
@@ -255,10 +388,76 @@ class WorkerProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+        running, self._running = self._running, {}
+        self._busy = 0
+        for execution in running.values():
+            for index in sorted(execution.open):
+                execution.batch[index].deliver(error, True)
+            if not execution.returned.done():
+                execution.returned.set_exception(error)
+                execution.returned.exception()  # retrieved: nobody may be waiting
+        for task in list(self._tasks):
+            task.cancel()
         for ring in (self._requests, self._responses):
             if ring is not None:
                 ring.close()
+        if self.host is not None:
+            self.host.worker_ended(self)
         if not self._stopping:
             log.error("worker process %s (pid %s) %s", self.label, self.pid, self.exit_reason)
             if self._on_exit is not None:
                 self._on_exit(self, self.exit_reason)
+
+
+async def _single(error: OpserveError) -> AsyncIterator[tuple[Delivery, bool]]:
+    yield error, True
+
+
+def _wire_request(request: InferenceRequest) -> WireRequest:
+    return WireRequest(
+        request.id,
+        [_ref_for(t) for t in request.inputs],
+        request.requested_outputs,
+        request.parameters,
+        request.correlation_id,
+        request.flags,
+    )
+
+
+def _ref_for(tensor: Tensor) -> TensorRef:
+    return TensorRef(tensor.name, tensor.datatype, tensor.shape)
+
+
+def _input(request: InferenceRequest, name: str) -> Tensor:
+    for tensor in request.inputs:
+        if tensor.name == name:
+            return tensor
+    raise InternalError(f"input '{name}' is missing from a request of the batch")
+
+
+def _ref(wire: WireRequest, name: str) -> TensorRef:
+    for ref in wire.inputs:
+        if ref.name == name:
+            return ref
+    raise InternalError(f"input '{name}' is missing from a request of the batch")
+
+
+def _place(ring: ShmRing, tensors: list[Tensor], refs: list[TensorRef]) -> None:
+    """Copy tensors end to end into the ring and point their refs there (inline if no room)."""
+    total = sum(len(t.data) for t in tensors)
+    offset = ring.reserve(total) if total else None
+    if offset is None:
+        for tensor, ref in zip(tensors, refs, strict=True):
+            ref.inline = bytes(tensor.data)
+        return
+    buffer = ring.buffer
+    for tensor, ref in zip(tensors, refs, strict=True):
+        size = len(tensor.data)
+        buffer[offset : offset + size] = tensor.data
+        ref.offset, ref.nbytes = offset, size
+        offset += size
+
+
+def _place_each(ring: ShmRing, tensors: list[Tensor], refs: list[TensorRef]) -> None:
+    for tensor, ref in zip(tensors, refs, strict=True):
+        _place(ring, [tensor], [ref])

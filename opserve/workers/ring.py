@@ -11,6 +11,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
+from collections import deque
 
 _HEADER = 64
 _ALIGN = 64
@@ -71,3 +73,32 @@ class ShmRing:
         except BufferError:  # a view is still alive; the mapping goes with the process
             pass
         os.close(self.fd)
+
+
+class Releases:
+    """The reader's side of a ring whose messages finish out of order.
+
+    Each message's `end` is registered in arrival order; `finish(end)` marks one done, and the
+    ring is released up to the last message of the longest finished prefix. Thread-safe: the
+    worker finishes executions from whichever thread sent their last response.
+    """
+
+    def __init__(self, ring: ShmRing) -> None:
+        self._ring = ring
+        self._open: deque[list[int | bool]] = deque()  # [end, finished]
+        self._lock = threading.Lock()
+
+    def register(self, end: int) -> list[int | bool]:
+        entry: list[int | bool] = [end, False]
+        with self._lock:
+            self._open.append(entry)
+        return entry
+
+    def finish(self, entry: list[int | bool]) -> None:
+        with self._lock:
+            entry[1] = True
+            released = -1
+            while self._open and self._open[0][1]:
+                released = int(self._open.popleft()[0])
+            if released >= 0:
+                self._ring.release(released)

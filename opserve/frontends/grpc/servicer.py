@@ -114,16 +114,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def handle(request: Any) -> None:
+            empty_final = _flag(request, "triton_enable_empty_final_response")
             try:
-                response = await self.dataplane.infer(decode_infer_request(request))
-                answer = service_pb2.ModelStreamInferResponse(
-                    infer_response=encode_infer_response(response)
-                )
+                inference = decode_infer_request(request)
+                async for item, final in self.dataplane.stream(inference):
+                    if isinstance(item, OpserveError):
+                        await answers.put(_stream_error(request, item))
+                    elif item is not None:
+                        message = encode_infer_response(item)
+                        if empty_final:
+                            message.parameters["triton_final_response"].bool_param = final
+                        await answers.put(
+                            service_pb2.ModelStreamInferResponse(infer_response=message)
+                        )
+                    elif final and empty_final:  # only the flag: an empty final response
+                        message = service_pb2.ModelInferResponse(
+                            model_name=request.model_name,
+                            model_version=request.model_version,
+                            id=request.id,
+                        )
+                        message.parameters["triton_final_response"].bool_param = True
+                        await answers.put(
+                            service_pb2.ModelStreamInferResponse(infer_response=message)
+                        )
             except OpserveError as exc:
-                answer = service_pb2.ModelStreamInferResponse(error_message=exc.message)
-                answer.infer_response.id = request.id
-                answer.infer_response.model_name = request.model_name
-            await answers.put(answer)
+                await answers.put(_stream_error(request, exc))
 
         async def read() -> None:
             async for request in request_iterator:
@@ -174,6 +189,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.RepositoryModelUnloadResponse()
 
         return await _answer(context, unload)
+
+
+def _flag(request: Any, name: str) -> bool:
+    parameter = request.parameters.get(name)
+    return (
+        parameter is not None
+        and parameter.WhichOneof("parameter_choice") == "bool_param"
+        and parameter.bool_param
+    )
+
+
+def _stream_error(request: Any, error: OpserveError) -> Any:
+    answer = service_pb2.ModelStreamInferResponse(error_message=error.message)
+    answer.infer_response.id = request.id
+    answer.infer_response.model_name = request.model_name
+    return answer
 
 
 async def start_grpc_server(dataplane: DataPlane, address: str, port: int) -> grpc.aio.Server:

@@ -24,6 +24,8 @@ from opserve.errors import (
     UnsupportedError,
 )
 from opserve.frontends.http.codec import decode_request, encode_response
+from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
+from opserve.inference import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,9 @@ class HttpApp:
         if rest == ["infer"]:
             _require(method, "POST")
             return await self._infer(name, version, scope, receive, send)
+        if rest in (["generate"], ["generate_stream"]):
+            _require(method, "POST")
+            return await self._generate(name, version, rest[0] == "generate_stream", receive, send)
         if not rest:
             _require(method, "GET")
             metadata = dataclasses.asdict(dataplane.model_metadata(name, version))
@@ -191,6 +196,64 @@ class HttpApp:
             out_headers.append((b"inference-header-content-length", str(json_length).encode()))
         payload = _maybe_compress(payload, headers.get(b"accept-encoding"), out_headers)
         await _send(send, 200, payload, out_headers)
+
+    async def _generate(
+        self, name: str, version: str, streaming: bool, receive: Receive, send: Send
+    ) -> None:
+        """Triton's generate extension: one JSON answer, or server-sent events as they come."""
+        model, _ = self.dataplane.manager.version(name, version)
+        schema = self.dataplane.schema(model)
+        request = decode_generate(await _read_body(receive), schema, name, version)
+        stream = self.dataplane.stream(request)
+        if not streaming:
+            responses = []
+            async for item, _final in stream:
+                if isinstance(item, OpserveError):
+                    raise item
+                if item is not None:
+                    responses.append(item)
+            if len(responses) != 1:
+                raise UnsupportedError(
+                    f"generate expects exactly one response from model '{name}', which sent "
+                    f"{len(responses)}; use generate_stream for models that stream"
+                )
+            return await _send(send, 200, encode_generate(responses[0]), _JSON)
+        # the first item decides the status: a request refused outright is an ordinary error
+        iterator = stream.__aiter__()
+        first: tuple[Delivery, bool] | None
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            first = None
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, asyncio.current_task()))
+        try:
+            entry = first
+            while entry is not None:
+                delivery = entry[0]
+                if isinstance(delivery, OpserveError):
+                    event = orjson.dumps({"error": delivery.message})
+                elif delivery is not None:
+                    event = encode_generate(delivery)
+                else:
+                    event = b""
+                if event:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": server_sent_event(event),
+                            "more_body": True,
+                        }
+                    )
+                try:
+                    entry = await iterator.__anext__()
+                except StopAsyncIteration:
+                    entry = None
+        finally:
+            watcher.cancel()
+            await iterator.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any] | None) -> bool:

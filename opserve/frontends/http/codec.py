@@ -92,6 +92,8 @@ def decode_request(
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgumentError("'id' must be a string")
+    # binary_data_output is the protocol's business, not the model's (as in Triton)
+    parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
     request = InferenceRequest(model_name, model_version, inputs, requested, request_id, parameters)
     return request, output_format
 
@@ -211,7 +213,7 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(tensor.data)}
             binary_parts.append(tensor.data)
         else:
-            entry["data"] = _json_values(tensor)
+            entry["data"] = json_values(tensor)
         outputs.append(entry)
     body: dict[str, Any] = {
         "model_name": response.model_name,
@@ -226,7 +228,7 @@ def encode_response(
     return b"".join([header, *binary_parts]), len(header)
 
 
-def _json_values(tensor: Tensor) -> list[Any]:
+def json_values(tensor: Tensor) -> list[Any]:
     if tensor.datatype == "BYTES":
         return [e.decode("utf-8", "replace") for e in deserialize_bytes(tensor.data)]
     if tensor.datatype == "BF16":

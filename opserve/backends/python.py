@@ -1,0 +1,234 @@
+"""The Python backend: Triton's `model.py` with `class TritonPythonModel`, unchanged.
+
+Phase one imports `model.py` and runs its `auto_complete_config` (when it has one) on the config;
+phase two loads the model's op libraries, then calls `initialize(args)` with Triton's keys. Each
+execution hands `execute` the batch as a list of `pb_utils.InferenceRequest`; a model that is not
+decoupled returns one `pb_utils.InferenceResponse` per request, a decoupled one answers through
+each request's response sender. `async def execute` runs on an event loop of the worker's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.util
+import inspect
+import json
+import sys
+import threading
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from opserve.backends import pb_utils
+from opserve.backends.base import Backend, BackendContext, Description, Reply, Request
+from opserve.errors import InternalError, OpserveError, UnavailableError
+
+MODULE_NAME = "triton_python_backend_utils"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """The traceback's last line, and where in the model it was raised."""
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        frame = frames[-1]
+        return f"{last} (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+    return last
+
+
+class PythonBackend(Backend):
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        self._module: ModuleType | None = None
+        self._model: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _label(self) -> str:
+        return f"model '{self.context.model_name}'"
+
+    # loading -----------------------------------------------------------------------------------
+    def _import(self) -> type:
+        if self._module is None:
+            sys.modules[MODULE_NAME] = pb_utils
+            pb_utils._install(self.context.services, self.context.model_name)
+            path = self.context.model_path
+            if not path.is_file():
+                raise UnavailableError(f"{self._label}: model file '{path}' does not exist")
+            # as Triton: the version folder is on the path, for the model's own modules
+            sys.path.insert(0, str(self.context.version_dir))
+            spec = importlib.util.spec_from_file_location(f"opserve_model_{path.stem}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                raise UnavailableError(
+                    f"{self._label}: importing {path.name} failed: {describe_exception(exc)}"
+                ) from exc
+            self._module = module
+        model_class = getattr(self._module, "TritonPythonModel", None)
+        if not isinstance(model_class, type):
+            raise UnavailableError(
+                f"{self._label}: {self.context.model_path.name} defines no class TritonPythonModel"
+            )
+        return model_class
+
+    def describe(self) -> Description:
+        model_class = self._import()
+        hook = getattr(model_class, "auto_complete_config", None)
+        if hook is None:
+            return Description()
+        config = pb_utils.ModelConfig(json.loads(self.context.config_json))
+        try:
+            result = hook(config)
+        except Exception as exc:
+            raise UnavailableError(
+                f"{self._label}: auto_complete_config failed: {describe_exception(exc)}"
+            ) from exc
+        if not isinstance(result, pb_utils.ModelConfig):
+            raise UnavailableError(
+                f"{self._label}: auto_complete_config must return the pb_utils.ModelConfig it "
+                f"was given, not {type(result).__name__}"
+            )
+        return Description(config_json=json.dumps(result.as_dict()))
+
+    def start(self, context: BackendContext) -> None:
+        self.context = context
+        policy = context.config_dict.get("model_transaction_policy") or {}
+        self.decoupled = bool(policy.get("decoupled", False))
+        model_class = self._import()
+        pb_utils._install(context.services, context.model_name)
+        self._load_op_libraries()
+        try:
+            self._model = model_class()
+            if hasattr(self._model, "initialize"):
+                self._call(self._model.initialize, self._args())
+        except OpserveError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(
+                f"{self._label}: initialize failed: {describe_exception(exc)}"
+            ) from exc
+
+    def load(self) -> None:  # `start` loads; nothing is loaded to describe the model
+        pass
+
+    def _load_op_libraries(self) -> None:
+        """The model's `model_operations`, before `initialize`: PyTorch libraries through
+        `torch.ops.load_library` (so `torch.ops.<ns>.<op>` finds them), TensorFlow ones through
+        `tf.load_op_library`, any other into the process with its symbols global."""
+        frameworks = self.context.library_frameworks
+        for library in self.context.op_libraries:
+            framework = frameworks.get(str(library))
+            try:
+                if framework == "pytorch":
+                    import torch
+
+                    torch.ops.load_library(str(library))
+                elif framework == "tensorflow":
+                    import tensorflow as tf
+
+                    tf.load_op_library(str(library))
+                else:
+                    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+            except Exception as exc:
+                raise UnavailableError(f"failed to load op library '{library}': {exc}") from exc
+            self.loaded_op_libraries.append(library)
+
+    def _args(self) -> dict[str, str]:
+        """`initialize`'s argument, with Triton's keys."""
+        context = self.context
+        groups = context.config_dict.get("instance_group") or [{}]
+        kind = str(groups[0].get("kind", "KIND_CPU")).replace("KIND_", "")
+        return {
+            "model_config": context.config_json,
+            "model_instance_kind": "CPU" if kind in ("CPU", "AUTO", "MODEL") else kind,
+            "model_instance_name": context.instance_name,
+            "model_instance_device_id": "0",
+            "model_repository": str(context.model_dir),
+            "model_version": str(context.version),
+            "model_name": context.model_name,
+        }
+
+    def _call(self, function: Any, *arguments: Any) -> Any:
+        """Call a model method; a coroutine runs to completion on the worker's event loop."""
+        result = function(*arguments)
+        if inspect.isawaitable(result):
+            return asyncio.run_coroutine_threadsafe(_awaited(result), self._event_loop()).result()
+        return result
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(
+                target=loop.run_forever, name="opserve-model-loop", daemon=True
+            ).start()
+            self._loop = loop
+        return self._loop
+
+    # executing ---------------------------------------------------------------------------------
+    def run(self, requests: list[Request]) -> list[Reply] | None:
+        model = self._model
+        if model is None:
+            raise UnavailableError(f"{self._label} is not loaded")
+        batch = [
+            pb_utils.InferenceRequest._from_received(r, self.context.model_name) for r in requests
+        ]
+        try:
+            result = self._call(model.execute, batch)
+        except pb_utils.TritonModelException as exc:
+            raise InternalError(self._failure(exc)) from exc
+        except OpserveError:
+            raise
+        except Exception as exc:
+            raise InternalError(self._failure(exc)) from exc
+        if self.decoupled:
+            if result is not None:
+                raise InternalError(
+                    f"{self._label} is decoupled: execute must return None and answer through "
+                    "each request's response sender"
+                )
+            return None
+        if not isinstance(result, (list, tuple)):
+            raise InternalError(
+                f"{self._label}: execute must return a list of pb_utils.InferenceResponse, one "
+                f"per request, not {type(result).__name__}"
+            )
+        if len(result) != len(requests):
+            raise InternalError(
+                f"{self._label}: execute returned {len(result)} responses for "
+                f"{len(requests)} requests; it must return exactly one per request"
+            )
+        replies = []
+        for response, request in zip(result, requests, strict=True):
+            if not isinstance(response, pb_utils.InferenceResponse):
+                raise InternalError(
+                    f"{self._label}: execute returned a {type(response).__name__} where a "
+                    "pb_utils.InferenceResponse belongs"
+                )
+            replies.append(response._to_reply(request.outputs))
+        return replies
+
+    def _failure(self, exc: BaseException) -> str:
+        return (
+            f"Failed to process the request(s) for model instance "
+            f"'{self.context.instance_name}' of {self._label}, message: {describe_exception(exc)}"
+        )
+
+    def unload(self) -> None:
+        model, self._model = self._model, None
+        if model is not None and hasattr(model, "finalize"):
+            try:
+                self._call(model.finalize)
+            except Exception as exc:  # finalize's failure is only worth a log line
+                pb_utils.Logger.log_error(f"finalize failed: {describe_exception(exc)}")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable

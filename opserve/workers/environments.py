@@ -1,0 +1,122 @@
+"""Per-model execution environments: Triton's `EXECUTION_ENV_PATH` for Python models.
+
+The parameter names a virtual environment folder or a packed one (`.tar.gz`, as `conda-pack`
+makes), with `$$TRITON_MODEL_DIRECTORY` standing for the model's folder. A packed environment is
+unpacked once into a cache folder keyed by the archive's path, size and modification time. The
+model's worker then runs under that environment's interpreter, with its `bin` first on `PATH` and
+its `lib` on `LD_LIBRARY_PATH`, as Triton's stub does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+from opserve.errors import UnavailableError
+from opserve.workers.launcher import Launcher
+
+MODEL_DIRECTORY_VARIABLE = "$$TRITON_MODEL_DIRECTORY"
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_checked: dict[tuple[str, int], str] = {}  # interpreter -> problem ("" when fine)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("OPSERVE_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
+    return Path(base) / "opserve" if base else Path.home() / ".cache" / "opserve"
+
+
+def environment_path(value: str, model_dir: Path) -> Path:
+    """The parameter's value with the model's folder put in, made absolute."""
+    path = Path(value.replace(MODEL_DIRECTORY_VARIABLE, str(model_dir)))
+    return path if path.is_absolute() else model_dir / path
+
+
+def unpacked(archive: Path) -> Path:
+    """The folder an archived environment is unpacked into (once)."""
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_root() / "environments" / key.hexdigest()[:24]
+    if (target / ".complete").exists():
+        return target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "tar_filter"):
+                tar.extractall(partial, filter="tar")
+            else:  # Python without extraction filters
+                tar.extractall(partial)  # noqa: S202
+    except (OSError, tarfile.TarError) as exc:
+        raise UnavailableError(f"cannot unpack execution environment '{archive}': {exc}") from None
+    (partial / ".complete").touch()
+    try:
+        partial.rename(target)
+    except OSError:  # another server unpacked it meanwhile
+        pass
+    return target
+
+
+def _interpreter(root: Path) -> Path | None:
+    for name in ("python3", "python"):
+        candidate = root / "bin" / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+async def environment_launcher(value: str, model_dir: Path, base_env: dict[str, str]) -> Launcher:
+    """A launcher for a Python model's worker under its own environment; a clear error when the
+    environment is missing, has no interpreter, or lacks numpy."""
+    path = environment_path(value, model_dir)
+    if not path.exists():
+        raise UnavailableError(
+            f"execution environment '{path}' (EXECUTION_ENV_PATH) does not exist"
+        )
+    if path.is_file():
+        if not path.name.endswith(_ARCHIVE_SUFFIXES):
+            raise UnavailableError(
+                f"execution environment '{path}' is neither a folder nor a .tar.gz archive"
+            )
+        root = await asyncio.get_running_loop().run_in_executor(None, unpacked, path)
+    else:
+        root = path
+    python = _interpreter(root)
+    if python is None:
+        raise UnavailableError(f"execution environment '{path}' has no bin/python3 or bin/python")
+    env = dict(base_env)
+    env["PATH"] = f"{root / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    lib = root / "lib"
+    if lib.is_dir():
+        previous = env.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = f"{lib}{os.pathsep}{previous}" if previous else str(lib)
+    launcher = Launcher.for_interpreter(python, env)
+    problem = await _check(launcher)
+    if problem:
+        raise UnavailableError(f"execution environment '{path}': {problem}")
+    return launcher
+
+
+async def _check(launcher: Launcher) -> str:
+    """Whether the interpreter runs and has what the worker needs (numpy), once per binary."""
+    key = (launcher.executable, Path(launcher.executable).stat().st_mtime_ns)
+    if key not in _checked:
+        process = await asyncio.create_subprocess_exec(
+            launcher.executable,
+            "-c",
+            "import sys, numpy; assert sys.version_info >= (3, 10)",
+            env=launcher.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await process.communicate()
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        _checked[key] = (
+            ""
+            if process.returncode == 0
+            else f"its interpreter {launcher.executable} cannot run the worker "
+            f"(it needs Python 3.10+ and numpy): {lines[-1] if lines else process.returncode}"
+        )
+    return _checked[key]
