@@ -24,7 +24,26 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("OPSERVE_TEST_CACHE", ROOT / ".cache"))
 SOURCES = Path(__file__).resolve().parent
 
-_TRIXIE = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n"
+_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+def _debian_mirror() -> str:
+    """The Debian archive this machine's apt already uses (its sources, never a name of ours)."""
+    sources = Path("/etc/apt")
+    texts = [p.read_text() for p in sorted((sources / "sources.list.d").glob("*.sources"))]
+    for text in texts:  # deb822: "URIs: <uri>"
+        for line in text.splitlines():
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+    legacy = [sources / "sources.list", *sorted((sources / "sources.list.d").glob("*.list"))]
+    for path in legacy:  # one-line style: "deb [options] <uri> <suite> ..."
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            words = [w for w in line.split() if not w.startswith("[") and not w.endswith("]")]
+            if len(words) >= 3 and words[0] == "deb" and "security" not in words[1]:
+                return words[1]
+    raise RuntimeError("no Debian archive found in /etc/apt: set ORT_INCLUDE_DIR instead")
 
 
 def onnxruntime_include_dir() -> Path:
@@ -46,7 +65,9 @@ def _download_onnxruntime_dev(target: Path) -> None:
         work = Path(tmp)
         (work / "lists" / "partial").mkdir(parents=True)
         (work / "cache" / "archives" / "partial").mkdir(parents=True)
-        (work / "sources.list").write_text(_TRIXIE)
+        (work / "sources.list").write_text(
+            f"deb [signed-by={_KEYRING}] {_debian_mirror()} trixie main\n"
+        )
         options = [
             f"-o=Dir::Etc::SourceList={work / 'sources.list'}",
             "-o=Dir::Etc::SourceParts=/dev/null",
