@@ -1,0 +1,32 @@
+"""Fails in the way MODE asks: raise, too many responses, a wrong type, a TritonError response,
+a crash of the whole process, or (ok) an answer."""
+
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        mode = pb_utils.get_input_tensor_by_name(requests[0], "MODE").as_numpy()[0].decode()
+        ok = pb_utils.InferenceResponse(
+            [pb_utils.Tensor("OUT", np.array([os.getpid()], dtype=np.int32))]
+        )
+        if mode == "raise":
+            return [1 / 0 for _ in requests]
+        if mode == "too_many":
+            return [ok, ok]
+        if mode == "wrong_type":
+            return ["not a response"]
+        if mode == "none":
+            return None
+        if mode == "error":
+            return [
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("no such thing", pb_utils.TritonError.NOT_FOUND)
+                )
+            ]
+        if mode == "crash":
+            os.abort()
+        return [ok for _ in requests]

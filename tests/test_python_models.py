@@ -1,0 +1,471 @@
+"""Python models (Triton's `model.py` API) through a real server, over HTTP and gRPC.
+
+The models are in tests/python_models/, written for this suite.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests import models
+from tests.conftest import custom_op_config
+from tests.frameworks import requires
+from tests.oplibs import build
+from tests.serving import RunningServer
+
+SOURCES = Path(__file__).resolve().parent / "python_models"
+
+
+def place_python_model(repository: Path, name: str, source: str | None = None) -> Path:
+    """tests/python_models/<source> as <repository>/<name> (config.pbtxt, 1/model.py)."""
+    origin = SOURCES / (source or name)
+    folder = repository / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    config = (origin / "config.pbtxt").read_text()
+    (folder / "config.pbtxt").write_text(f'name: "{name}"\n{config}')
+    shutil.copyfile(origin / "model.py", folder / "1" / "model.py")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, my_ops_library: Path) -> Path:
+    repo = tmp_path_factory.mktemp("python") / "repository"
+    for name in (
+        "add_sub",
+        "auto_complete",
+        "bls",
+        "bls_async",
+        "repeat",
+        "metrics",
+        "faulty",
+        "init_fails",
+    ):
+        place_python_model(repo, name)
+    # the model BLS calls: our own ONNX Runtime custom op (x + 1), its library in its folder
+    folder = models.write_model(
+        repo,
+        "custom_add_one",
+        models.custom_op(),
+        custom_op_config("custom_add_one", "libmy_ops.so"),
+    )
+    build.copy_to(my_ops_library, folder / "libmy_ops.so")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[RunningServer]:
+    with RunningServer([repository]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(server.url)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server: RunningServer) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def tensor(module, name: str, array: np.ndarray, datatype: str):
+    made = module.InferInput(name, list(array.shape), datatype)
+    made.set_data_from_numpy(array)
+    return made
+
+
+def add_sub_inputs(module, rows: int = 1) -> tuple[list, np.ndarray, np.ndarray]:
+    a = np.arange(4 * rows, dtype=np.float32).reshape(rows, 4)
+    b = np.full((rows, 4), 0.5, dtype=np.float32)
+    return [tensor(module, "INPUT0", a, "FP32"), tensor(module, "INPUT1", b, "FP32")], a, b
+
+
+# the model.py contract ---------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_add_sub_answers_with_the_initialize_arguments(
+    client, grpc_client, repository: Path, protocol: str
+) -> None:
+    module, user = (httpclient, client) if protocol == "http" else (grpcclient, grpc_client)
+    inputs, a, b = add_sub_inputs(module, rows=2)
+    result = user.infer("add_sub", inputs, request_id="r-17", parameters={"colour": "blue"})
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    args = json.loads(result.as_numpy("ARGS")[0][0])
+    assert args["model_name"] == "add_sub"
+    assert args["model_version"] == "1"
+    assert args["model_repository"] == str((repository / "add_sub").resolve())
+    assert args["model_instance_kind"] == "CPU"
+    assert args["model_instance_device_id"] == "0"
+    assert args["model_instance_name"] in ("add_sub_0_0", "add_sub_0_1")
+    config = json.loads(args["model_config"])
+    assert config["name"] == "add_sub" and config["max_batch_size"] == 8
+    assert config["instance_group"][0]["count"] == 2
+    assert args["request_id"] == "r-17"
+    assert args["parameters"] == {"colour": "blue"}
+
+
+def test_requested_outputs_are_the_only_outputs(client) -> None:
+    inputs, a, b = add_sub_inputs(httpclient)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT1")]
+    result = client.infer("add_sub", inputs, outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    assert result.as_numpy("OUTPUT0") is None
+    assert result.as_numpy("ARGS") is None
+
+
+def test_dynamic_batching_hands_execute_a_list_of_requests(server: RunningServer) -> None:
+    """preferred_batch_size 4 with a long queue delay: four requests sent together reach one
+    execute call as a list of four."""
+    answers: queue.Queue[int] = queue.Queue()
+
+    def one() -> None:
+        own = httpclient.InferenceServerClient(server.url)
+        inputs, _, _ = add_sub_inputs(httpclient)
+        answers.put(int(own.infer("add_sub", inputs).as_numpy("BATCH")[0][0]))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers.get() for _ in range(4)) == [4, 4, 4, 4]
+
+
+def test_auto_complete_config_shapes_the_model(client) -> None:
+    config = client.get_model_config("auto_complete")
+    assert config["max_batch_size"] == 16
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+        ("X", "TYPE_INT64", [3])
+    ]
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["output"]] == [
+        ("Y", "TYPE_INT64", [3])
+    ]
+    assert "dynamic_batching" in config
+    x = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    result = client.infer("auto_complete", [tensor(httpclient, "X", x, "INT64")])
+    np.testing.assert_array_equal(result.as_numpy("Y"), x * 2)
+
+
+# BLS ---------------------------------------------------------------------------------------------
+def bls_inputs(module, target: str) -> tuple[list, np.ndarray]:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    names = np.array([target.encode()], dtype=np.object_)
+    return [tensor(module, "INPUT0", x, "FP32"), tensor(module, "TARGET", names, "BYTES")], x
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bls_calls_a_custom_op_model(client, grpc_client, protocol: str) -> None:
+    module, user = (httpclient, client) if protocol == "http" else (grpcclient, grpc_client)
+    inputs, x = bls_inputs(module, "custom_add_one")
+    result = user.infer("bls", inputs)
+    assert result.as_numpy("ERROR")[0] == b""
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), (x + 1) * 2)
+
+
+def test_async_bls_calls_run_concurrently_from_async_execute(client) -> None:
+    inputs, x = bls_inputs(httpclient, "custom_add_one")
+    result = client.infer("bls_async", inputs)
+    assert result.as_numpy("ERROR")[0] == b""
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), (x + 1) * 2)
+
+
+@pytest.mark.parametrize("model", ["bls", "bls_async"])
+def test_bls_errors_come_back_as_response_errors(client, model: str) -> None:
+    inputs, _ = bls_inputs(httpclient, "no_such_model")
+    error = client.infer(model, inputs).as_numpy("ERROR")[0].decode()
+    assert "no_such_model" in error and "unknown model" in error.lower()
+
+
+def test_bls_to_a_decoupled_model_without_decoupled_is_an_error(client) -> None:
+    inputs, _ = bls_inputs(httpclient, "repeat")
+    error = client.infer("bls", inputs).as_numpy("ERROR")[0].decode()
+    assert "decoupled" in error
+
+
+# decoupled models --------------------------------------------------------------------------------
+def stream_repeat(
+    server: RunningServer, values: list[int], fail_at: int | None = None, empty_final=False
+) -> list:
+    answers: queue.Queue = queue.Queue()
+    user = grpcclient.InferenceServerClient(server.grpc_url)
+    user.start_stream(callback=lambda result, error: answers.put((result, error)))
+    inputs = [tensor(grpcclient, "IN", np.array(values, dtype=np.int32), "INT32")]
+    if fail_at is not None:
+        inputs.append(tensor(grpcclient, "FAIL_AT", np.array([fail_at], dtype=np.int32), "INT32"))
+    user.async_stream_infer(
+        "repeat", inputs, request_id="s-1", enable_empty_final_response=empty_final
+    )
+    expected = len(values) + (1 if empty_final else 0)
+    received = [answers.get(timeout=30) for _ in range(expected)]
+    user.stop_stream()
+    assert answers.empty()
+    return received
+
+
+def test_decoupled_model_streams_over_grpc(server: RunningServer) -> None:
+    received = stream_repeat(server, [4, 5, 6])
+    assert [error for _, error in received] == [None, None, None]
+    assert [int(r.as_numpy("OUT")[0]) for r, _ in received] == [4, 5, 6]
+    assert [int(r.as_numpy("IDX")[0]) for r, _ in received] == [0, 1, 2]
+    assert {r.get_response().id for r, _ in received} == {"s-1"}
+
+
+def test_decoupled_final_flag_comes_as_an_empty_response_when_asked(server) -> None:
+    received = stream_repeat(server, [1, 2], empty_final=True)
+    flags = [r.get_response().parameters["triton_final_response"].bool_param for r, _ in received]
+    assert flags == [False, False, True]
+    assert not received[-1][0].get_response().outputs
+
+
+def test_decoupled_error_responses_do_not_end_the_stream(server: RunningServer) -> None:
+    received = stream_repeat(server, [7, 8, 9], fail_at=1)
+    assert received[0][1] is None and received[2][1] is None
+    assert isinstance(received[1][1], InferenceServerException)
+    assert "failed at 1" in str(received[1][1])
+    assert [int(r.as_numpy("OUT")[0]) for r, e in received if e is None] == [7, 9]
+
+
+def test_decoupled_model_streams_over_http_generate_stream(server: RunningServer) -> None:
+    with requests.post(
+        f"http://{server.url}/v2/models/repeat/generate_stream",
+        json={"IN": [3, 1, 4]},
+        stream=True,
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [
+            json.loads(line[len(b"data: ") :])
+            for line in response.iter_lines()
+            if line.startswith(b"data: ")
+        ]
+    assert [(e["OUT"], e["IDX"]) for e in events] == [(3, 0), (1, 1), (4, 2)]
+    assert {e["model_name"] for e in events} == {"repeat"}
+
+
+def test_decoupled_model_refuses_a_plain_infer(client, grpc_client) -> None:
+    inputs = [tensor(httpclient, "IN", np.array([1], dtype=np.int32), "INT32")]
+    with pytest.raises(InferenceServerException, match="decoupled"):
+        client.infer("repeat", inputs)
+    inputs = [tensor(grpcclient, "IN", np.array([1], dtype=np.int32), "INT32")]
+    with pytest.raises(InferenceServerException, match="decoupled"):
+        grpc_client.infer("repeat", inputs)
+
+
+def test_generate_answers_for_a_model_that_is_not_decoupled(server: RunningServer) -> None:
+    response = requests.post(
+        f"http://{server.url}/v2/models/add_sub/generate",
+        json={"INPUT0": [1, 2, 3, 4], "INPUT1": [1, 1, 1, 1], "id": "g-1"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == "add_sub" and body["id"] == "g-1"
+    assert body["OUTPUT0"] == [2, 3, 4, 5] and body["OUTPUT1"] == [0, 1, 2, 3]
+    assert body["BATCH"] == 1
+    bad = requests.post(
+        f"http://{server.url}/v2/models/add_sub/generate", json={"NOPE": 1}, timeout=30
+    )
+    assert bad.status_code == 400 and "NOPE" in bad.json()["error"]
+
+
+# metrics and logs --------------------------------------------------------------------------------
+def test_custom_metrics_appear_on_the_metrics_endpoint(client, server: RunningServer) -> None:
+    totals = []
+    for value in (0.5, 5.0, 50.0):
+        array = np.array([value], dtype=np.float32)
+        result = client.infer("metrics", [tensor(httpclient, "VALUE", array, "FP32")])
+        totals.append(float(result.as_numpy("TOTAL")[0]))
+    assert totals == [1.0, 2.0, 3.0]
+    text = requests.get(server.metrics_url, timeout=10).text
+    labels = '{model="metrics",version="1"}'
+    assert f"opserve_test_requests{labels} 3.0" in text
+    assert f"opserve_test_last_value{labels} 50.0" in text
+    assert "# TYPE opserve_test_last_value gauge" in text
+    assert 'opserve_test_values_bucket{le="1.0",model="metrics",version="1"} 1.0' in text
+    assert 'opserve_test_values_bucket{le="10.0",model="metrics",version="1"} 2.0' in text
+    assert 'opserve_test_values_bucket{le="+Inf",model="metrics",version="1"} 3.0' in text
+    assert f"opserve_test_values_count{labels} 3.0" in text
+    assert f"opserve_test_values_sum{labels} 55.5" in text
+
+
+def test_model_log_lines_reach_the_server_log(client, server: RunningServer) -> None:
+    array = np.array([7.0], dtype=np.float32)
+    client.infer("metrics", [tensor(httpclient, "VALUE", array, "FP32")])
+    deadline = time.monotonic() + 10
+    while "metrics model saw 7.0" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log()
+    assert "metrics model initialized" in log
+    assert "WARNING" in next(line for line in log.splitlines() if "metrics model saw 7.0" in line)
+
+
+# errors ------------------------------------------------------------------------------------------
+def faulty(client, mode: str):
+    array = np.array([mode.encode()], dtype=np.object_)
+    return client.infer("faulty", [tensor(httpclient, "MODE", array, "BYTES")])
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "expected"),
+    [
+        ("raise", 500, "ZeroDivisionError: division by zero (at model.py:"),
+        ("too_many", 500, "execute returned 2 responses for 1 requests"),
+        ("wrong_type", 500, "execute returned a str where a pb_utils.InferenceResponse belongs"),
+        ("none", 500, "execute must return a list of pb_utils.InferenceResponse"),
+        ("error", 404, "no such thing"),
+    ],
+)
+def test_a_faulty_model_gives_clear_errors(
+    client, server: RunningServer, mode: str, status: int, expected: str
+) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        faulty(client, mode)
+    assert expected in raised.value.message()
+    if status == 500:
+        assert "faulty" in raised.value.message()
+    response = requests.post(
+        f"http://{server.url}/v2/models/faulty/infer",
+        json={"inputs": [{"name": "MODE", "datatype": "BYTES", "shape": [1], "data": [mode]}]},
+        timeout=30,
+    )
+    assert response.status_code == status
+    assert faulty(client, "ok").as_numpy("OUT")[0] > 0  # the model keeps serving
+
+
+def test_a_crashing_model_restarts_its_worker(client, server: RunningServer) -> None:
+    before = int(faulty(client, "ok").as_numpy("OUT")[0])
+    with pytest.raises(InferenceServerException, match="signal 6"):
+        faulty(client, "crash")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            after = int(faulty(client, "ok").as_numpy("OUT")[0])
+            break
+        except InferenceServerException:
+            time.sleep(0.1)
+    assert after != before
+    inputs, a, b = add_sub_inputs(httpclient)
+    np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), a + b)
+
+
+def test_initialize_that_raises_leaves_the_model_unavailable(server: RunningServer) -> None:
+    response = requests.get(f"http://{server.url}/v2/models/init_fails/ready", timeout=10)
+    assert response.status_code == 400
+    reason = response.json()["error"]
+    assert "initialize failed: RuntimeError: the weights are missing" in reason
+    assert "init_fails" in reason
+    assert requests.get(f"http://{server.url}/v2/health/live", timeout=10).status_code == 200
+
+
+# op libraries ------------------------------------------------------------------------------------
+@requires("torch")
+def test_model_operations_load_before_initialize(tmp_path: Path) -> None:
+    repo = tmp_path / "repository"
+    folder = place_python_model(repo, "torch_ops")
+    build.copy_to(build.pytorch_my_ops(add_value=1.0), folder / "libmy_torch_ops.so")
+    with RunningServer([repo]) as running:
+        user = httpclient.InferenceServerClient(running.url)
+        x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+        result = user.infer("torch_ops", [tensor(httpclient, "INPUT0", x, "FP32")])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
+        metadata = user.get_model_metadata("torch_ops")
+        assert metadata["op_libraries"] == [str((folder / "libmy_torch_ops.so").resolve())]
+
+
+# lifecycle ---------------------------------------------------------------------------------------
+def test_finalize_runs_at_unload(tmp_path: Path) -> None:
+    repo = tmp_path / "repository"
+    place_python_model(repo, "add_sub")
+    with RunningServer([repo], ["--model-control-mode", "explicit"]) as running:
+        user = httpclient.InferenceServerClient(running.url)
+        user.load_model("add_sub")
+        assert user.is_model_ready("add_sub")
+        assert "add_sub finalized" not in running.log()
+        user.unload_model("add_sub")
+        deadline = time.monotonic() + 10
+        while running.log().count("add_sub finalized") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running.log().count("add_sub finalized") == 2  # both instances
+
+
+# execution environments --------------------------------------------------------------------------
+def numpy_environment() -> Path:
+    """A virtual environment with numpy and nothing of the server's (cached under .cache/)."""
+    import subprocess
+    import sys
+
+    key = f"py{sys.version_info.major}{sys.version_info.minor}-numpy{np.__version__}"
+    env = build.CACHE / "environments" / key
+    if not (env / ".complete").exists():
+        shutil.rmtree(env, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        subprocess.run(
+            [str(env / "bin" / "python"), "-m", "pip", "install", "-q", f"numpy=={np.__version__}"],
+            check=True,
+        )
+        (env / ".complete").touch()
+    return env
+
+
+def with_probe_package(source: Path, target: Path, version: str) -> Path:
+    """A copy of the environment holding `opserve_env_probe` at `version`."""
+    shutil.copytree(source, target, symlinks=True)
+    site = next((target / "lib").glob("python3*/site-packages"))
+    (site / "opserve_env_probe").mkdir()
+    (site / "opserve_env_probe" / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    return target
+
+
+def test_each_python_model_runs_in_its_own_environment(tmp_path: Path) -> None:
+    """Two models, two versions of one package that the server's environment does not have: a
+    virtual environment folder, and the same packed as .tar.gz (unpacked once, cached)."""
+    import importlib.util
+    import tarfile
+
+    assert importlib.util.find_spec("opserve_env_probe") is None
+    base = numpy_environment()
+    repo = tmp_path / "repository"
+    folder_model = place_python_model(repo, "env_folder", "env_version")
+    with_probe_package(base, folder_model / "env", "1.0")
+    packed_model = place_python_model(repo, "env_packed", "env_version")
+    staged = with_probe_package(base, tmp_path / "staged", "2.0")
+    with tarfile.open(packed_model / "env.tar.gz", "w:gz", compresslevel=1) as tar:
+        tar.add(staged, arcname=".")
+    config = packed_model / "config.pbtxt"
+    config.write_text(config.read_text().replace('/env"', '/env.tar.gz"'))
+    cache = tmp_path / "cache"
+    with RunningServer([repo], env={"OPSERVE_CACHE_DIR": str(cache)}) as running:
+        user = httpclient.InferenceServerClient(running.url)
+        x = tensor(httpclient, "X", np.array([0], dtype=np.int32), "INT32")
+        folder_answer = user.infer("env_folder", [x])
+        packed_answer = user.infer("env_packed", [x])
+    assert folder_answer.as_numpy("VERSION")[0] == b"1.0"
+    assert packed_answer.as_numpy("VERSION")[0] == b"2.0"
+    executable = folder_answer.as_numpy("EXECUTABLE")[0].decode()
+    assert executable.startswith(str(folder_model / "env"))
+    unpacked = packed_answer.as_numpy("EXECUTABLE")[0].decode()
+    assert unpacked.startswith(str(cache / "opserve" / "environments"))
+
+
+def test_a_missing_environment_is_a_clear_error(tmp_path: Path) -> None:
+    repo = tmp_path / "repository"
+    place_python_model(repo, "env_version")
+    with RunningServer([repo]) as running:
+        response = requests.get(f"http://{running.url}/v2/models/env_version/ready", timeout=10)
+    assert response.status_code == 400
+    assert "EXECUTION_ENV_PATH" in response.json()["error"]
+    assert "does not exist" in response.json()["error"]
