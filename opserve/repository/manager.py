@@ -495,7 +495,8 @@ class ModelManager:
         reports = await asyncio.gather(*(inspect_library_async(p) for p in [*libraries, *shared]))
         problems = [problem for report in reports for problem in report.problems]
         for report in reports[: len(libraries)]:
-            if report.framework not in (None, framework):
+            # a Python model may use any framework's ops (it loads each with its framework)
+            if model.config.backend != "python" and report.framework not in (None, framework):
                 problems.append(
                     f"op library '{report.path}' is built for {report.framework}, but model "
                     f"'{model.name}' runs on {model.config.backend}"
