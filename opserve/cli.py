@@ -147,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="verbose logging: 0 (default) for INFO, 1 or more for DEBUG",
     )
     serve.add_argument(
+        "--model-load-timeout-secs",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a model instance may take to load (a Python model's "
+        "auto_complete_config and initialize included); one that takes longer is stopped and "
+        "its model is UNAVAILABLE (default: 600)",
+    )
+    serve.add_argument(
         "--shm-ring-bytes",
         type=int,
         default=None,
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 allow_metrics=args.allow_metrics,
                 metrics_address=args.metrics_address,
                 metrics_port=args.metrics_port,
+                model_load_timeout_secs=args.model_load_timeout_secs,
             )
         except ValueError as exc:
             print(f"opserve serve: error: {exc}", file=sys.stderr)

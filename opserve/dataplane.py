@@ -158,6 +158,13 @@ class DataPlane:
             )
         schema = self.schema(model)
         request.inputs = validate_inputs(model.name, schema, request)
+        if "timeout" in request.parameters:  # the server's business, as in Triton
+            timeout = request.parameters.pop("timeout")
+            if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+                raise InvalidArgumentError(
+                    "the 'timeout' parameter must be a non-negative integer (microseconds)"
+                )
+            request.timeout_us = timeout
         if request.requested_outputs is not None:
             for name in request.requested_outputs:
                 if name not in schema.outputs:

@@ -48,7 +48,9 @@ class _Pending:
     finished_ns: int = 0  # when its final response came
     timings: Timings | None = None  # of the execution that served it, once it returned
     execution: tuple[WorkerProcess, int, int] | None = None  # worker, execution id, index
+    returned: bool = False  # the execution's `execute` returned
     counted: bool = False  # in the statistics
+    timer: asyncio.TimerHandle | None = None  # the request's timeout, if it has one
     on_finish: Callable[[_Pending], None] | None = field(default=None, repr=False)
 
     def deliver(self, item: Delivery, final: bool) -> None:
@@ -66,17 +68,17 @@ class _Pending:
                 )
             else:
                 self.future.set_result(item)
-        if final:
+        if final and not self.finished_ns:
             self.finished_ns = time.monotonic_ns()
+            if self.timer is not None:
+                self.timer.cancel()
             if self.on_finish is not None:
                 self.on_finish(self)
 
     @property
     def waiting(self) -> bool:
-        """Still wanted: not cancelled, not answered."""
-        if self.cancelled:
-            return False
-        return self.future is None or not self.future.done()
+        """Still wanted: not cancelled, not answered (nor timed out)."""
+        return not self.cancelled and not self.finished_ns
 
     def cancel(self) -> None:
         """The client went away: drop it if queued, tell the model if it runs."""
@@ -156,7 +158,26 @@ class Scheduler:
             asyncio.Queue() if self.decoupled else None,
         )
         pending.on_finish = self._account
+        if request.timeout_us:
+            loop = asyncio.get_running_loop()
+            pending.timer = loop.call_later(request.timeout_us / 1e6, self._expire, pending)
         return pending
+
+    def _expire(self, pending: _Pending) -> None:
+        """A request's timeout passed: it fails. If its `execute` has not returned by then, the
+        instance is presumed hung (Python code cannot be interrupted): its worker is stopped and
+        replaced, like a crashed one."""
+        if pending.finished_ns:
+            return
+        pending.deliver(UnavailableError("Request timeout expired"), True)
+        if pending.execution is not None and not pending.returned:
+            worker = pending.execution[0]
+            log.error(
+                "%s: a request timed out while its execute call had not returned; the instance "
+                "is presumed hung and its worker is restarted",
+                self.label,
+            )
+            worker.kill()
 
     async def infer(
         self,
@@ -172,7 +193,10 @@ class Scheduler:
             self._enqueue(pending, on_wait)
             return await pending.future  # cancelled when the client goes away: never runs
         instance = await self._acquire(on_wait)
-        await self._run(instance, [pending])
+        if pending.waiting:
+            await self._run(instance, [pending])
+        else:  # timed out while waiting for an instance
+            self._release(instance)
         return pending.future.result()
 
     async def stream(
@@ -335,6 +359,8 @@ class Scheduler:
             for index, pending in enumerate(batch):
                 pending.execution = (instance, execution, index)
             timings = await returned
+            for pending in batch:
+                pending.returned = True
         except OpserveError as error:
             for pending in batch:
                 if not pending.finished_ns:

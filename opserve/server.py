@@ -26,6 +26,7 @@ async def serve(settings: ServerSettings) -> None:
         settings.op_libraries,
         settings.ring_capacity,
         settings.op_library_roots,
+        settings.model_load_timeout_secs,
     )
     grpc_server = None
     metrics = None

@@ -28,6 +28,7 @@ class ServerSettings:
     allow_metrics: bool = True
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 8002
+    model_load_timeout_secs: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.model_repositories:
@@ -36,6 +37,8 @@ class ServerSettings:
             raise ValueError(
                 f"--model-control-mode must be none, explicit or poll, not {self.model_control_mode!r}"
             )
+        if self.model_load_timeout_secs <= 0:
+            raise ValueError("--model-load-timeout-secs must be positive")
         if self.repository_poll_secs <= 0:
             raise ValueError("--repository-poll-secs must be positive")
         if self.load_models and self.model_control_mode != "explicit":

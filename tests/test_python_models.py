@@ -52,6 +52,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         "metrics",
         "faulty",
         "init_fails",
+        "ticker",
     ):
         place_python_model(repo, name)
     # the model BLS calls: our own ONNX Runtime custom op (x + 1), its library in its folder
@@ -238,6 +239,28 @@ def test_decoupled_error_responses_do_not_end_the_stream(server: RunningServer) 
     assert [int(r.as_numpy("OUT")[0]) for r, e in received if e is None] == [7, 9]
 
 
+def test_async_decoupled_executes_overlap_and_see_cancellation(server: RunningServer) -> None:
+    """Two streams on one instance tick side by side; cancelling them reaches the model."""
+    streams = []
+    for tag in ("a", "b"):
+        answers: queue.Queue = queue.Queue()
+        user = grpcclient.InferenceServerClient(server.grpc_url)
+        user.start_stream(callback=lambda result, error, answers=answers: answers.put(result))
+        name = np.array([tag.encode()], dtype=np.object_)
+        user.async_stream_infer("ticker", [tensor(grpcclient, "TAG", name, "BYTES")])
+        streams.append((user, answers))
+    for _, answers in streams:  # both tick while the other is still running
+        counts = [int(answers.get(timeout=10).as_numpy("COUNT")[0]) for _ in range(3)]
+        assert counts == [0, 1, 2]
+    for user, _ in streams:
+        user.stop_stream(cancel_requests=True)
+    deadline = time.monotonic() + 10
+    while server.log().count("cancelled after") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "ticker a cancelled after" in server.log()
+    assert "ticker b cancelled after" in server.log()
+
+
 def test_decoupled_model_streams_over_http_generate_stream(server: RunningServer) -> None:
     with requests.post(
         f"http://{server.url}/v2/models/repeat/generate_stream",
@@ -362,6 +385,21 @@ def test_a_crashing_model_restarts_its_worker(client, server: RunningServer) -> 
     np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), a + b)
 
 
+def test_a_hanging_model_times_out_and_restarts_its_worker(client) -> None:
+    before = int(faulty(client, "ok").as_numpy("OUT")[0])
+    array = np.array([b"hang"], dtype=np.object_)
+    with pytest.raises(InferenceServerException, match="Request timeout expired"):
+        client.infer("faulty", [tensor(httpclient, "MODE", array, "BYTES")], timeout=1_000_000)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            after = int(faulty(client, "ok").as_numpy("OUT")[0])
+            break
+        except InferenceServerException:
+            time.sleep(0.1)
+    assert after != before
+
+
 def test_initialize_that_raises_leaves_the_model_unavailable(server: RunningServer) -> None:
     response = requests.get(f"http://{server.url}/v2/models/init_fails/ready", timeout=10)
     assert response.status_code == 400
@@ -461,11 +499,22 @@ def test_each_python_model_runs_in_its_own_environment(tmp_path: Path) -> None:
     assert unpacked.startswith(str(cache / "opserve" / "environments"))
 
 
-def test_a_missing_environment_is_a_clear_error(tmp_path: Path) -> None:
+def test_broken_loads_are_clear_errors(tmp_path: Path) -> None:
+    """A missing environment, and an initialize that never returns (the load times out)."""
     repo = tmp_path / "repository"
     place_python_model(repo, "env_version")
-    with RunningServer([repo]) as running:
-        response = requests.get(f"http://{running.url}/v2/models/env_version/ready", timeout=10)
-    assert response.status_code == 400
-    assert "EXECUTION_ENV_PATH" in response.json()["error"]
-    assert "does not exist" in response.json()["error"]
+    place_python_model(repo, "init_hangs")
+    place_python_model(repo, "auto_complete")
+    with RunningServer([repo], ["--model-load-timeout-secs", "3"]) as running:
+
+        def reason(model: str) -> str:
+            url = f"http://{running.url}/v2/models/{model}/ready"
+            response = requests.get(url, timeout=10)
+            assert response.status_code == 400
+            return response.json()["error"]
+
+        missing = reason("env_version")
+        hung = reason("init_hangs")
+        assert requests.get(f"http://{running.url}/v2/models/auto_complete/ready").ok
+    assert "EXECUTION_ENV_PATH" in missing and "does not exist" in missing
+    assert "did not finish loading in 3 s (--model-load-timeout-secs)" in hung

@@ -47,6 +47,7 @@ class Request:
     parameters: dict[str, Any]
     correlation_id: int | str = 0
     flags: int = 0
+    timeout_us: int = 0
     cancelled: bool = False
 
 

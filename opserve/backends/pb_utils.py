@@ -288,6 +288,7 @@ class InferenceRequest:
             request.id,
             request.correlation_id,
             request.flags,
+            request.timeout_us,
             parameters=request.parameters,
         )
         made._requested = list(request.outputs) if request.outputs is not None else []

@@ -178,7 +178,13 @@ class PythonBackend(Backend):
             pb_utils.InferenceRequest._from_received(r, self.context.model_name) for r in requests
         ]
         try:
-            result = self._call(model.execute, batch)
+            result = model.execute(batch)
+            if inspect.isawaitable(result):
+                future = asyncio.run_coroutine_threadsafe(_awaited(result), self._event_loop())
+                if self.decoupled:  # as in Triton: async executes of a decoupled model overlap
+                    future.add_done_callback(lambda done: self._async_done(done, requests))
+                    return None
+                result = future.result()
         except pb_utils.TritonModelException as exc:
             raise InternalError(self._failure(exc)) from exc
         except OpserveError:
@@ -211,6 +217,24 @@ class PythonBackend(Backend):
                 )
             replies.append(response._to_reply(request.outputs))
         return replies
+
+    def _async_done(self, done: Any, requests: list[Request]) -> None:
+        """A decoupled model's async execute ended: a failure closes the requests it left open."""
+        exc = done.exception()
+        if exc is None and done.result() is None:
+            return
+        message = (
+            self._failure(exc)
+            if exc is not None
+            else f"{self._label} is decoupled: execute must return None"
+        )
+        services = self.context.services
+        assert services is not None
+        for request in requests:
+            try:
+                services.respond(request, Reply(error=InternalError(message)), True)
+            except OpserveError:
+                pass  # already closed by the model
 
     def _failure(self, exc: BaseException) -> str:
         return (

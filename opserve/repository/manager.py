@@ -111,6 +111,7 @@ class ModelManager:
         server_op_libraries: list[Path] | None = None,
         ring_capacity: int = DEFAULT_RING_CAPACITY,
         op_library_roots: list[Path] | None = None,
+        load_timeout_s: float = 600.0,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
@@ -118,6 +119,7 @@ class ModelManager:
         self.preloaded = _by_framework(preloaded_libraries())
         self.ring_capacity = ring_capacity
         self.op_library_roots = [p.resolve() for p in op_library_roots or []]
+        self.load_timeout_s = load_timeout_s
         self.control_mode = "none"
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -410,7 +412,8 @@ class ModelManager:
         count = sum(g.count for g in model.config.instance_group) or 1
         try:
             first = entry.workers[0]
-            loaded = [await first.load(**self._load_fields(model, entry, 0, describe=False))]
+            fields = self._load_fields(model, entry, 0, describe=False)
+            loaded = [await first.load(self.load_timeout_s, **fields)]
             loaded += await asyncio.gather(
                 *(self._spawn(model, entry, index=i) for i in range(1, count))
             )
@@ -470,7 +473,8 @@ class ModelManager:
         )
         entry.workers.append(worker)
         await worker.start()
-        return await worker.load(**self._load_fields(model, entry, index, describe))
+        fields = self._load_fields(model, entry, index, describe)
+        return await worker.load(self.load_timeout_s, **fields)
 
     async def _launcher(self, model: Model) -> Launcher:
         """How this model's workers start: the server's interpreter, or the Python model's own

@@ -246,6 +246,7 @@ class Worker:
             wire.parameters,
             wire.correlation_id,
             wire.flags,
+            wire.timeout_us,
         )
 
     def _input_array(self, ref: TensorRef) -> np.ndarray:

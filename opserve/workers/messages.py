@@ -41,6 +41,7 @@ class WireRequest:
     flags: int = 0
     model_name: str = ""  # set on BLS requests
     model_version: str = ""
+    timeout_us: int = 0
 
 
 @dataclass(slots=True)

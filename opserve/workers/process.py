@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from opserve.errors import InternalError, OpserveError, error_from_code
+from opserve.errors import InternalError, OpserveError, UnavailableError, error_from_code
 from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
 from opserve.workers.channel import FrameDecoder, encode
 from opserve.workers.launcher import Launcher
@@ -195,8 +195,20 @@ class WorkerProcess:
         transport.write(encode(build(message_id)))
         return future
 
-    async def load(self, **fields: Any) -> ModelLoaded:
-        return await self._submit(lambda i: LoadModel(id=i, **fields))
+    async def load(self, timeout_s: float, **fields: Any) -> ModelLoaded:
+        """Load (or describe) the model; a load that takes longer than `timeout_s` (a hung
+        `initialize`, say) stops the worker."""
+        try:
+            return await asyncio.wait_for(
+                self._submit(lambda i: LoadModel(id=i, **fields)), timeout_s
+            )
+        except asyncio.TimeoutError:
+            self._stopping = True  # no restart: the load failed
+            self.kill()
+            raise UnavailableError(
+                f"{self.label} did not finish loading in {timeout_s:g} s "
+                "(--model-load-timeout-secs); its worker was stopped"
+            ) from None
 
     def execute(self, batch: Sequence[Submission]) -> tuple[int, asyncio.Future[Timings]]:
         """Send a batch for one execution: its id, and a future of its timings, resolved when
@@ -421,6 +433,7 @@ def _wire_request(request: InferenceRequest) -> WireRequest:
         request.parameters,
         request.correlation_id,
         request.flags,
+        timeout_us=request.timeout_us,
     )
 
 

@@ -1,7 +1,8 @@
 """Fails in the way MODE asks: raise, too many responses, a wrong type, a TritonError response,
-a crash of the whole process, or (ok) an answer."""
+a crash of the whole process, a hang, or (ok) an answer."""
 
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -29,4 +30,6 @@ class TritonPythonModel:
             ]
         if mode == "crash":
             os.abort()
+        if mode == "hang":
+            time.sleep(3600)
         return [ok for _ in requests]
