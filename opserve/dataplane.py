@@ -31,6 +31,10 @@ from opserve.schema import ModelSchema
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
 
 
+class DecoupledModelError(UnsupportedError):
+    """A decoupled model was asked for a single response; each frontend words it its way."""
+
+
 @dataclass(frozen=True, slots=True)
 class TensorMetadata:
     name: str
@@ -152,7 +156,7 @@ class DataPlane:
         model wants them, requested outputs checked)."""
         model, entry = self.manager.version(request.model_name, request.model_version)
         if not streaming and model.config.model_transaction_policy.decoupled:
-            raise UnsupportedError(
+            raise DecoupledModelError(
                 f"model '{model.name}' uses the decoupled transaction policy: its responses "
                 "must be streamed (gRPC ModelStreamInfer, or HTTP generate_stream)"
             )

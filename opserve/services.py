@@ -64,7 +64,24 @@ class ServerServices:
             return None
         if service == "metric":
             return self.metrics.handle(worker, arguments)
+        if service == "repository":
+            return self._repository(arguments)
         raise InvalidArgumentError(f"unknown service '{service}'")
+
+    def _repository(self, arguments: dict[str, Any]) -> Any:
+        """pb_utils.is_model_ready, load_model and unload_model."""
+        action, model = arguments.get("action"), str(arguments.get("model", ""))
+        if action == "ready":
+            try:
+                return self.dataplane.model_ready(model, str(arguments.get("version", "")))
+            except OpserveError:
+                return False
+        if action == "load":
+            config = arguments.get("config") or ""
+            return self.dataplane.load_model(model, {"config": config} if config else {})
+        if action == "unload":
+            return self.dataplane.unload_model(model)
+        raise InvalidArgumentError(f"unknown repository action '{action}'")
 
     def worker_ended(self, worker: WorkerProcess) -> None:
         self.metrics.release(worker)

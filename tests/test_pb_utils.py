@@ -15,10 +15,12 @@ from opserve.errors import ErrorCode
 
 def test_tensors_hold_numpy_arrays_and_bytes_as_objects() -> None:
     tensor = pb_utils.Tensor("T", np.array(["a", "bc"]))
-    assert tensor.name() == "T" and tensor.triton_dtype() == "BYTES"
+    assert tensor.name() == "T" and tensor.triton_dtype() == 13
     assert tensor.as_numpy().dtype == np.object_
     numbers = pb_utils.Tensor("N", np.arange(6, dtype=np.float32).reshape(2, 3))
-    assert numbers.shape() == [2, 3] and numbers.triton_dtype() == "FP32" and numbers.is_cpu()
+    assert numbers.shape() == [2, 3] and numbers.triton_dtype() == 11 and numbers.is_cpu()
+    with pytest.raises(pb_utils.TritonModelException, match="empty string"):
+        pb_utils.Tensor("", np.zeros(1))
     with pytest.raises(pb_utils.TritonModelException, match="numpy array"):
         pb_utils.Tensor("L", [1, 2])  # type: ignore[arg-type]
 
@@ -49,11 +51,12 @@ def test_a_received_request_offers_tritons_accessors() -> None:
     received = Request(
         0, 1, "id-1", {"X": np.ones(2)}, ["Y"], {"k": "v"}, correlation_id=7, flags=1
     )
-    request = pb_utils.InferenceRequest._from_received(received, "m")
+    request = pb_utils.InferenceRequest._from_received(received, "m", ["Y", "Z"])
     assert request.request_id() == "id-1" and request.correlation_id() == 7
     assert request.flags() == pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
     assert json.loads(request.parameters()) == {"k": "v"}
-    assert request.requested_output_names() == ["Y"]
+    assert request.requested_output_names() == {"Y"}
+    assert json.loads(request.parameters()) == {"k": "v"} and " " not in request.parameters()
     assert pb_utils.get_input_tensor_by_name(request, "X") is not None
     assert pb_utils.get_input_tensor_by_name(request, "Z") is None
     assert not request.is_cancelled()
@@ -85,8 +88,12 @@ def test_auto_complete_helpers_fill_and_refuse_contradictions() -> None:
         config.set_max_batch_size(4)
     with pytest.raises(ValueError, match="dims"):
         config.add_input({"name": "X", "data_type": "TYPE_FP32", "dims": [5]})
-    with pytest.raises(ValueError, match="unexpected key"):
+    with pytest.raises(ValueError, match="contains property other than"):
         config.add_output({"name": "Z", "shape": [1]})
+    with pytest.raises(ValueError, match="missing 'dims' property"):
+        config.add_output({"name": "Z", "data_type": "TYPE_FP32"})
+    with pytest.raises(ValueError, match="already set to 'True'"):
+        config.set_model_transaction_policy({"decoupled": False})
 
 
 def test_type_helpers() -> None:
@@ -95,8 +102,9 @@ def test_type_helpers() -> None:
     assert pb_utils.numpy_to_triton_type(np.int32) == 8
     assert pb_utils.triton_to_numpy_type(8) is np.int32
     encoded = pb_utils.serialize_byte_tensor(np.array([b"ab", b"c"], dtype=np.object_))
-    assert encoded is not None
-    assert pb_utils.deserialize_bytes_tensor(encoded.tobytes()).tolist() == [b"ab", b"c"]
+    assert encoded == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+    assert pb_utils.deserialize_bytes_tensor(encoded).tolist() == [b"ab", b"c"]
+    assert pb_utils.serialize_byte_tensor(np.zeros(0, dtype=np.object_)) == ()
     config = {"input": [{"name": "X"}], "output": [{"name": "Y"}]}
     assert pb_utils.get_input_config_by_name(config, "X") == {"name": "X"}
     assert pb_utils.get_output_config_by_name(config, "X") is None

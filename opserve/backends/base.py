@@ -183,8 +183,9 @@ class Backend(ABC):
         """Run one (already batched) request; BYTES tensors are object arrays of `bytes`."""
         raise NotImplementedError
 
-    def run(self, requests: list[Request]) -> list[Reply] | None:
-        """Answer a batch: one reply per request (None: a decoupled backend answers itself)."""
+    def run(self, requests: list[Request]) -> list[Reply | None] | None:
+        """Answer a batch: one reply per request (None for a request, or for the whole batch:
+        answered through `ModelServices.respond` instead)."""
         if len(requests) == 1:
             return [Reply(self.execute(requests[0].inputs, requests[0].outputs))]
         sizes = [_batch_size(r) for r in requests]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -30,11 +31,12 @@ TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
 
 _services: ModelServices | None = None  # set by the Python backend when the model loads
 _model_name = ""
+_model_dir = ""
 
 
-def _install(services: ModelServices | None, model_name: str) -> None:
-    global _services, _model_name
-    _services, _model_name = services, model_name
+def _install(services: ModelServices | None, model_name: str, model_dir: str = "") -> None:
+    global _services, _model_name, _model_dir
+    _services, _model_name, _model_dir = services, model_name, model_dir
 
 
 def _require_services() -> ModelServices:
@@ -101,6 +103,8 @@ class Tensor:
     """A named tensor on the CPU: numpy arrays (BYTES as object arrays of `bytes`)."""
 
     def __init__(self, name: str, tensor: Any, datatype: str | None = None) -> None:
+        if not name:
+            raise TritonModelException("Tensor name cannot be an empty string.")
         if not isinstance(tensor, np.ndarray):
             raise TritonModelException(
                 f"Tensor '{name}' must be made from a numpy array, not {type(tensor).__name__}"
@@ -120,15 +124,16 @@ class Tensor:
     def shape(self) -> list[int]:
         return list(self._array.shape)
 
-    def triton_dtype(self) -> str:
-        return self._datatype
+    def triton_dtype(self) -> int:
+        """Triton's numeric data type code (TRITONSERVER_DataType), e.g. 11 for FP32."""
+        return _V2_CODES.get(self._datatype, 0)
 
     def is_cpu(self) -> bool:
         return True
 
     def to_dlpack(self) -> Any:
         if self._array.dtype == np.object_:
-            raise TritonModelException(f"BYTES tensor '{self._name}' cannot be shared with DLPack")
+            raise TritonModelException("DLPack does not have support for string tensors.")
         array = self._array if self._array.flags.writeable else self._array.copy()
         return array.__dlpack__()
 
@@ -190,7 +195,7 @@ class InferenceResponse:
         return self._error
 
     def parameters(self) -> str:
-        return json.dumps(self._parameters)
+        return _json(self._parameters)
 
     def _to_reply(self, requested: list[str] | None) -> Reply:
         if self._error is not None:
@@ -280,7 +285,9 @@ class InferenceRequest:
         self._sender: InferenceResponseSender | None = None
 
     @classmethod
-    def _from_received(cls, request: Request, model_name: str) -> InferenceRequest:
+    def _from_received(
+        cls, request: Request, model_name: str, outputs: list[str]
+    ) -> InferenceRequest:
         made = cls(
             model_name,
             [Tensor(n, a) for n, a in request.inputs.items()],
@@ -291,7 +298,7 @@ class InferenceRequest:
             request.timeout_us,
             parameters=request.parameters,
         )
-        made._requested = list(request.outputs) if request.outputs is not None else []
+        made._requested = list(request.outputs) if request.outputs is not None else outputs
         made._received = request
         return made
 
@@ -315,10 +322,14 @@ class InferenceRequest:
         return self._timeout
 
     def parameters(self) -> str:
-        """The request's parameters as a JSON string (as Triton gives them)."""
-        return json.dumps(self._parameters)
+        """The request's parameters as a compact JSON string (as Triton gives them)."""
+        return _json(self._parameters)
 
-    def requested_output_names(self) -> list[str]:
+    def requested_output_names(self) -> Any:
+        """A received request's: the set of outputs the client asked for (all of the model's
+        when it named none), as Triton gives them; a BLS request's: the list it was made with."""
+        if self._received is not None:
+            return set(self._requested)
         return self._requested
 
     def get_response_sender(self) -> InferenceResponseSender:
@@ -407,6 +418,10 @@ class _AsyncResponseIterator:
             yield InferenceResponse._from_reply(reply)  # type: ignore[arg-type]
 
 
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _parameters_dict(parameters: dict[str, Any] | str | None) -> dict[str, Any]:
     if parameters is None:
         return {}
@@ -470,6 +485,22 @@ _TRITON_TO_NUMPY: dict[str, Any] = {
     "TYPE_FP64": np.float64,
     "TYPE_STRING": np.object_,
 }
+_V2_CODES = {
+    "BOOL": 1,
+    "UINT8": 2,
+    "UINT16": 3,
+    "UINT32": 4,
+    "UINT64": 5,
+    "INT8": 6,
+    "INT16": 7,
+    "INT32": 8,
+    "INT64": 9,
+    "FP16": 10,
+    "FP32": 11,
+    "FP64": 12,
+    "BYTES": 13,
+    "BF16": 14,
+}
 # Triton's numeric data type codes (TRITONSERVER_DataType)
 _TYPE_CODES = {
     1: np.bool_,
@@ -506,15 +537,18 @@ def numpy_to_triton_type(data_type: Any) -> int | None:
     return None
 
 
-def serialize_byte_tensor(input_tensor: np.ndarray) -> np.ndarray | None:
-    """Triton's length-prefixed layout of a BYTES array, as a uint8 array."""
+def serialize_byte_tensor(input_tensor: np.ndarray) -> Any:
+    """Triton's length-prefixed layout of a BYTES array, as `bytes` (`()` when empty, None for
+    other dtypes), as Triton's own helper returns it."""
     if input_tensor.size == 0:
+        return ()
+    if input_tensor.dtype != np.object_ and input_tensor.dtype.type != np.bytes_:
         return None
     parts = []
     for element in input_tensor.reshape(-1, order="C"):
-        data = element.encode() if isinstance(element, str) else bytes(element)
-        parts.append(len(data).to_bytes(4, "little") + data)
-    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+        data = element if isinstance(element, bytes) else str(element).encode("utf-8")
+        parts.append(struct.pack("<I", len(data)) + data)
+    return b"".join(parts)
 
 
 def deserialize_bytes_tensor(encoded_tensor: bytes) -> np.ndarray:
@@ -531,75 +565,146 @@ def deserialize_bytes_tensor(encoded_tensor: bytes) -> np.ndarray:
 
 # auto-complete -----------------------------------------------------------------------------------
 class ModelConfig:
-    """The config handed to `auto_complete_config`, in Triton's JSON form, with its helpers."""
+    """The config handed to `auto_complete_config`, in Triton's JSON form, with its helpers
+    (the rules and messages of Triton's own)."""
 
     def __init__(self, model_config: dict[str, Any] | str) -> None:
-        self._config = json.loads(model_config) if isinstance(model_config, str) else model_config
+        self._model_config = (
+            json.loads(model_config) if isinstance(model_config, str) else model_config
+        )
+
+    @property
+    def _name(self) -> str:
+        return str(self._model_config.get("name", ""))
 
     def as_dict(self) -> dict[str, Any]:
-        return self._config
+        return self._model_config
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
-        current = self._config.get("max_batch_size", 0)
-        if current and current != max_batch_size:
+        current = self._model_config.get("max_batch_size", 0)
+        if current > max_batch_size:
             raise ValueError(
-                "configuration specified max_batch_size " + str(current) + ", but in auto-complete"
-                "-config function for model '" + self._config.get("name", "") + "' specified "
+                "configuration specified max_batch_size " + str(current) + ", but in "
+                "auto-complete-config function for model '" + self._name + "' specified "
                 "max_batch_size " + str(max_batch_size)
             )
-        self._config["max_batch_size"] = max_batch_size
+        self._model_config["max_batch_size"] = max_batch_size
 
     def set_dynamic_batching(self) -> None:
-        if not self._config.get("sequence_batching"):
-            self._config.setdefault("dynamic_batching", {})
-            if not self._config["dynamic_batching"]:
-                self._config["dynamic_batching"] = {"preferred_batch_size": []}
-        else:
-            raise ValueError(
-                "configuration specified sequence_batching; dynamic batching cannot be added"
-            )
+        for found in ("sequence_batching", "ensemble_scheduling"):
+            if self._model_config.get(found):
+                raise ValueError(
+                    "Configuration specified scheduling_choice as '" + found + "', but "
+                    "auto-complete-config function for model '" + self._name + "' tries to "
+                    "set scheduling_choice as 'dynamic_batching'"
+                )
+        if "dynamic_batching" not in self._model_config:
+            self._model_config["dynamic_batching"] = {}
 
-    def _add_tensor(self, kind: str, tensor: dict[str, Any]) -> None:
+    def _add_tensor(self, kind: str, tensor: dict[str, Any], allowed: tuple[str, ...]) -> None:
         if not isinstance(tensor, dict):
             raise ValueError(f"model {kind} must be a dict")
-        for key in tensor:
-            if key not in ("name", "data_type", "dims", "optional", "reshape", "is_shape_tensor"):
-                raise ValueError(f"model {kind} has an unexpected key '{key}'")
+        name = tensor.get("name")
+        if any(key not in allowed for key in tensor):
+            described = ", ".join(f"'{k}'" for k in allowed[:-1]) + f" and '{allowed[-1]}'"
+            raise ValueError(
+                f"{kind} '{name}' in auto-complete-config function for model "
+                f"'{self._name}' contains property other than {described}."
+            )
         if "name" not in tensor:
-            raise ValueError(f"model {kind} must have a name")
-        existing = self._config.setdefault(kind, [])
-        for current in existing:
-            if current.get("name") != tensor["name"]:
+            raise ValueError(
+                f"{kind} in auto-complete-config function for model '{self._name}' is missing "
+                "'name' property."
+            )
+        for required in ("data_type", "dims"):
+            if required not in tensor:
+                raise ValueError(
+                    f"{kind} '{name}' in auto-complete-config function for model "
+                    f"'{self._name}' is missing '{required}' property."
+                )
+        tensors = self._model_config.setdefault(kind, [])
+        for current in tensors:
+            if current.get("name") != name:
                 continue
-            for key in ("data_type", "dims"):
-                if key in tensor and current.get(key) and current[key] != tensor[key]:
-                    raise ValueError(
-                        f"model {kind} '{tensor['name']}' has {key} {current[key]} in the "
-                        f"configuration, but auto_complete_config sets {tensor[key]}"
-                    )
-                if key in tensor and not current.get(key):
-                    current[key] = tensor[key]
+            current_type = current.get("data_type", "TYPE_INVALID")
+            if current_type not in ("TYPE_INVALID", tensor["data_type"]):
+                raise ValueError(
+                    f"unable to load model '{self._name}', configuration expects datatype "
+                    f"{current_type} for {kind} '{name}', model provides {tensor['data_type']}"
+                )
+            if current.get("dims") and list(current["dims"]) != list(tensor["dims"]):
+                raise ValueError(
+                    f"model '{self._name}', tensor '{name}': the model expects dims "
+                    f"{tensor['dims']} but the model configuration specifies dims "
+                    f"{current['dims']}"
+                )
+            if "optional" in tensor and current.get("optional", False) != tensor["optional"]:
+                raise ValueError(
+                    f"model '{self._name}', tensor '{name}': the model expects optional "
+                    f"{tensor['optional']} but the model configuration specifies optional "
+                    f"{current.get('optional', False)}"
+                )
+            current.update(tensor)
             return
-        existing.append(dict(tensor))
+        tensors.append(dict(tensor))
 
     def add_input(self, input: dict[str, Any]) -> None:  # noqa: A002 - Triton's name
-        self._add_tensor("input", input)
+        self._add_tensor("input", input, ("name", "data_type", "dims", "optional"))
 
     def add_output(self, output: dict[str, Any]) -> None:
-        self._add_tensor("output", output)
+        self._add_tensor("output", output, ("name", "data_type", "dims"))
 
     def set_model_transaction_policy(self, transaction_policy_dict: dict[str, Any]) -> None:
-        for key in transaction_policy_dict:
-            if key != "decoupled":
-                raise ValueError(f"model transaction policy has an unexpected key '{key}'")
-        current = self._config.get("model_transaction_policy", {})
-        wanted = bool(transaction_policy_dict.get("decoupled", False))
-        if "decoupled" in current and current["decoupled"] != wanted:
+        if any(key != "decoupled" for key in transaction_policy_dict):
             raise ValueError(
-                "configuration specified model_transaction_policy decoupled "
-                f"{current['decoupled']}, but auto_complete_config sets {wanted}"
+                "model transaction property in auto-complete-config function for model '"
+                + self._name
+                + "' contains property other than 'decoupled'."
             )
-        self._config["model_transaction_policy"] = {"decoupled": wanted}
+        policy = self._model_config.setdefault("model_transaction_policy", {})
+        if "decoupled" in transaction_policy_dict:
+            wanted = transaction_policy_dict["decoupled"]
+            if "decoupled" in policy and policy["decoupled"] != wanted:
+                raise ValueError(
+                    "trying to change decoupled property in auto-complete-config for model '"
+                    + self._name
+                    + "', which is already set to '"
+                    + str(policy["decoupled"])
+                    + "'."
+                )
+            policy["decoupled"] = wanted
+
+
+def get_model_dir() -> str:
+    """The folder of the model's version that runs here (Triton's helper)."""
+    return _model_dir
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    return bool(
+        _require_services().call(
+            "repository", {"action": "ready", "model": model_name, "version": model_version}, True
+        )
+    )
+
+
+def load_model(model_name: str, config: str = "", files: dict[str, bytes] | None = None) -> None:
+    if files:
+        raise TritonModelException("loading a model with files is not supported by this server")
+    _repository_call("load", model_name, config=config)
+
+
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    _repository_call("unload", model_name)
+
+
+def _repository_call(action: str, model_name: str, **arguments: Any) -> None:
+    try:
+        _require_services().call(
+            "repository", {"action": action, "model": model_name, **arguments}, True
+        )
+    except OpserveError as exc:
+        raise TritonModelException(exc.message) from None
 
 
 # logging -----------------------------------------------------------------------------------------

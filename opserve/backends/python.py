@@ -26,16 +26,17 @@ from opserve.backends.base import Backend, BackendContext, Description, Reply, R
 from opserve.errors import InternalError, OpserveError, UnavailableError
 
 MODULE_NAME = "triton_python_backend_utils"
+_OURS = str(Path(__file__).resolve().parent)  # frames of the backend itself are not the model's
 
 
 def describe_exception(exc: BaseException) -> str:
-    """The traceback's last line, and where in the model it was raised."""
+    """Triton's form: the exception's last line, then where it was raised, innermost first."""
     last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
-        frame = frames[-1]
-        return f"{last} (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
-    return last
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_OURS)
+    ]
+    where = "".join(f"  {f.filename}({f.lineno}): {f.name}\n" for f in reversed(frames))
+    return f"{last}\n\nAt:\n{where}" if where else last
 
 
 class PythonBackend(Backend):
@@ -53,12 +54,17 @@ class PythonBackend(Backend):
     def _import(self) -> type:
         if self._module is None:
             sys.modules[MODULE_NAME] = pb_utils
-            pb_utils._install(self.context.services, self.context.model_name)
+            pb_utils._install(
+                self.context.services, self.context.model_name, str(self.context.version_dir)
+            )
             path = self.context.model_path
             if not path.is_file():
                 raise UnavailableError(f"{self._label}: model file '{path}' does not exist")
-            # as Triton: the version folder is on the path, for the model's own modules
-            sys.path.insert(0, str(self.context.version_dir))
+            # as Triton: the version folder and the model folder are on the path, for the
+            # model's own modules
+            for folder in (self.context.version_dir, self.context.model_dir):
+                if str(folder) not in sys.path:
+                    sys.path.append(str(folder))
             spec = importlib.util.spec_from_file_location(f"opserve_model_{path.stem}", path)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
@@ -100,7 +106,7 @@ class PythonBackend(Backend):
         policy = context.config_dict.get("model_transaction_policy") or {}
         self.decoupled = bool(policy.get("decoupled", False))
         model_class = self._import()
-        pb_utils._install(context.services, context.model_name)
+        pb_utils._install(context.services, context.model_name, str(context.version_dir))
         self._load_op_libraries()
         try:
             self._model = model_class()
@@ -170,13 +176,16 @@ class PythonBackend(Backend):
         return self._loop
 
     # executing ---------------------------------------------------------------------------------
-    def run(self, requests: list[Request]) -> list[Reply] | None:
+    @property
+    def _outputs(self) -> list[str]:
+        return [o.get("name", "") for o in self.context.config_dict.get("output", [])]
+
+    def run(self, requests: list[Request]) -> list[Reply | None] | None:
         model = self._model
         if model is None:
             raise UnavailableError(f"{self._label} is not loaded")
-        batch = [
-            pb_utils.InferenceRequest._from_received(r, self.context.model_name) for r in requests
-        ]
+        name = self.context.model_name
+        batch = [pb_utils.InferenceRequest._from_received(r, name, self._outputs) for r in requests]
         try:
             result = model.execute(batch)
             if inspect.isawaitable(result):
@@ -193,41 +202,49 @@ class PythonBackend(Backend):
             raise InternalError(self._failure(exc)) from exc
         if self.decoupled:
             if result is not None:
-                raise InternalError(
-                    f"{self._label} is decoupled: execute must return None and answer through "
-                    "each request's response sender"
-                )
+                raise InternalError(self._decoupled_return())
             return None
-        if not isinstance(result, (list, tuple)):
+        if not isinstance(result, list):
             raise InternalError(
-                f"{self._label}: execute must return a list of pb_utils.InferenceResponse, one "
-                f"per request, not {type(result).__name__}"
+                self._failure_text(
+                    f"Expected a list in the execute return, found type '{type(result)}'."
+                )
             )
         if len(result) != len(requests):
             raise InternalError(
-                f"{self._label}: execute returned {len(result)} responses for "
-                f"{len(requests)} requests; it must return exactly one per request"
+                self._failure_text(
+                    "Number of InferenceResponse objects do not match the number of "
+                    f"InferenceRequest objects. InferenceRequest(s) size is:{len(requests)}, and "
+                    f"InferenceResponse(s) size is:{len(result)}\n"
+                )
             )
-        replies = []
+        replies: list[Reply | None] = []
         for response, request in zip(result, requests, strict=True):
+            if response is None:  # answered through its response sender
+                replies.append(None)
+                continue
             if not isinstance(response, pb_utils.InferenceResponse):
                 raise InternalError(
-                    f"{self._label}: execute returned a {type(response).__name__} where a "
-                    "pb_utils.InferenceResponse belongs"
+                    self._failure_text(
+                        "Expected an 'InferenceResponse' object in the execute function return "
+                        f"list, found type '{type(response)}'."
+                    )
                 )
             replies.append(response._to_reply(request.outputs))
         return replies
+
+    def _decoupled_return(self) -> str:
+        return (
+            f"Python model '{self.context.instance_name}' is using the decoupled mode and the "
+            "execute function must return None."
+        )
 
     def _async_done(self, done: Any, requests: list[Request]) -> None:
         """A decoupled model's async execute ended: a failure closes the requests it left open."""
         exc = done.exception()
         if exc is None and done.result() is None:
             return
-        message = (
-            self._failure(exc)
-            if exc is not None
-            else f"{self._label} is decoupled: execute must return None"
-        )
+        message = self._failure(exc) if exc is not None else self._decoupled_return()
         services = self.context.services
         assert services is not None
         for request in requests:
@@ -237,9 +254,13 @@ class PythonBackend(Backend):
                 pass  # already closed by the model
 
     def _failure(self, exc: BaseException) -> str:
+        return self._failure_text(describe_exception(exc))
+
+    def _failure_text(self, message: str) -> str:
+        """Triton's words; the instance is named `<model>_<group>_<index>`."""
         return (
-            f"Failed to process the request(s) for model instance "
-            f"'{self.context.instance_name}' of {self._label}, message: {describe_exception(exc)}"
+            f"Failed to process the request(s) for model '{self.context.instance_name}', "
+            f"message: {message}"
         )
 
     def unload(self) -> None:

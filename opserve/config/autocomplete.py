@@ -35,6 +35,9 @@ def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
         group.name = config.name
         group.count = 1
         group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for number, group in enumerate(config.instance_group):
+        if not group.name:  # Triton names a group `<model>_<its index>`
+            group.name = f"{config.name}_{number}"
     return filled
 
 

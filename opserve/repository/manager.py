@@ -429,13 +429,12 @@ class ModelManager:
         await self._stop_version(entry)
 
     def _instance_name(self, model: Model, index: int) -> str:
-        """Triton's instance names: `<group name>_<index in the group>`, a group named
-        `<model>_<group index>` unless it has a name."""
+        """Triton's instance names: `<group name>_<index in the group>`."""
         for number, group in enumerate(model.config.instance_group):
             if index < max(group.count, 1):
                 return f"{group.name or f'{model.name}_{number}'}_{index}"
             index -= max(group.count, 1)
-        return f"{model.name}_0_{index}"
+        return f"{model.name}_{index}"
 
     def _load_fields(
         self, model: Model, entry: ModelVersion, index: int, describe: bool
@@ -445,7 +444,7 @@ class ModelManager:
             "model_name": model.name,
             "version": entry.version,
             "config": model.config.SerializeToString(),
-            "config_json": json.dumps(config_to_json(model.config)),
+            "config_json": json.dumps(config_to_json(model.config), separators=(",", ":")),
             "model_dir": str(model.directory),
             "version_dir": str(entry.directory),
             "instance_name": self._instance_name(model, index),

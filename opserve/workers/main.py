@@ -190,37 +190,45 @@ class Worker:
             if backend is None:
                 raise InternalError("no model is loaded in this worker")
             execution = _Execution(message.id, requests, release, set(range(len(requests))))
-            if backend.decoupled:
-                with self._lock:
-                    self._executions[message.id] = execution
+            with self._lock:  # a model may answer through response senders, even from `run`
+                self._executions[message.id] = execution
             prepared = time.monotonic_ns()
             replies = backend.run(requests)
             executed = time.monotonic_ns()
         except Exception as exc:
             self._fail_execution(message.id, requests or message.requests, release, exc)
             return
-        if backend.decoupled:
+        if replies is None:  # decoupled: every answer goes through a response sender
             timings = (started, prepared - started, executed - prepared, 0)
             self.channel.send(Executed(message.id, timings))
-            execution.returned = True
-            self._maybe_finish(execution)
-            return
-        try:
-            if replies is None or len(replies) != len(requests):
-                got = "None" if replies is None else f"{len(replies)} responses"
-                raise InternalError(
-                    f"model returned {got} for {len(requests)} requests; execute must return "
-                    "one response per request"
-                )
-            with self.channel.lock:
-                wires = [self._wire_response(i, reply) for i, reply in enumerate(replies)]
-                timings = (started, prepared - started, executed - prepared, 0)
-                timings = (*timings[:3], time.monotonic_ns() - executed)
-                self.channel.send_locked(Responses(message.id, wires, self.responses.head, timings))
-        except Exception as exc:
-            self._fail_execution(message.id, requests, release, exc)
-            return
-        self.releases.finish(release)
+        else:
+            try:
+                if len(replies) != len(requests):
+                    raise InternalError(
+                        f"the backend returned {len(replies)} replies for {len(requests)} requests"
+                    )
+                with self.channel.lock:
+                    wires = [
+                        self._wire_response(i, reply)
+                        for i, reply in enumerate(replies)
+                        if reply is not None
+                    ]
+                    with self._lock:
+                        execution.open.difference_update(w.index for w in wires)
+                    timings = (
+                        started,
+                        prepared - started,
+                        executed - prepared,
+                        time.monotonic_ns() - executed,
+                    )
+                    self.channel.send_locked(
+                        Responses(message.id, wires, self.responses.head, timings)
+                    )
+            except Exception as exc:
+                self._fail_execution(message.id, requests, release, exc)
+                return
+        execution.returned = True
+        self._maybe_finish(execution)
 
     def _fail_execution(
         self, execution: int, requests: list[Any], release: list[int | bool], exc: Exception

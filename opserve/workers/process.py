@@ -9,6 +9,7 @@ first: a BLS request or a service call (logging, metrics) goes to the `WorkerHos
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import socket
@@ -366,12 +367,30 @@ class WorkerProcess:
             if self.host is None:
                 raise InternalError("this worker has no server to call")
             value = self.host.call(self, message.service, message.arguments)
-            answer = CallResult(message.id, value)
-        except OpserveError as exc:
+        except Exception as exc:
+            self._answer_call(message, None, exc)
+            return
+        if inspect.isawaitable(value):  # a call that takes a while (loading a model, say)
+            self._background(self._await_call(message, value))
+        else:
+            self._answer_call(message, value, None)
+
+    async def _await_call(self, message: Call, value: Any) -> None:
+        try:
+            result = await value
+        except Exception as exc:
+            self._answer_call(message, None, exc)
+            return
+        self._answer_call(message, result, None)
+
+    def _answer_call(self, message: Call, value: Any, exc: Exception | None) -> None:
+        if isinstance(exc, OpserveError):
             answer = CallResult(message.id, None, WireError(exc.code.value, exc.message))
-        except Exception as exc:  # a bad call must not break the channel
-            log.exception("service call %s from %s failed", message.service, self.label)
+        elif exc is not None:  # a bad call must not break the channel
+            log.error("service call %s from %s failed: %r", message.service, self.label, exc)
             answer = CallResult(message.id, None, WireError("INTERNAL", str(exc)))
+        else:
+            answer = CallResult(message.id, value)
         if message.id and self._transport is not None and not self._transport.is_closing():
             self._transport.write(encode(answer))
 

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from opserve.dataplane import DataPlane
-from opserve.errors import ErrorCode, OpserveError
+from opserve.dataplane import DataPlane, DecoupledModelError
+from opserve.errors import ErrorCode, OpserveError, UnsupportedError
 from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
 from opserve.proto import service_pb2, service_pb2_grpc
 
@@ -101,7 +101,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def infer() -> Any:
-            response = await self.dataplane.infer(decode_infer_request(request))
+            try:
+                response = await self.dataplane.infer(decode_infer_request(request))
+            except DecoupledModelError:  # Triton's words
+                raise UnsupportedError(
+                    "ModelInfer RPC doesn't support models with decoupled transaction policy"
+                ) from None
             return encode_infer_response(response)
 
         return await _answer(context, infer)
@@ -120,10 +125,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 async for item, final in self.dataplane.stream(inference):
                     if isinstance(item, OpserveError):
                         await answers.put(_stream_error(request, item))
-                    elif item is not None:
+                    elif item is not None:  # every response says whether it is the last
                         message = encode_infer_response(item)
-                        if empty_final:
-                            message.parameters["triton_final_response"].bool_param = final
+                        message.parameters["triton_final_response"].bool_param = final
                         await answers.put(
                             service_pb2.ModelStreamInferResponse(infer_response=message)
                         )

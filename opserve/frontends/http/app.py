@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from opserve.dataplane import DataPlane
+from opserve.dataplane import DataPlane, DecoupledModelError
 from opserve.errors import (
     ErrorCode,
     InvalidArgumentError,
@@ -172,6 +172,10 @@ class HttpApp:
         )
         try:
             response = await self.dataplane.infer(request)
+        except DecoupledModelError:  # Triton's words
+            raise UnsupportedError(
+                "HTTP end point doesn't support models with decoupled transaction policy"
+            ) from None
         except asyncio.CancelledError:
             if (
                 watchers
@@ -212,20 +216,27 @@ class HttpApp:
                     raise item
                 if item is not None:
                     responses.append(item)
-            if len(responses) != 1:
-                raise UnsupportedError(
-                    f"generate expects exactly one response from model '{name}', which sent "
-                    f"{len(responses)}; use generate_stream for models that stream"
+            if len(responses) != 1:  # Triton's words
+                raise InvalidArgumentError(
+                    "generate expects model to produce exactly 1 response, use generate stream "
+                    "for model that generates various number of responses"
                 )
             return await _send(send, 200, encode_generate(responses[0]), _JSON)
-        # the first item decides the status: a request refused outright is an ordinary error
+        # the first item decides the status: a request refused outright, or whose first
+        # answer is an error, is an ordinary error reply
         iterator = stream.__aiter__()
         first: tuple[Delivery, bool] | None
         try:
             first = await iterator.__anext__()
         except StopAsyncIteration:
             first = None
-        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        if first is not None and isinstance(first[0], OpserveError):
+            await iterator.aclose()  # type: ignore[attr-defined]
+            raise first[0]
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, asyncio.current_task()))
         try:

@@ -26,7 +26,7 @@ class TritonPythonModel:
                     **self.args,
                     "request_id": request.request_id(),
                     "parameters": json.loads(request.parameters()),
-                    "requested": request.requested_output_names(),
+                    "requested": sorted(request.requested_output_names()),
                 }
             )
             responses.append(
