@@ -18,12 +18,14 @@ from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_librari
 from opserve.ops.inspect import LibraryReport, collisions, inspect_library
 from opserve.ops.resolve import resolve_model_libraries
 from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.workers.environments import environment_path
 
 # backend -> (the package that must be importable, the extra that installs it)
 _FRAMEWORK_PACKAGES = {
     "onnxruntime": ("onnxruntime", "onnxruntime"),
     "pytorch": ("torch", "pytorch"),
     "tensorflow": ("tensorflow", "tensorflow"),
+    "python": ("numpy", ""),  # a Python model needs nothing beyond the server's own packages
 }
 
 
@@ -108,6 +110,15 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
         report.problems.append(
             f"backend '{config.backend}' needs {package}: pip install 'opserve[{extra}]'"
         )
+    environment = config.parameters.get("EXECUTION_ENV_PATH")
+    if environment is not None and environment.string_value:
+        path = environment_path(environment.string_value, folder)
+        if config.backend != "python":
+            report.problems.append("EXECUTION_ENV_PATH is a parameter of Python models")
+        elif not path.exists():
+            report.problems.append(
+                f"execution environment '{path}' (EXECUTION_ENV_PATH) does not exist"
+            )
     report.versions = select_versions(config, version_folders(folder))
     if not report.versions:
         report.problems.append(f"no version folders found in '{folder}'")
@@ -129,7 +140,8 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
                 report.libraries.append(str(library))
         for library_report in library_reports[: len(own)]:
             report.problems += [p for p in library_report.problems if p not in report.problems]
-            if library_report.framework not in (None, framework):
+            # a Python model may use any framework's ops (it loads each with its framework)
+            if config.backend != "python" and library_report.framework not in (None, framework):
                 report.problems.append(
                     f"op library '{library_report.path}' is built for {library_report.framework}, "
                     f"but model '{name}' runs on {config.backend}"

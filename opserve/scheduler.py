@@ -77,8 +77,11 @@ class _Pending:
 
     @property
     def waiting(self) -> bool:
-        """Still wanted: not cancelled, not answered (nor timed out)."""
-        return not self.cancelled and not self.finished_ns
+        """Still wanted: not cancelled (by us, or by its awaiting task going away), not answered
+        (nor timed out)."""
+        if self.cancelled or self.finished_ns:
+            return False
+        return self.future is None or not self.future.done()
 
     def cancel(self) -> None:
         """The client went away: drop it if queued, tell the model if it runs."""

@@ -531,3 +531,41 @@ def test_broken_loads_are_clear_errors(tmp_path: Path) -> None:
         assert requests.get(f"http://{running.url}/v2/models/auto_complete/ready").ok
     assert "EXECUTION_ENV_PATH" in missing and "does not exist" in missing
     assert "did not finish loading in 3 s (--model-load-timeout-secs)" in hung
+
+
+# the example repository --------------------------------------------------------------------------
+def test_example_python_model_wraps_the_custom_op_model(example_server: RunningServer) -> None:
+    """`shout`: Python pre- and post-processing around `text_ops` (onnxruntime-extensions ops),
+    as the README's first curl lines show it."""
+    response = requests.post(
+        f"http://{example_server.url}/v2/models/shout/generate",
+        json={"SENTENCE": "custom ops, with their model"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "LETTERS": 23,
+        "LONGEST": "CUSTOM",
+        "SHOUTED": "CUSTOM OPS WITH THEIR MODEL!",
+        "model_name": "shout",
+        "model_version": "1",
+    }
+
+
+def test_check_knows_python_models(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repository"
+    place_python_model(repo, "add_sub")
+    place_python_model(repo, "env_version")
+    result = subprocess.run(
+        [sys.executable, "-m", "opserve", "check", "--model-repository", str(repo), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    report = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert report["add_sub"]["problems"] == []
+    assert any("EXECUTION_ENV_PATH" in p for p in report["env_version"]["problems"])
