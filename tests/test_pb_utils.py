@@ -100,6 +100,8 @@ def test_type_helpers() -> None:
     assert pb_utils.triton_string_to_numpy("TYPE_FP32") is np.float32
     assert pb_utils.triton_string_to_numpy("TYPE_STRING") is np.object_
     assert pb_utils.numpy_to_triton_type(np.int32) == 8
+    assert pb_utils.numpy_to_triton_string(np.float16) == "TYPE_FP16"
+    assert pb_utils.numpy_to_triton_string(np.object_) == "TYPE_STRING"
     assert pb_utils.triton_to_numpy_type(8) is np.int32
     encoded = pb_utils.serialize_byte_tensor(np.array([b"ab", b"c"], dtype=np.object_))
     assert encoded == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"

@@ -53,6 +53,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         "faulty",
         "init_fails",
         "ticker",
+        "bls_stream",
     ):
         place_python_model(repo, name)
     # the model BLS calls: our own ONNX Runtime custom op (x + 1), its library in its folder
@@ -190,6 +191,13 @@ def test_bls_errors_come_back_as_response_errors(client, model: str) -> None:
     inputs, _ = bls_inputs(httpclient, "no_such_model")
     error = client.infer(model, inputs).as_numpy("ERROR")[0].decode()
     assert "no_such_model" in error and "unknown model" in error.lower()
+
+
+def test_bls_streams_a_decoupled_model(client) -> None:
+    values = np.array([2, 3, 5], dtype=np.int32)
+    result = client.infer("bls_stream", [tensor(httpclient, "IN", values, "INT32")])
+    assert int(result.as_numpy("SUM")[0]) == 10
+    assert int(result.as_numpy("RESPONSES")[0]) == 4  # three answers and the final flag
 
 
 def test_bls_to_a_decoupled_model_without_decoupled_is_an_error(client) -> None:

@@ -523,6 +523,17 @@ def triton_string_to_numpy(triton_type_string: str) -> Any:
     return _TRITON_TO_NUMPY[triton_type_string]
 
 
+def numpy_to_triton_string(data_type: Any) -> str | None:
+    """The config's type name of a numpy dtype: `TYPE_FP32`, `TYPE_STRING`, ..."""
+    dtype = np.dtype(data_type)
+    if dtype.kind in ("O", "S", "U"):
+        return "TYPE_STRING"
+    for name, candidate in _TRITON_TO_NUMPY.items():
+        if candidate is not np.object_ and np.dtype(candidate) == dtype:
+            return name
+    return None
+
+
 def triton_to_numpy_type(data_type: int) -> Any:
     return _TYPE_CODES.get(data_type)
 
