@@ -12,15 +12,100 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
-from opserve.workers.messages import Message
+from opserve.workers.messages import (
+    Execute,
+    Message,
+    Responses,
+    TensorRef,
+    WireError,
+    WireRequest,
+    WireResponse,
+)
 
 FRAME = struct.Struct("<I")
 
 
+# The two messages of every execution travel as plain tuples: pickling dataclasses costs a
+# lookup of each class per message, several times the cost of the data (measured: ~15 µs against
+# ~3 µs for an execution of one tensor). Every other message is pickled as it is.
+_EXECUTE = 1
+_RESPONSES = 2
+
+
 def encode(message: Message) -> bytes:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    kind = type(message)
+    body: object
+    if kind is Execute:
+        assert isinstance(message, Execute)
+        body = (
+            _EXECUTE,
+            message.id,
+            [_request_fields(r) for r in message.requests],
+            message.ring_end,
+        )
+    elif kind is Responses:
+        assert isinstance(message, Responses)
+        body = (
+            _RESPONSES,
+            message.id,
+            [_response_fields(r) for r in message.responses],
+            message.ring_end,
+            message.timings,
+        )
+    else:
+        body = message
+    payload = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
     return FRAME.pack(len(payload)) + payload
+
+
+def decode(payload: bytes | bytearray | memoryview) -> Message:
+    body = pickle.loads(payload)
+    if type(body) is not tuple:
+        return body
+    if body[0] == _EXECUTE:
+        return Execute(body[1], [_request(r) for r in body[2]], body[3])
+    return Responses(body[1], [_response(r) for r in body[2]], body[3], body[4])
+
+
+def _ref_fields(ref: TensorRef) -> tuple[Any, ...]:
+    return (ref.name, ref.datatype, ref.shape, ref.offset, ref.nbytes, ref.inline)
+
+
+def _request_fields(request: WireRequest) -> tuple[Any, ...]:
+    return (
+        request.id,
+        [_ref_fields(r) for r in request.inputs],
+        request.outputs,
+        request.parameters,
+        request.correlation_id,
+        request.flags,
+        request.model_name,
+        request.model_version,
+        request.timeout_us,
+    )
+
+
+def _request(fields: tuple[Any, ...]) -> WireRequest:
+    return WireRequest(fields[0], [TensorRef(*r) for r in fields[1]], *fields[2:])
+
+
+def _response_fields(response: WireResponse) -> tuple[Any, ...]:
+    outputs = None if response.outputs is None else [_ref_fields(r) for r in response.outputs]
+    error = None if response.error is None else (response.error.code, response.error.message)
+    return (response.index, outputs, error, response.final, response.parameters)
+
+
+def _response(fields: tuple[Any, ...]) -> WireResponse:
+    index, outputs, error, final, parameters = fields
+    return WireResponse(
+        index,
+        None if outputs is None else [TensorRef(*r) for r in outputs],
+        None if error is None else WireError(*error),
+        final,
+        parameters,
+    )
 
 
 class FrameDecoder:
@@ -40,7 +125,7 @@ class FrameDecoder:
                 end = offset + FRAME.size + length
                 if end > size:
                     break
-                message = pickle.loads(buffer[offset + FRAME.size : end])
+                message = decode(buffer[offset + FRAME.size : end])
                 offset = end
                 yield message
         finally:

@@ -1,0 +1,61 @@
+"""The framing both sides of the worker boundary use: every message survives the trip whole."""
+
+from __future__ import annotations
+
+from opserve.signature import ModelSignature, TensorSpec
+from opserve.workers.channel import FrameDecoder, encode
+from opserve.workers.messages import (
+    BlsRequest,
+    Call,
+    Execute,
+    ModelLoaded,
+    Responses,
+    TensorRef,
+    WireError,
+    WireRequest,
+    WireResponse,
+)
+
+MESSAGES = [
+    Execute(
+        7,
+        [
+            WireRequest(
+                "id-1",
+                [
+                    TensorRef("X", "FP32", (2, 4), 64, 32),
+                    TensorRef("S", "BYTES", (1,), inline=b"x"),
+                ],
+                ["Y"],
+                {"k": "v", "n": 3},
+                correlation_id="seq",
+                flags=2,
+                timeout_us=50,
+            )
+        ],
+        4096,
+    ),
+    Responses(
+        7,
+        [
+            WireResponse(0, [TensorRef("Y", "FP32", (2, 4), 0, 32)], None, True, {"p": 1.5}),
+            WireResponse(1, None, WireError("INVALID_ARG", "bad"), False),
+            WireResponse(2, None, None, True),
+        ],
+        128,
+        (1, 2, 3, 4),
+    ),
+    Responses(8, [], 0, None),
+    ModelLoaded(3, ModelSignature((TensorSpec("X", "FP32", (-1, 4)),), ()), ["/lib.so"]),
+    BlsRequest(2, WireRequest("", [], None, model_name="m", model_version="1"), True, 0, 64),
+    Call(0, "log", {"level": "INFO", "message": "hello"}),
+]
+
+
+def test_every_message_survives_the_trip_in_pieces() -> None:
+    stream = b"".join(encode(m) for m in MESSAGES)
+    decoder = FrameDecoder()
+    received = []
+    for start in range(0, len(stream), 7):  # arrives in odd-sized pieces
+        received.extend(decoder.feed(stream[start : start + 7]))
+    assert received == MESSAGES
