@@ -51,6 +51,7 @@ class _Pending:
     returned: bool = False  # the execution's `execute` returned
     counted: bool = False  # in the statistics
     timer: asyncio.TimerHandle | None = None  # the request's timeout, if it has one
+    waiter: asyncio.Future[WorkerProcess] | None = None  # while it waits for an instance
     on_finish: Callable[[_Pending], None] | None = field(default=None, repr=False)
 
     def deliver(self, item: Delivery, final: bool) -> None:
@@ -162,7 +163,6 @@ class Scheduler:
         )
         pending.on_finish = self._account
         if request.timeout_us:
-            loop = asyncio.get_running_loop()
             pending.timer = loop.call_later(request.timeout_us / 1e6, self._expire, pending)
         return pending
 
@@ -172,7 +172,10 @@ class Scheduler:
         replaced, like a crashed one."""
         if pending.finished_ns:
             return
-        pending.deliver(UnavailableError("Request timeout expired"), True)
+        error = UnavailableError("Request timeout expired")
+        pending.deliver(error, True)
+        if pending.waiter is not None and not pending.waiter.done():
+            pending.waiter.set_exception(error)  # out of the line for an instance
         if pending.execution is not None and not pending.returned:
             worker = pending.execution[0]
             log.error(
@@ -195,11 +198,8 @@ class Scheduler:
         if self.batching:
             self._enqueue(pending, on_wait)
             return await pending.future  # cancelled when the client goes away: never runs
-        instance = await self._acquire(on_wait)
-        if pending.waiting:
-            await self._run(instance, [pending])
-        else:  # timed out while waiting for an instance
-            self._release(instance)
+        instance = await self._acquire(pending, on_wait)
+        await self._run(instance, [pending])
         return pending.future.result()
 
     async def stream(
@@ -213,8 +213,7 @@ class Scheduler:
             if self.batching:
                 self._enqueue(pending, None)
             else:
-                instance = await self._acquire(None)
-                self._background(self._run(instance, [pending]))
+                self._background(self._acquire_and_run(pending))
             while True:
                 item, final = await pending.stream.get()
                 yield item, final
@@ -237,7 +236,21 @@ class Scheduler:
             self._dispatcher = asyncio.ensure_future(self._dispatch())
         self._wakeup.set()
 
-    async def _acquire(self, on_wait: Callable[[], None] | None) -> WorkerProcess:
+    async def _acquire_and_run(self, pending: _Pending) -> None:
+        try:
+            instance = await self._acquire(pending, None)
+        except OpserveError as error:  # a timeout (delivered already), an unload, a full queue
+            if not pending.finished_ns:
+                pending.deliver(error, True)
+            return
+        if pending.waiting:
+            await self._run(instance, [pending])
+        else:  # its client went away meanwhile
+            self._release(instance)
+
+    async def _acquire(
+        self, pending: _Pending, on_wait: Callable[[], None] | None
+    ) -> WorkerProcess:
         """Without batching: an instance with room at once, or after waiting in line for one
         (no dispatcher task, no hop)."""
         instance = self._free_instance() if not self._waiters else None
@@ -251,6 +264,7 @@ class Scheduler:
             )
         waiter: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        pending.waiter = waiter
         if on_wait is not None:
             on_wait()
         try:
