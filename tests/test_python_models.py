@@ -404,6 +404,10 @@ def worker_pid_once_serving(client, timeout: float = 30.0) -> int:
             time.sleep(0.1)
 
 
+def test_a_model_may_answer_through_its_response_sender(client) -> None:
+    assert faulty(client, "sender").as_numpy("OUT")[0] == faulty(client, "ok").as_numpy("OUT")[0]
+
+
 def test_a_crashing_model_restarts_its_worker(client, server: RunningServer) -> None:
     before = int(faulty(client, "ok").as_numpy("OUT")[0])
     with pytest.raises(InferenceServerException, match="signal 6"):

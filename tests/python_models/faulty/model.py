@@ -1,5 +1,5 @@
 """Fails in the way MODE asks: raise, too many responses, a wrong type, a TritonError response,
-a crash of the whole process, a hang, or (ok) an answer."""
+a crash of the whole process, a hang, or an answer (ok; sender: through the response sender)."""
 
 import os
 import time
@@ -32,4 +32,9 @@ class TritonPythonModel:
             os.abort()
         if mode == "hang":
             time.sleep(3600)
+        if mode == "sender":  # a model that is not decoupled may answer through the sender too
+            requests[0].get_response_sender().send(
+                ok, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
+            return [None]
         return [ok for _ in requests]
