@@ -195,12 +195,16 @@ class Scheduler:
         request has to wait for an instance."""
         pending = self._pending(request, batch_size)
         assert pending.future is not None
-        if self.batching:
-            self._enqueue(pending, on_wait)
-            return await pending.future  # cancelled when the client goes away: never runs
-        instance = await self._acquire(pending, on_wait)
-        await self._run(instance, [pending])
-        return pending.future.result()
+        try:
+            if self.batching:
+                self._enqueue(pending, on_wait)
+                return await pending.future  # cancelled when the client goes away: never runs
+            instance = await self._acquire(pending, on_wait)
+            await self._run(instance, [pending])
+            return pending.future.result()
+        except asyncio.CancelledError:  # the client went away: a running model is told
+            pending.cancel()
+            raise
 
     async def stream(
         self, request: InferenceRequest, batch_size: int
