@@ -197,8 +197,15 @@ class Scheduler:
         assert pending.future is not None
         try:
             if self.batching:
-                self._enqueue(pending, on_wait)
-                return await pending.future  # cancelled when the client goes away: never runs
+                instance = self._idle_instance()
+                if instance is None:
+                    self._enqueue(pending, on_wait)
+                    return await pending.future  # cancelled when its client goes away
+                # an idle instance and nothing to wait for: a batch of one, without the
+                # dispatcher's hops
+                self._busy[instance] += 1
+                await self._run(instance, [pending])
+                return pending.future.result()
             instance = await self._acquire(pending, on_wait)
             await self._run(instance, [pending])
             return pending.future.result()
@@ -226,6 +233,13 @@ class Scheduler:
         finally:
             if not pending.finished_ns:
                 pending.cancel()
+
+    def _idle_instance(self) -> WorkerProcess | None:
+        """With batching: an instance free now, when nothing queued and no delay could add
+        company to a request (it would run alone at once anyway)."""
+        if self._queue or self.delay_ns:
+            return None
+        return self._free_instance()
 
     def _enqueue(self, pending: _Pending, on_wait: Callable[[], None] | None) -> None:
         if len(self._queue) >= self.max_queue_size:

@@ -53,6 +53,7 @@ async def serve(settings: ServerSettings) -> None:
             access_log=False,
             log_config=None,
             timeout_keep_alive=300,
+            proxy_headers=False,  # a layer per request that serves no purpose here
         )
         http = uvicorn.Server(config)
         log.info("serving HTTP on %s:%d", settings.http_address, settings.http_port)
