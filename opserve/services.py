@@ -60,7 +60,10 @@ class ServerServices:
     def call(self, worker: WorkerProcess, service: str, arguments: dict[str, Any]) -> Any:
         if service == "log":
             level = _LEVELS.get(str(arguments.get("level")), logging.INFO)
-            log.log(level, "%s: %s", arguments.get("model", worker.label), arguments.get("message"))
+            model = arguments.get("model", worker.label)
+            log.log(
+                level, "%s (%s): %s", model, arguments.get("where", "?"), arguments.get("message")
+            )
             return None
         if service == "metric":
             return self.metrics.handle(worker, arguments)

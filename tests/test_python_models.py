@@ -346,7 +346,8 @@ def test_model_log_lines_reach_the_server_log(client, server: RunningServer) -> 
         time.sleep(0.1)
     log = server.log()
     assert "metrics model initialized" in log
-    assert "WARNING" in next(line for line in log.splitlines() if "metrics model saw 7.0" in line)
+    line = next(line for line in log.splitlines() if "metrics model saw 7.0" in line)
+    assert "WARNING" in line and "metrics (model.py:" in line  # the model's own line
 
 
 # errors ------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -741,6 +743,10 @@ class Logger:
     def log(message: str, level: int = LogLevel.INFO) -> None:
         arguments = {"level": _LEVEL_NAMES.get(level, "INFO"), "message": str(message)}
         arguments["model"] = _model_name
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back  # the model's line, as Triton's log shows it
+        arguments["where"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
         if _services is None:
             print(f"{arguments['level']} {arguments['model']}: {message}")  # noqa: T201
             return
