@@ -49,6 +49,12 @@ def test_perf_analyzer(server: RunningServer, protocol: str) -> None:
             "2",
             "--measurement-interval",
             "1000",
+            # compatibility is the point here, not a steady machine: a shared CI host's noise
+            # must not fail the run (the default asks windows to agree within 10%)
+            "--stability-percentage",
+            "50",
+            "--max-trials",
+            "20",
             "-v",
         ],
         capture_output=True,
