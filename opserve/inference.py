@@ -66,6 +66,9 @@ class InferenceRequest:
     # called when the request has to wait for an instance: a frontend may then start watching
     # for its client going away (cancelling the request drops it before it runs)
     on_wait: Callable[[], None] | None = None
+    # whether the client has gone away, for a frontend that can tell cheaply: the scheduler
+    # then asks instead of having the request watched
+    client_gone: Callable[[], bool] | None = None
 
 
 @dataclass(slots=True)

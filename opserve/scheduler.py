@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from opserve.errors import InternalError, OpserveError, UnavailableError
+from opserve.errors import CancelledError, InternalError, OpserveError, UnavailableError
 from opserve.inference import Delivery, InferenceRequest, InferenceResponse
 from opserve.proto import ModelConfig
 from opserve.stats import VersionStats
@@ -79,8 +79,12 @@ class _Pending:
     @property
     def waiting(self) -> bool:
         """Still wanted: not cancelled (by us, or by its awaiting task going away), not answered
-        (nor timed out)."""
+        (nor timed out), its client still there (one that left is answered CANCELLED here)."""
         if self.cancelled or self.finished_ns:
+            return False
+        gone = self.request.client_gone
+        if gone is not None and gone():
+            self.deliver(CancelledError("the client went away before the request ran"), True)
             return False
         return self.future is None or not self.future.done()
 
@@ -248,7 +252,7 @@ class Scheduler:
                 f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
             )
         self._queue.append(pending)
-        if on_wait is not None:
+        if on_wait is not None and pending.request.client_gone is None:
             on_wait()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.ensure_future(self._dispatch())
