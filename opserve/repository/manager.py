@@ -90,6 +90,16 @@ class Model:
     schema: ModelSchema | None = None  # set once the config is complete
     unloaded: bool = False  # unloaded on request: out of service, and not held against readiness
 
+    def latest_ready(self) -> ModelVersion | None:
+        """The highest ready version (every request without a version asks: no sorting)."""
+        latest = None
+        for entry in self.versions.values():
+            if entry.state is ModelState.READY and (
+                latest is None or entry.version > latest.version
+            ):
+                latest = entry
+        return latest
+
     def ready_versions(self) -> list[ModelVersion]:
         return sorted((v for v in self.versions.values() if v.ready), key=lambda v: -v.version)
 
@@ -148,10 +158,10 @@ class ModelManager:
                     f"{entry.label} is not ready: {entry.reason or entry.state.value}"
                 )
             return model, entry
-        ready = model.ready_versions()
-        if not ready:
+        latest = model.latest_ready()
+        if latest is None:
             raise UnavailableError(f"model '{name}' has no ready versions: {self.reason(model)}")
-        return model, ready[0]
+        return model, latest
 
     def reason(self, model: Model) -> str:
         if model.reason:

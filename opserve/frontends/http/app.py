@@ -171,9 +171,8 @@ class HttpApp:
         cycle = getattr(receive, "__self__", None)
         if isinstance(getattr(cycle, "disconnected", None), bool):
             request.client_gone = lambda: cycle.disconnected  # type: ignore[union-attr]
-        task = asyncio.current_task()
-        request.on_wait = lambda: watchers.append(
-            asyncio.ensure_future(_cancel_on_disconnect(receive, task))
+        request.on_wait = lambda: watchers.append(  # runs in this request's task
+            asyncio.ensure_future(_cancel_on_disconnect(receive, asyncio.current_task()))
         )
         try:
             response = await self.dataplane.infer(request)
