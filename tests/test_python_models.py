@@ -54,6 +54,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         "init_fails",
         "ticker",
         "bls_stream",
+        "repeat_batched",
     ):
         place_python_model(repo, name)
     # the model BLS calls: our own ONNX Runtime custom op (x + 1), its library in its folder
@@ -269,6 +270,32 @@ def test_async_decoupled_executes_overlap_and_see_cancellation(server: RunningSe
         time.sleep(0.1)
     assert "ticker a cancelled after" in server.log()
     assert "ticker b cancelled after" in server.log()
+
+
+def test_decoupled_requests_batch_together_and_keep_their_own_streams(server) -> None:
+    answers: queue.Queue = queue.Queue()
+    user = grpcclient.InferenceServerClient(server.grpc_url)
+    user.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for value in (0, 10, 20):
+        array = np.array([[value]], dtype=np.int32)
+        user.async_stream_infer(
+            "repeat_batched", [tensor(grpcclient, "IN", array, "INT32")], request_id=str(value)
+        )
+    received = [answers.get(timeout=30) for _ in range(6)]
+    user.stop_stream()
+    assert [error for _, error in received] == [None] * 6
+    seen = sorted(
+        (r.get_response().id, int(r.as_numpy("OUT")[0][0]), int(r.as_numpy("BATCH")[0][0]))
+        for r, _ in received
+    )
+    assert seen == [
+        ("0", 0, 3),
+        ("0", 1, 3),
+        ("10", 10, 3),
+        ("10", 11, 3),
+        ("20", 20, 3),
+        ("20", 21, 3),
+    ]
 
 
 def test_decoupled_model_streams_over_http_generate_stream(server: RunningServer) -> None:
