@@ -15,10 +15,10 @@ from pathlib import Path
 from opserve.config import model_config_for
 from opserve.errors import OpserveError
 from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
-from opserve.ops.inspect import LibraryReport, collisions, inspect_library
+from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
 from opserve.ops.resolve import resolve_model_libraries
 from opserve.repository.layout import find_models, select_versions, version_folders
-from opserve.workers.environments import environment_path
+from opserve.workers.environments import execution_environment
 
 # backend -> (the package that must be importable, the extra that installs it)
 _FRAMEWORK_PACKAGES = {
@@ -110,14 +110,14 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
         report.problems.append(
             f"backend '{config.backend}' needs {package}: pip install 'opserve[{extra}]'"
         )
-    environment = config.parameters.get("EXECUTION_ENV_PATH")
-    if environment is not None and environment.string_value:
-        path = environment_path(environment.string_value, folder)
-        if config.backend != "python":
-            report.problems.append("EXECUTION_ENV_PATH is a parameter of Python models")
-        elif not path.exists():
+    try:
+        environment = execution_environment(config, folder)
+    except OpserveError as exc:
+        report.problems.append(exc.message)
+    else:
+        if environment is not None and not environment.exists():
             report.problems.append(
-                f"execution environment '{path}' (EXECUTION_ENV_PATH) does not exist"
+                f"execution environment '{environment}' (EXECUTION_ENV_PATH) does not exist"
             )
     report.versions = select_versions(config, version_folders(folder))
     if not report.versions:
@@ -140,12 +140,9 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
                 report.libraries.append(str(library))
         for library_report in library_reports[: len(own)]:
             report.problems += [p for p in library_report.problems if p not in report.problems]
-            # a Python model may use any framework's ops (it loads each with its framework)
-            if config.backend != "python" and library_report.framework not in (None, framework):
-                report.problems.append(
-                    f"op library '{library_report.path}' is built for {library_report.framework}, "
-                    f"but model '{name}' runs on {config.backend}"
-                )
+            mismatch = framework_mismatch(library_report, name, config.backend)
+            if mismatch is not None:
+                report.problems.append(mismatch)
         report.problems += [f"version {version}: {c}" for c in collisions(library_reports)]
     return report
 

@@ -148,8 +148,6 @@ class Backend(ABC):
     A backend that needs each request whole (the Python backend) overrides `run`.
     """
 
-    decoupled = False  # answers through `ModelServices.respond` instead of `run`'s return
-
     def __init__(self, context: BackendContext) -> None:
         self.context = context
         self.loaded_op_libraries: list[Path] = []

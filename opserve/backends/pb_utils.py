@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from opserve.backends.base import ModelServices, Reply, Request
-from opserve.datatypes import numpy_to_v2
+from opserve.datatypes import deserialize_bytes, numpy_to_v2
 from opserve.errors import ErrorCode, OpserveError, error_from_code
 from opserve.workers.messages import WireRequest
 
@@ -565,15 +565,7 @@ def serialize_byte_tensor(input_tensor: np.ndarray) -> Any:
 
 
 def deserialize_bytes_tensor(encoded_tensor: bytes) -> np.ndarray:
-    elements = []
-    view = memoryview(encoded_tensor)
-    offset = 0
-    while offset < len(view):
-        length = int.from_bytes(view[offset : offset + 4], "little")
-        offset += 4
-        elements.append(bytes(view[offset : offset + length]))
-        offset += length
-    return np.array(elements, dtype=np.object_)
+    return np.array(deserialize_bytes(encoded_tensor), dtype=np.object_)
 
 
 # auto-complete -----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class PythonBackend(Backend):
         self._module: ModuleType | None = None
         self._model: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.decoupled = False  # answers through response senders, not execute's return
 
     @property
     def _label(self) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from opserve.errors import OpserveError
 from opserve.ops.elf import read_elf
-from opserve.ops.frameworks import framework_library_dir, library_framework
+from opserve.ops.frameworks import BACKEND_FRAMEWORKS, framework_library_dir, library_framework
 from opserve.ops.probe import API_VERSION_MARK, api_mismatch
 
 PROBE_TIMEOUT_S = 180.0
@@ -249,6 +249,18 @@ async def inspect_library_async(path: Path) -> LibraryReport:
     )
     _cache[key] = report
     return report
+
+
+def framework_mismatch(report: LibraryReport, model: str, backend: str) -> str | None:
+    """A model's own library built for another framework than its backend's, as a message.
+    A Python model may use any framework's ops (it loads each with its framework)."""
+    wanted = BACKEND_FRAMEWORKS.get(backend)
+    if backend == "python" or report.framework in (None, wanted):
+        return None
+    return (
+        f"op library '{report.path}' is built for {report.framework}, but model '{model}' "
+        f"runs on {backend}"
+    )
 
 
 def collisions(reports: list[LibraryReport]) -> list[str]:

@@ -34,13 +34,13 @@ from opserve.ops import (
     preloaded_libraries,
     resolve_model_libraries,
 )
-from opserve.ops.inspect import collisions, inspect_library_async
+from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
 from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.stats import VersionStats
-from opserve.workers.environments import environment_launcher
+from opserve.workers.environments import environment_launcher, execution_environment
 from opserve.workers.launcher import Launcher
 from opserve.workers.messages import ModelLoaded
 from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerHost, WorkerProcess
@@ -363,7 +363,7 @@ class ModelManager:
         """Complete the config from the model's description (phase one's answer)."""
         if description.config_json is not None:  # the model completed it (Python backend)
             completed = config_from_model_json(model.name, description.config_json)
-            model.completed = [f for f in changed_fields(model.config, completed)]
+            model.completed = changed_fields(model.config, completed)
             model.config = completed
             model.completed += autocomplete(model.config, ModelSignature((), ()))
         elif description.signature is not None:
@@ -489,14 +489,9 @@ class ModelManager:
         """How this model's workers start: the server's interpreter, or the Python model's own
         execution environment."""
         env = self._worker_environment()
-        parameter = model.config.parameters.get("EXECUTION_ENV_PATH")
-        if parameter is not None and parameter.string_value:
-            if model.config.backend != "python":
-                raise InvalidArgumentError(
-                    f"model '{model.name}': EXECUTION_ENV_PATH is a parameter of Python models; "
-                    f"backend '{model.config.backend}' runs in the server's environment"
-                )
-            return await environment_launcher(parameter.string_value, model.directory, env)
+        environment = execution_environment(model.config, model.directory)
+        if environment is not None:
+            return await environment_launcher(environment, env)
         return Launcher(env=env)
 
     async def _inspect(self, model: Model, framework: str | None, libraries: list[Path]) -> None:
@@ -508,12 +503,9 @@ class ModelManager:
         reports = await asyncio.gather(*(inspect_library_async(p) for p in [*libraries, *shared]))
         problems = [problem for report in reports for problem in report.problems]
         for report in reports[: len(libraries)]:
-            # a Python model may use any framework's ops (it loads each with its framework)
-            if model.config.backend != "python" and report.framework not in (None, framework):
-                problems.append(
-                    f"op library '{report.path}' is built for {report.framework}, but model "
-                    f"'{model.name}' runs on {model.config.backend}"
-                )
+            mismatch = framework_mismatch(report, model.name, model.config.backend)
+            if mismatch is not None:
+                problems.append(mismatch)
         problems += collisions(list(reports))
         if problems:
             raise UnavailableError("; ".join(problems))

@@ -14,8 +14,9 @@ import hashlib
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
-from opserve.errors import UnavailableError
+from opserve.errors import InvalidArgumentError, UnavailableError
 from opserve.workers.launcher import Launcher
 
 MODEL_DIRECTORY_VARIABLE = "$$TRITON_MODEL_DIRECTORY"
@@ -26,6 +27,20 @@ _checked: dict[tuple[str, int], str] = {}  # interpreter -> problem ("" when fin
 def cache_root() -> Path:
     base = os.environ.get("OPSERVE_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
     return Path(base) / "opserve" if base else Path.home() / ".cache" / "opserve"
+
+
+def execution_environment(config: Any, model_dir: Path) -> Path | None:
+    """The environment a model's config names (`EXECUTION_ENV_PATH`), or None; the parameter
+    on a model that is not a Python model is an error."""
+    parameter = config.parameters.get("EXECUTION_ENV_PATH")
+    if parameter is None or not parameter.string_value:
+        return None
+    if config.backend != "python":
+        raise InvalidArgumentError(
+            f"model '{config.name}': EXECUTION_ENV_PATH is a parameter of Python models; "
+            f"backend '{config.backend}' runs in the server's environment"
+        )
+    return environment_path(parameter.string_value, model_dir)
 
 
 def environment_path(value: str, model_dir: Path) -> Path:
@@ -67,10 +82,9 @@ def _interpreter(root: Path) -> Path | None:
     return None
 
 
-async def environment_launcher(value: str, model_dir: Path, base_env: dict[str, str]) -> Launcher:
+async def environment_launcher(path: Path, base_env: dict[str, str]) -> Launcher:
     """A launcher for a Python model's worker under its own environment; a clear error when the
     environment is missing, has no interpreter, or lacks numpy."""
-    path = environment_path(value, model_dir)
     if not path.exists():
         raise UnavailableError(
             f"execution environment '{path}' (EXECUTION_ENV_PATH) does not exist"

@@ -178,7 +178,7 @@ class Worker:
             o["name"] for o in config.get("output", []) if o.get("data_type") == "TYPE_BF16"
         }
         libraries = [str(p) for p in self.backend.loaded_op_libraries]
-        return ModelLoaded(message.id, None, libraries, decoupled=self.backend.decoupled)
+        return ModelLoaded(message.id, None, libraries)
 
     # executing ---------------------------------------------------------------------------------
     def execute(self, message: Execute, release: list[int | bool]) -> None:

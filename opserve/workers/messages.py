@@ -128,7 +128,6 @@ class ModelLoaded:
     signature: ModelSignature | None  # phase 1 of a framework model
     op_libraries: list[str]  # what the backend registered, resolved paths
     config_json: str | None = None  # phase 1 of a model that completes its own config
-    decoupled: bool = False
 
 
 @dataclass(slots=True)
