@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opserve.config import model_config_for
+from opserve.config.support import check_fields
 from opserve.errors import OpserveError
 from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
@@ -36,6 +37,7 @@ class ModelReport:
     versions: list[int] = field(default_factory=list)
     libraries: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # fields ignored where that changes no answer
 
     @property
     def ok(self) -> bool:
@@ -103,6 +105,9 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
         report.problems.append(exc.message)
         return report
     report.backend = config.backend
+    findings = check_fields(config)
+    report.problems += findings.errors
+    report.warnings += findings.warnings
     package, extra = _FRAMEWORK_PACKAGES.get(config.backend, (None, None))
     if package is None:
         report.problems.append(f"backend '{config.backend}' is not supported by this server")
@@ -163,6 +168,8 @@ def format_report(report: RepositoryReport) -> str:
             lines.append(f"         op library {library}: {ops}")
         for problem in model.problems:
             lines.append(f"         error: {problem}")
+        for warning in model.warnings:
+            lines.append(f"         warning: {warning}")
     failed = sum(not m.ok for m in report.models)
     lines.append(
         f"{len(report.models)} models, {failed} with problems"

@@ -170,6 +170,16 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
         'max_batch_size: 4\ninput [ { name: "NOPE" data_type: TYPE_FP32 dims: [16] } ]\n'
         'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [16] } ]\n',
     )
+    # config fields: one refused (no GPU instances for onnxruntime), one ignored with a warning
+    models.write_model(
+        repo, "gpu_instance", models.identity(), "instance_group [ { kind: KIND_GPU } ]\n"
+    )
+    models.write_model(
+        repo,
+        "pinned_memory",
+        models.identity(),
+        "optimization { input_pinned_memory { enable: true } }\n",
+    )
     return repo
 
 

@@ -390,6 +390,10 @@ def test_check_command(tmp_path: Path, ort_ops) -> None:
         repo, "missing_library", models.custom_op(), custom_op_config("missing_library", "libx.so")
     )
     models.write_model(repo, "bad_config", models.identity(), "max_batch_size: [\n")
+    models.write_model(repo, "gpu", models.identity(), "instance_group [ { kind: KIND_GPU } ]\n")
+    models.write_model(
+        repo, "pinned", models.identity(), "optimization { priority: PRIORITY_MAX }\n"
+    )
     result = run_check("--model-repository", str(repo))
     assert result.returncode == 1
     text = result.stdout
@@ -398,7 +402,10 @@ def test_check_command(tmp_path: Path, ort_ops) -> None:
     assert "FAILED too_new" in text and "API version 40" in text
     assert "FAILED missing_library" in text and "libx.so" in text
     assert "FAILED bad_config" in text and "config.pbtxt:1:" in text
-    assert "5 models, 4 with problems" in text
+    assert "FAILED gpu" in text and "'instance_group.kind: KIND_GPU' of model 'gpu'" in text
+    assert "ok     pinned" in text
+    assert "warning: config field 'optimization.priority' of model 'pinned' is ignored" in text
+    assert "7 models, 5 with problems" in text
 
     report = json.loads(run_check("--model-repository", str(repo), "--json").stdout)
     assert not report["ok"]
@@ -411,7 +418,7 @@ def test_check_command(tmp_path: Path, ort_ops) -> None:
         "my_ops::Slow",
     ]
 
-    for name in ("colliding", "too_new", "missing_library", "bad_config"):
+    for name in ("colliding", "too_new", "missing_library", "bad_config", "gpu"):
         shutil.rmtree(repo / name)
     assert run_check("--model-repository", str(repo)).returncode == 0
 

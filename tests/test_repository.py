@@ -116,6 +116,11 @@ def test_autocomplete_without_batching(client) -> None:
         ("wrong_name", "model name 'another_name'"),
         ("no_versions", "no version folders"),
         ("unknown_tensor", "unexpected input 'NOPE'"),
+        (
+            "gpu_instance",
+            "config field 'instance_group.kind: KIND_GPU' of model 'gpu_instance' is not "
+            "supported by opserve",
+        ),
     ],
 )
 def test_broken_models_are_unavailable_with_their_reason(
@@ -127,6 +132,14 @@ def test_broken_models_are_unavailable_with_their_reason(
     assert reason in response.json()["error"]
     assert reason in server.log()
     assert client.is_model_ready("simple")  # every other model keeps serving
+
+
+def test_an_ignored_config_field_serves_with_a_warning(client, server: RunningServer) -> None:
+    assert client.is_model_ready("pinned_memory")
+    assert (
+        "config field 'optimization.input_pinned_memory' of model 'pinned_memory' is ignored"
+        in server.log()
+    )
 
 
 def test_config_syntax_error_names_file_and_line() -> None:

@@ -58,10 +58,17 @@ class OnnxRuntimeBackend(Backend):
             raise UnavailableError(f"onnxruntime failed to load '{path}': {exc}") from exc
 
     def _apply_parameters(self, options: ort.SessionOptions) -> None:
-        """Triton's onnxruntime backend parameters; spinning threads are off by default."""
+        """Triton's onnxruntime backend parameters and graph level; spinning threads are off by
+        default."""
         parameters = {k: v.string_value for k, v in self.context.config.parameters.items()}
         options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
         options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "0"))
+        # Triton's `optimization { graph { level } }`: -1 basic, 1 extended, otherwise all
+        level = self.context.config.optimization.graph.level
+        options.graph_optimization_level = {
+            -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         spin = parameters.get("allow_spinning", "0")
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)

@@ -26,6 +26,7 @@ from opserve.config import (
     config_to_json,
     model_config_for,
 )
+from opserve.config.support import check_fields
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
 from opserve.ops import (
     BACKEND_FRAMEWORKS,
@@ -324,6 +325,7 @@ class ModelManager:
         model = Model(name, folder, ModelConfig(name=name))
         try:
             model.config = model_config_for(name, folder, override)
+            _refuse_unsupported_fields(model.config)
             versions = select_versions(model.config, version_folders(folder))
         except OpserveError as exc:
             model.reason = exc.message
@@ -365,6 +367,7 @@ class ModelManager:
             completed = config_from_model_json(model.name, description.config_json)
             model.completed = changed_fields(model.config, completed)
             model.config = completed
+            _refuse_unsupported_fields(completed, warn=False)
             model.completed += autocomplete(model.config, ModelSignature((), ()))
         elif description.signature is not None:
             model.completed = autocomplete(model.config, description.signature)
@@ -570,6 +573,16 @@ class ModelManager:
                 entry.state = ModelState.UNLOADING
         versions = [e for m in self.models.values() for e in m.versions.values()]
         await asyncio.gather(*(self._stop_version(e) for e in versions), return_exceptions=True)
+
+
+def _refuse_unsupported_fields(config: ModelConfig, warn: bool = True) -> None:
+    """Config fields opserve does not honour: refused ones raise, ignored ones are logged."""
+    findings = check_fields(config)
+    if warn:
+        for warning in findings.warnings:
+            log.warning("%s", warning)
+    if findings.errors:
+        raise UnavailableError("; ".join(findings.errors))
 
 
 def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
