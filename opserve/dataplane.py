@@ -162,13 +162,11 @@ class DataPlane:
             )
         schema = self.schema(model)
         request.inputs = validate_inputs(model.name, schema, request)
-        if "timeout" in request.parameters:  # the server's business, as in Triton
-            timeout = request.parameters.pop("timeout")
-            if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
-                raise InvalidArgumentError(
-                    "the 'timeout' parameter must be a non-negative integer (microseconds)"
-                )
-            request.timeout_us = timeout
+        # the server's business, as in Triton: not passed on to the model
+        if "timeout" in request.parameters:
+            request.timeout_us = _natural(request.parameters.pop("timeout"), "timeout")
+        if "priority" in request.parameters:
+            request.priority = _natural(request.parameters.pop("priority"), "priority")
         if request.requested_outputs is not None:
             for name in request.requested_outputs:
                 if name not in schema.outputs:
@@ -219,6 +217,12 @@ class DataPlane:
         response.id = request.id
         response.outputs = _client_shapes(self.schema(model), response.outputs)
         return response
+
+
+def _natural(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgumentError(f"the '{name}' parameter must be a non-negative integer")
+    return value
 
 
 def _config_from_json(name: str, value: Any) -> ModelConfig:

@@ -63,6 +63,7 @@ class InferenceRequest:
     correlation_id: int | str = 0
     flags: int = 0
     timeout_us: int = 0  # Triton's `timeout` parameter: fail the request after this long
+    priority: int = 0  # Triton's `priority` parameter (0: the model's default level)
     # called when the request has to wait for an instance: a frontend may then start watching
     # for its client going away (cancelling the request drops it before it runs)
     on_wait: Callable[[], None] | None = None

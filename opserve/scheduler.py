@@ -5,8 +5,9 @@ batching it goes straight to an instance with room, or waits in a bounded queue 
 UNAVAILABLE at once), where a request whose client went away is dropped before it runs. With
 `dynamic_batching`, queued requests with the same input shapes travel together as one batch (a
 list of requests) up to `max_batch_size` (or the largest preferred size); the first waits at most
-`max_queue_delay_microseconds` for company. Framework backends merge a batch inside the worker;
-Python models get the list as it is.
+`max_queue_delay_microseconds` for company. The queue honours Triton's priority levels and queue
+policies (`queues.RequestQueue`). Framework backends merge a batch inside the worker; Python
+models get the list as it is.
 
 A decoupled model answers each request with any number of responses, the last one flagged final;
 `stream` yields them as they come. `infer` is for models that answer exactly once.
@@ -25,6 +26,7 @@ from typing import Any
 from opserve.errors import CancelledError, InternalError, OpserveError, UnavailableError
 from opserve.inference import Delivery, InferenceRequest, InferenceResponse
 from opserve.proto import ModelConfig
+from opserve.queues import RequestQueue
 from opserve.stats import VersionStats
 from opserve.workers.process import Timings, WorkerProcess
 
@@ -51,6 +53,8 @@ class _Pending:
     returned: bool = False  # the execution's `execute` returned
     counted: bool = False  # in the statistics
     timer: asyncio.TimerHandle | None = None  # the request's timeout, if it has one
+    level: int = 0  # its priority level in the queue (dynamic batching)
+    queue_timer: asyncio.TimerHandle | None = None  # its queue policy's timeout, while queued
     waiter: asyncio.Future[WorkerProcess] | None = None  # while it waits for an instance
     on_finish: Callable[[_Pending], None] | None = field(default=None, repr=False)
 
@@ -122,12 +126,16 @@ class Scheduler:
         preferred = [p for p in policy.preferred_batch_size if 0 < p <= self.max_batch_size]
         self.target = max(preferred) if preferred else self.max_batch_size
         self.delay_ns = policy.max_queue_delay_microseconds * 1000
-        self.max_queue_size = policy.default_queue_policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
+        # the queue policies bound each priority level; this bounds the whole queue
+        self.max_queue_size = DEFAULT_MAX_QUEUE_SIZE
         # executions an instance holds at once: a few keep it busy while answers travel back (and
         # cost no hand-over per request); one lets a batch grow while the instance is busy
         self.depth = 1 if self.batching else 4
         self._busy: dict[WorkerProcess, int] = {}
-        self._queue: deque[_Pending] = deque()  # batching: requests waiting to be batched
+        # batching: requests waiting to be batched, in the order they are to be served
+        self._queue: RequestQueue[_Pending] = (
+            RequestQueue.for_config(config) if self.batching else RequestQueue()
+        )
         # no batching: requests waiting for an instance with room
         self._waiters: deque[asyncio.Future[WorkerProcess]] = deque()
         self._wakeup = asyncio.Event()
@@ -176,6 +184,10 @@ class Scheduler:
         replaced, like a crashed one."""
         if pending.finished_ns:
             return
+        if self.batching and pending.execution is None:
+            policy = self._queue.policies.get(pending.level)
+            if policy is not None and policy.delay and policy.allow_timeout_override:
+                return  # Triton: its queue policy delays it instead (`_queue_timeout`)
         error = UnavailableError("Request timeout expired")
         pending.deliver(error, True)
         if pending.waiter is not None and not pending.waiter.done():
@@ -247,15 +259,37 @@ class Scheduler:
 
     def _enqueue(self, pending: _Pending, on_wait: Callable[[], None] | None) -> None:
         if len(self._queue) >= self.max_queue_size:
+            self._queue_full()
+        pending.level = self._queue.level(pending.request.priority)
+        try:
+            policy = self._queue.push(pending, pending.level)
+        except UnavailableError:
             self.stats.record_failure(0)
-            raise UnavailableError(
-                f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
+            raise
+        timeout_us = policy.timeout_us(pending.request.timeout_us)
+        if timeout_us:
+            pending.queue_timer = asyncio.get_running_loop().call_later(
+                timeout_us / 1e6, self._queue_timeout, pending
             )
-        self._queue.append(pending)
         if on_wait is not None and pending.request.client_gone is None:
             on_wait()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.ensure_future(self._dispatch())
+        self._wakeup.set()
+
+    def _queue_full(self) -> None:
+        self.stats.record_failure(0)
+        raise UnavailableError(
+            f"Exceeds maximum queue size: {self.label} holds {self.max_queue_size} queued "
+            "requests; try again later"
+        )
+
+    def _queue_timeout(self, pending: _Pending) -> None:
+        """Its level's queue timeout passed while it waited: rejected, or delayed behind the
+        requests of its level still on time."""
+        pending.queue_timer = None
+        if self._queue.expire(pending, pending.level) and not pending.finished_ns:
+            pending.deliver(UnavailableError("Request timeout expired"), True)
         self._wakeup.set()
 
     async def _acquire_and_run(self, pending: _Pending) -> None:
@@ -280,10 +314,7 @@ class Scheduler:
             self._busy[instance] += 1
             return instance
         if len(self._waiters) >= self.max_queue_size:
-            self.stats.record_failure(0)
-            raise UnavailableError(
-                f"{self.label}: the request queue is full ({self.max_queue_size} requests); try again later"
-            )
+            self._queue_full()
         waiter: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         pending.waiter = waiter
@@ -322,8 +353,7 @@ class Scheduler:
                 waiter.set_result(instance)
 
     def _drop_cancelled(self) -> None:
-        while self._queue and not self._queue[0].waiting:
-            self._queue.popleft()
+        self._queue.drop_leading(lambda pending: not pending.waiting)
 
     async def _wait(self, timeout_ns: int | None = None) -> bool:
         """Sleep until something changes; False when `timeout_ns` passed first."""
@@ -362,7 +392,7 @@ class Scheduler:
 
     async def _gather(self) -> None:
         """Wait (up to the delay, counted from the first request's arrival) for a full batch."""
-        first = self._queue[0]
+        first = self._queue.first()
         deadline = first.arrival_ns + self.delay_ns
         while self._ready_size(first.key) < self.target:
             remaining = deadline - time.monotonic_ns()
@@ -373,21 +403,25 @@ class Scheduler:
         return sum(p.batch_size for p in self._queue if p.key == key and p.waiting)
 
     def _take(self) -> list[_Pending]:
-        first = self._queue.popleft()
-        batch, size = [first], first.batch_size
-        kept: deque[_Pending] = deque()
-        while self._queue:
-            pending = self._queue.popleft()
+        """The next batch, in serving order: the first waiting request and those after it with
+        its key, as many as fit."""
+        key: tuple[object, ...] | None = None
+        size, limit = 0, min(self.target, self.max_batch_size)
+
+        def chosen(pending: _Pending) -> bool:
+            nonlocal key, size
             if not pending.waiting:
-                continue
-            if pending.key == first.key and size + pending.batch_size <= min(
-                self.target, self.max_batch_size
-            ):
-                batch.append(pending)
+                return False
+            if key is None or (pending.key == key and size + pending.batch_size <= limit):
+                key = pending.key
                 size += pending.batch_size
-            else:
-                kept.append(pending)
-        self._queue = kept
+                return True
+            return False
+
+        batch = self._queue.take(chosen)
+        for pending in batch:
+            if pending.queue_timer is not None:
+                pending.queue_timer.cancel()
         return batch
 
     async def _run(self, instance: WorkerProcess, batch: list[_Pending]) -> None:
@@ -446,11 +480,10 @@ class Scheduler:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         error = UnavailableError(f"{self.label} is being unloaded")
-        for pending in self._queue:
+        for pending in self._queue.clear():
             if pending.waiting:
                 pending.deliver(error, True)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(error)
-        self._queue.clear()
         self._waiters.clear()

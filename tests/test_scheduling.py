@@ -159,7 +159,7 @@ def test_a_full_queue_fails_fast_with_unavailable(scheduling_server) -> None:
             slow_request(scheduling_server, "slow_small_queue", value)
             return "ok"
         except InferenceServerException as exc:
-            assert "queue is full" in exc.message()
+            assert "Exceeds maximum queue size" in exc.message()
             return exc.status()
 
     with ThreadPoolExecutor(7) as pool:

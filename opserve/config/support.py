@@ -20,6 +20,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from opserve.proto import ModelConfig, model_config_pb2
+from opserve.queues import priority_problems
 
 
 class Verdict(str, Enum):
@@ -155,30 +156,16 @@ RULES: tuple[FieldRule, ...] = (
         W,
         "responses may return out of request order with several instances",
     ),
-    FieldRule("dynamic_batching.priority_levels", R, "request priorities are not supported yet"),
+    FieldRule("dynamic_batching.priority_levels", H, "the request's `priority` parameter; 1 first"),
+    FieldRule("dynamic_batching.default_priority_level", H),
     FieldRule(
-        "dynamic_batching.default_priority_level", R, "request priorities are not supported yet"
+        "dynamic_batching.default_queue_policy",
+        H,
+        "max_queue_size, timeout_action REJECT / DELAY, default_timeout_microseconds, "
+        "allow_timeout_override",
+        whole=True,
     ),
-    FieldRule("dynamic_batching.default_queue_policy", H, "the fields below"),
-    FieldRule("dynamic_batching.default_queue_policy.max_queue_size", H),
-    FieldRule(
-        "dynamic_batching.default_queue_policy.timeout_action",
-        R,
-        "queue timeout policies are not supported yet",
-    ),
-    FieldRule(
-        "dynamic_batching.default_queue_policy.default_timeout_microseconds",
-        R,
-        "queue timeout policies are not supported yet",
-    ),
-    FieldRule(
-        "dynamic_batching.default_queue_policy.allow_timeout_override",
-        R,
-        "queue timeout policies are not supported yet",
-    ),
-    FieldRule(
-        "dynamic_batching.priority_queue_policy", R, "request priorities are not supported yet"
-    ),
+    FieldRule("dynamic_batching.priority_queue_policy", H, "a queue policy per level"),
     FieldRule(
         "sequence_batching", R, "stateful models (the sequence batcher) are not supported yet"
     ),
@@ -244,10 +231,13 @@ def gpu_present() -> bool:
 
 
 def check_fields(config: ModelConfig, gpu: bool | None = None) -> Findings:
-    """The refused fields (errors) and ignored ones (warnings) that `config` sets."""
+    """The refused fields and broken rules (errors) and the ignored fields (warnings) of
+    `config`."""
     context = RuleContext(config, gpu_present() if gpu is None else gpu)
     findings = Findings([], [])
     _walk(config, "", context, findings)
+    if config.HasField("dynamic_batching"):
+        findings.errors += priority_problems(config)
     return findings
 
 
