@@ -19,6 +19,8 @@ from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_librari
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
 from opserve.ops.resolve import resolve_model_libraries
 from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.schema import ModelSchema
+from opserve.warmup import warmup_samples
 from opserve.workers.environments import execution_environment
 
 # backend -> (the package that must be importable, the extra that installs it)
@@ -108,6 +110,11 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
     findings = check_fields(config)
     report.problems += findings.errors
     report.warnings += findings.warnings
+    if config.model_warmup and config.input:  # a config that auto-complete leaves alone
+        try:
+            warmup_samples(config, ModelSchema.from_config(config), folder)
+        except OpserveError as exc:
+            report.problems.append(exc.message)
     package, extra = _FRAMEWORK_PACKAGES.get(config.backend, (None, None))
     if package is None:
         report.problems.append(f"backend '{config.backend}' is not supported by this server")

@@ -455,6 +455,23 @@ class Scheduler:
             if pending.finished_ns:
                 self._account(pending)
 
+    async def warm_up(self, instance: WorkerProcess, requests: list[InferenceRequest]) -> None:
+        """Execute `requests` as one batch on `instance` before it serves (counted in the
+        statistics like any execution); raises the first error a request got."""
+        pendings = [self._pending(request, 1) for request in requests]
+        await self._run(instance, pendings)
+        for pending in pendings:
+            if pending.future is not None:
+                await pending.future
+                continue
+            assert pending.stream is not None
+            while True:  # a decoupled model: every answer, up to the final flag
+                item, final = await pending.stream.get()
+                if isinstance(item, OpserveError):
+                    raise item
+                if final:
+                    break
+
     def _account(self, pending: _Pending) -> None:
         """Statistics for a finished request (once its execution's timings are known)."""
         if pending.counted:

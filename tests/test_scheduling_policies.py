@@ -1,4 +1,4 @@
-"""Triton's scheduling policies beyond batching: priority levels and queue policies."""
+"""Triton's scheduling policies beyond batching: priority levels and queue policies, warm-up."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from opserve.datatypes import serialize_bytes
+from tests import models
 from tests.serving import RunningServer
 from tests.test_python_models import place_python_model
 
@@ -19,6 +22,7 @@ from tests.test_python_models import place_python_model
 def server(tmp_path_factory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("policies") / "repository"
     place_python_model(repo, "ordered")
+    place_warmup_models(repo)
     with RunningServer([repo], log_path=repo.parent / "server.log") as running:
         yield running
 
@@ -70,3 +74,64 @@ def test_priorities_and_queue_policies_decide_the_serving_order(server: RunningS
     order = {tag: int(result.as_numpy("ORDER")[0, 0]) for tag, (result, _) in results.items()}
     assert order == {"blocker": 0, "urgent": 1, "punctual": 2, "delayed": 3}
     client.close()
+
+
+# warm-up ------------------------------------------------------------------------------------------
+WARMED = """
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+model_warmup [
+  { name: "zeros" batch_size: 2 count: 3
+    inputs { key: "INPUT0" value { data_type: TYPE_FP32 dims: [ 16 ] zero_data: true } } },
+  { name: "random" batch_size: 1
+    inputs { key: "INPUT0" value { data_type: TYPE_FP32 dims: [ 16 ] random_data: true } } }
+]
+"""
+WARM_FAILS = """
+model_warmup [ { name: "boom" batch_size: 1
+  inputs { key: "MODE" value { data_type: TYPE_STRING dims: [ 1 ] input_data_file: "raise.bin" } } } ]
+"""
+WARM_INVALID = """
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+model_warmup [ { name: "short" batch_size: 1
+  inputs { key: "INPUT0" value { data_type: TYPE_FP32 dims: [ 16 ] input_data_file: "short.bin" } } } ]
+"""
+
+
+def place_warmup_models(repo: Path) -> None:
+    models.write_model(repo, "warmed", models.identity(), WARMED)
+    folder = place_python_model(repo, "warm_fails", "faulty")
+    with (folder / "config.pbtxt").open("a") as config:
+        config.write(WARM_FAILS)
+    (folder / "warmup").mkdir()
+    (folder / "warmup" / "raise.bin").write_bytes(serialize_bytes([b"raise"]))
+    folder = models.write_model(repo, "warm_invalid", models.identity(), WARM_INVALID)
+    (folder / "warmup").mkdir()
+    (folder / "warmup" / "short.bin").write_bytes(bytes(12))
+
+
+def test_warm_up_runs_on_every_instance_before_ready_and_counts(server: RunningServer) -> None:
+    stats = requests.get(f"http://{server.url}/v2/models/warmed/stats").json()["model_stats"][0]
+    assert (stats["execution_count"], stats["inference_count"]) == (4, 7)
+    assert {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]} == {
+        1: 1,
+        2: 3,
+    }
+    assert "warm-up sample 'zeros' (3 runs)" in server.log()
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        ("warm_fails", "failed to run warmup sample 'boom'"),
+        ("warm_invalid", "warm-up sample 'short' is invalid: input_data_file"),
+    ],
+)
+def test_a_failing_warm_up_makes_the_model_unavailable(
+    server: RunningServer, model: str, reason: str
+) -> None:
+    response = requests.get(f"http://{server.url}/v2/models/{model}/ready")
+    assert response.status_code == 400 and reason in response.json()["error"]

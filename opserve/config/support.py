@@ -200,7 +200,13 @@ RULES: tuple[FieldRule, ...] = (
         "a parameter that the model's backend does not read (Python models get every parameter)",
         _unread_parameters,
     ),
-    FieldRule("model_warmup", R, "warm-up is not supported yet"),
+    FieldRule(
+        "model_warmup",
+        H,
+        "every instance runs the samples before it serves: zero_data, random_data, "
+        "input_data_file (in the model's warmup/ folder)",
+        whole=True,
+    ),
     FieldRule(
         "model_operations",
         H,

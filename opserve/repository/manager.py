@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from opserve.repository.layout import find_models, select_versions, version_fold
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.stats import VersionStats
+from opserve.warmup import warmup_samples
 from opserve.workers.environments import environment_launcher, execution_environment
 from opserve.workers.launcher import Launcher
 from opserve.workers.messages import ModelLoaded
@@ -350,16 +351,37 @@ class ModelManager:
         await asyncio.gather(
             *(self._start_instances(model, v) for v in model.versions.values() if v.ready)
         )
-        decoupled = model.config.model_transaction_policy.decoupled
-        for entry in model.versions.values():
-            if entry.ready:
-                entry.scheduler = Scheduler(entry.label, model.config, entry.stats, decoupled)
-                for worker in entry.workers:
-                    entry.scheduler.add_instance(worker)
-                log.info(
-                    "%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none"
-                )
+        await asyncio.gather(*(self._open(model, v) for v in model.versions.values() if v.ready))
         return model
+
+    async def _open(self, model: Model, entry: ModelVersion) -> None:
+        """A version whose instances are loaded: each runs the warm-up samples, then serves."""
+        decoupled = model.config.model_transaction_policy.decoupled
+        entry.scheduler = Scheduler(entry.label, model.config, entry.stats, decoupled)
+        try:
+            await asyncio.gather(*(self._warm_up(model, entry, w) for w in entry.workers))
+        except OpserveError as exc:
+            await self._fail_version(entry, exc.message)
+            return
+        for worker in entry.workers:
+            entry.scheduler.add_instance(worker)
+        log.info("%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none")
+
+    async def _warm_up(self, model: Model, entry: ModelVersion, worker: WorkerProcess) -> None:
+        """Run the config's `model_warmup` samples on one instance (not yet serving)."""
+        if not model.config.model_warmup or entry.scheduler is None or model.schema is None:
+            return
+        samples = warmup_samples(model.config, model.schema, model.directory)
+        for sample in samples:
+            log.info("%s: warm-up sample '%s' (%d runs)", entry.label, sample.name, sample.count)
+            for _ in range(sample.count):
+                requests = [replace(r, inputs=list(r.inputs)) for r in sample.requests]
+                try:
+                    await entry.scheduler.warm_up(worker, requests)
+                except OpserveError as exc:
+                    raise UnavailableError(
+                        f"failed to run warmup sample '{sample.name}': {exc.message}"
+                    ) from None
 
     def _complete(self, model: Model, description: ModelLoaded) -> None:
         """Complete the config from the model's description (phase one's answer)."""
@@ -559,6 +581,14 @@ class ModelManager:
             entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
             return
         if entry.scheduler is not None:
+            try:
+                await self._warm_up(model, entry, entry.workers[-1])
+            except OpserveError as exc:
+                log.error(
+                    "%s: the restarted worker failed its warm-up: %s", entry.label, exc.message
+                )
+                entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
+                return
             entry.scheduler.add_instance(entry.workers[-1])
         entry.state, entry.reason = ModelState.READY, ""
         log.info("%s is READY again after its worker was restarted", entry.label)
