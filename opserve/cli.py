@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its model is UNAVAILABLE (default: 600)",
     )
     serve.add_argument(
+        "--cache-config",
+        action="append",
+        default=[],
+        metavar="CACHE,KEY=VALUE",
+        help="Triton's response cache: 'local,size=BYTES' gives the server an LRU cache of that "
+        "many bytes, used by models whose config says response_cache { enable: true }",
+    )
+    serve.add_argument(
         "--shm-ring-bytes",
         type=int,
         default=None,
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         _reexec_without_preload(argv)
+        from opserve.response_cache import parse_cache_config
         from opserve.server import run
         from opserve.settings import ServerSettings
         from opserve.workers.process import DEFAULT_RING_CAPACITY
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_address=args.metrics_address,
                 metrics_port=args.metrics_port,
                 model_load_timeout_secs=args.model_load_timeout_secs,
+                cache=parse_cache_config(args.cache_config),
             )
         except ValueError as exc:
             print(f"opserve serve: error: {exc}", file=sys.stderr)

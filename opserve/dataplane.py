@@ -7,6 +7,7 @@ size of the data.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from opserve.errors import (
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import ModelConfig
 from opserve.repository.manager import Model, ModelManager, ModelState, ModelVersion
+from opserve.response_cache import cache_key
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 
@@ -182,8 +184,34 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """The one response to a request (a decoupled model must be streamed)."""
         model, entry, scheduler, batch_size = self._prepare(request, streaming=False)
-        response = await scheduler.infer(request, batch_size, request.on_wait)
+        response = await self._answer(model, entry, scheduler, request, batch_size)
         return self._finish(model, entry, request, response)
+
+    async def _answer(
+        self,
+        model: Model,
+        entry: ModelVersion,
+        scheduler: Scheduler,
+        request: InferenceRequest,
+        batch_size: int,
+    ) -> InferenceResponse:
+        """The model's one response: from the response cache when the model uses it and holds
+        it, else from the scheduler (and then kept in the cache)."""
+        cache = self.manager.response_cache
+        if cache is None or not model.config.response_cache.enable:
+            return await scheduler.infer(request, batch_size, request.on_wait)
+        started = time.monotonic_ns()
+        key = cache_key(request, model.name, entry.version)
+        cached = cache.get(key)
+        if cached is not None:
+            entry.stats.record_cache_hit(time.monotonic_ns() - started)
+            return cached
+        lookup_ns = time.monotonic_ns() - started
+        response = await scheduler.infer(request, batch_size, request.on_wait)
+        started = time.monotonic_ns()
+        cache.put(key, response)
+        entry.stats.record_cache_miss(lookup_ns + time.monotonic_ns() - started)
+        return response
 
     async def stream(
         self, request: InferenceRequest
@@ -194,7 +222,7 @@ class DataPlane:
         model, entry, scheduler, batch_size = self._prepare(request, streaming=True)
         if not scheduler.decoupled:
             try:
-                response = await scheduler.infer(request, batch_size, request.on_wait)
+                response = await self._answer(model, entry, scheduler, request, batch_size)
             except OpserveError as exc:
                 yield exc, True
                 return

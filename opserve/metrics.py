@@ -71,6 +71,15 @@ class ModelMetricsCollector(Collector):
             "nv_inference_compute_output_duration_us",
             "Cumulative inference compute output duration in microseconds",
         )
+        cache_hits = counter("nv_cache_num_hits_per_model", "Number of cache hits per model")
+        cache_misses = counter("nv_cache_num_misses_per_model", "Number of cache misses per model")
+        cache_hit_time = counter(
+            "nv_cache_hit_duration_per_model", "Total cache hit duration per model, in microseconds"
+        )
+        cache_miss_time = counter(
+            "nv_cache_miss_duration_per_model",
+            "Total cache miss (insertion) duration per model, in microseconds",
+        )
         ready = GaugeMetricFamily(
             "opserve_model_ready", "1 when the model version is READY", labels=["model", "version"]
         )
@@ -88,6 +97,11 @@ class ModelMetricsCollector(Collector):
                 compute_infer.add_metric(labels, stats.compute_infer.ns // _US)
                 compute_output.add_metric(labels, stats.compute_output.ns // _US)
                 ready.add_metric(labels, 1 if entry.ready else 0)
+                if model.config.response_cache.enable:
+                    cache_hits.add_metric(labels, stats.cache_hit.count)
+                    cache_misses.add_metric(labels, stats.cache_miss.count)
+                    cache_hit_time.add_metric(labels, stats.cache_hit.ns // _US)
+                    cache_miss_time.add_metric(labels, stats.cache_miss.ns // _US)
         yield from (
             success,
             failure,
@@ -98,6 +112,10 @@ class ModelMetricsCollector(Collector):
             compute_input,
             compute_infer,
             compute_output,
+            cache_hits,
+            cache_misses,
+            cache_hit_time,
+            cache_miss_time,
             ready,
         )
 

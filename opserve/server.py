@@ -13,6 +13,7 @@ from opserve.frontends.grpc import start_grpc_server
 from opserve.frontends.http import HttpApp
 from opserve.metrics import MetricsServer
 from opserve.repository import ModelManager
+from opserve.response_cache import ResponseCache
 from opserve.services import ServerServices
 from opserve.settings import ServerSettings
 
@@ -28,6 +29,8 @@ async def serve(settings: ServerSettings) -> None:
         settings.op_library_roots,
         settings.model_load_timeout_secs,
     )
+    if settings.cache is not None:
+        manager.response_cache = ResponseCache(settings.cache.size)
     grpc_server = None
     metrics = None
     custom_metrics = CustomMetrics()

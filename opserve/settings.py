@@ -7,6 +7,7 @@ from pathlib import Path
 
 from opserve.errors import OpserveError
 from opserve.ops import library_framework
+from opserve.response_cache import CacheSettings
 from opserve.workers.process import DEFAULT_RING_CAPACITY
 
 
@@ -29,6 +30,7 @@ class ServerSettings:
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 8002
     model_load_timeout_secs: float = 600.0
+    cache: CacheSettings | None = None  # --cache-config local,size=BYTES
 
     def __post_init__(self) -> None:
         if not self.model_repositories:

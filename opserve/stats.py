@@ -44,6 +44,8 @@ class VersionStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)  # lookup and copy out, per hit
+    cache_miss: Duration = field(default_factory=Duration)  # lookup and insertion, per miss
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
     def record_execution(
@@ -73,6 +75,16 @@ class VersionStats:
         self.compute_output.add(output_ns)
         self.last_inference_ms = int(time.time() * 1000)
 
+    def record_cache_hit(self, ns: int) -> None:
+        """A request answered from the response cache: a success, but no inference or
+        execution (Triton counts it so)."""
+        self.success.add(ns)
+        self.cache_hit.add(ns)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def record_cache_miss(self, ns: int) -> None:
+        self.cache_miss.add(ns)
+
     def record_failure(self, total_ns: int) -> None:
         self.fail.add(total_ns)
         self.last_inference_ms = int(time.time() * 1000)
@@ -92,8 +104,8 @@ class VersionStats:
                 "compute_input": self.compute_input.to_json(),
                 "compute_infer": self.compute_infer.to_json(),
                 "compute_output": self.compute_output.to_json(),
-                "cache_hit": Duration().to_json(),
-                "cache_miss": Duration().to_json(),
+                "cache_hit": self.cache_hit.to_json(),
+                "cache_miss": self.cache_miss.to_json(),
             },
             "batch_stats": [
                 {

@@ -126,6 +126,12 @@ def test_honoured_fields_pass_silently(text: str) -> None:
     assert (findings.errors, findings.warnings) == ([], [])
 
 
+def test_decoupled_models_cannot_cache_responses() -> None:
+    text = 'name: "m" backend: "python" model_transaction_policy { decoupled: true } response_cache { enable: true }'
+    errors = check_fields(parse_model_config(text), gpu=False).errors
+    assert len(errors) == 1 and "for a decoupled model" in errors[0]
+
+
 def test_python_models_read_every_parameter() -> None:
     config = parse_model_config(
         'name: "m" backend: "python" parameters { key: "x" value: { string_value: "1" } }'

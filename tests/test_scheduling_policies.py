@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,11 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("policies") / "repository"
     place_python_model(repo, "ordered")
     place_warmup_models(repo)
-    with RunningServer([repo], log_path=repo.parent / "server.log") as running:
+    folder = place_python_model(repo, "cached", "ordered")
+    with (folder / "config.pbtxt").open("a") as config:
+        config.write("response_cache { enable: true }\n")
+    cache = ["--cache-config", "local,size=1048576"]
+    with RunningServer([repo], cache, log_path=repo.parent / "server.log") as running:
         yield running
 
 
@@ -135,3 +140,22 @@ def test_a_failing_warm_up_makes_the_model_unavailable(
 ) -> None:
     response = requests.get(f"http://{server.url}/v2/models/{model}/ready")
     assert response.status_code == 400 and reason in response.json()["error"]
+
+
+# response cache -----------------------------------------------------------------------------------
+def test_identical_requests_are_answered_from_the_cache(server: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    first, again, other = (
+        int(client.infer("cached", sleep_input(s)).as_numpy("ORDER")[0, 0])
+        for s in (0.0, 0.0, 0.001)
+    )
+    assert (first, again, other) == (0, 0, 1)  # the repeat never reached the model
+    stats = requests.get(f"http://{server.url}/v2/models/cached/stats").json()["model_stats"][0]
+    inference = stats["inference_stats"]
+    assert (inference["cache_hit"]["count"], inference["cache_miss"]["count"]) == (1, 2)
+    assert inference["success"]["count"] == 3
+    assert (stats["inference_count"], stats["execution_count"]) == (2, 2)
+    metrics = requests.get(server.metrics_url).text
+    assert 'nv_cache_num_hits_per_model{model="cached",version="1"} 1' in metrics
+    assert 'nv_cache_num_misses_per_model{model="cached",version="1"} 2' in metrics
+    client.close()

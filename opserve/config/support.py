@@ -215,7 +215,12 @@ RULES: tuple[FieldRule, ...] = (
     ),
     FieldRule("model_transaction_policy", H, "decoupled models stream", whole=True),
     FieldRule("model_repository_agents", R, "repository agents are not supported"),
-    FieldRule("response_cache", R, "the response cache is not supported yet"),
+    FieldRule(
+        "response_cache",
+        H,
+        "with the server's cache (--cache-config local,size=BYTES); not for decoupled models",
+        whole=True,
+    ),
     FieldRule("model_metrics", W, "histogram options have no effect: no histograms are kept"),
 )
 
@@ -244,6 +249,11 @@ def check_fields(config: ModelConfig, gpu: bool | None = None) -> Findings:
     _walk(config, "", context, findings)
     if config.HasField("dynamic_batching"):
         findings.errors += priority_problems(config)
+    if config.response_cache.enable and config.model_transaction_policy.decoupled:
+        findings.errors.append(
+            f"config field 'response_cache' of model '{config.name}' is not supported by "
+            "opserve for a decoupled model: its responses cannot be cached"
+        )
     return findings
 
 

@@ -38,6 +38,7 @@ from opserve.ops import (
 from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
 from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.stats import VersionStats
@@ -138,6 +139,7 @@ class ModelManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self.host: WorkerHost | None = None  # what models may call (BLS, logging, metrics)
+        self.response_cache: ResponseCache | None = None  # --cache-config local,size=BYTES
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -327,6 +329,12 @@ class ModelManager:
         try:
             model.config = model_config_for(name, folder, override)
             _refuse_unsupported_fields(model.config)
+            if model.config.response_cache.enable and self.response_cache is None:
+                log.warning(
+                    "model '%s' enables response_cache, but the server has no cache "
+                    "(--cache-config local,size=BYTES): its responses are not cached",
+                    name,
+                )
             versions = select_versions(model.config, version_folders(folder))
         except OpserveError as exc:
             model.reason = exc.message
