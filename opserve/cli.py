@@ -10,16 +10,9 @@ import sys
 from pathlib import Path
 
 from opserve import __version__
+from opserve.triton_flags import add_triton_flags, parse_boolean, triton_values
 
-
-def _boolean(value: str) -> bool:
-    """Triton's boolean flags: true/false, 1/0."""
-    lowered = value.lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+_boolean = parse_boolean
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model-repository",
         action="append",
-        required=True,
+        default=[],
         type=Path,
         metavar="DIR",
         help="a Triton model repository (<DIR>/<model>/config.pbtxt and numeric version folders); "
-        "repeat the flag to serve several",
+        "repeat the flag to serve several (--model-store is the same)",
     )
     serve.add_argument(
         "--http-address",
@@ -171,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared memory per direction per worker for tensors (default: 16 MiB); "
         "larger tensors are sent through the worker's socket instead",
     )
+    add_triton_flags(serve)
+    parser.set_defaults(serve_parser=serve)
     check = commands.add_parser(
         "check",
         help="validate a model repository offline, before deployment",
@@ -239,6 +234,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def configure_logging(verbose: int) -> None:
+    """Plain logging for the commands other than `serve` (which installs the server's log)."""
     level = logging.DEBUG if verbose > 0 else logging.INFO
     os.environ["OPSERVE_LOG_LEVEL"] = logging.getLevelName(level)  # worker processes follow it
     logging.basicConfig(
@@ -260,46 +256,48 @@ def _reexec_without_preload(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported under the usage line of the command that was run
+        command_parser = (
+            getattr(args, "serve_parser", parser) if args.command == "serve" else parser
+        )
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         _reexec_without_preload(argv)
-        from opserve.response_cache import parse_cache_config
-        from opserve.server import run
-        from opserve.settings import ServerSettings
-        from opserve.workers.process import DEFAULT_RING_CAPACITY
-
-        configure_logging(args.log_verbose)
-        try:
-            settings = ServerSettings(
-                model_repositories=args.model_repository,
-                http_address=args.http_address,
-                http_port=args.http_port,
-                op_libraries=args.op_library,
-                log_verbose=args.log_verbose,
-                ring_capacity=args.shm_ring_bytes or DEFAULT_RING_CAPACITY,
-                model_control_mode=args.model_control_mode,
-                repository_poll_secs=args.repository_poll_secs,
-                load_models=args.load_model,
-                op_library_roots=args.op_library_root,
-                allow_grpc=args.allow_grpc,
-                grpc_address=args.grpc_address,
-                grpc_port=args.grpc_port,
-                allow_metrics=args.allow_metrics,
-                metrics_address=args.metrics_address,
-                metrics_port=args.metrics_port,
-                model_load_timeout_secs=args.model_load_timeout_secs,
-                cache=parse_cache_config(args.cache_config),
-            )
-        except ValueError as exc:
-            print(f"opserve serve: error: {exc}", file=sys.stderr)
-            return 2
-        try:
-            run(settings)
-        except KeyboardInterrupt:
-            pass
-        return 0
+        return _serve(args)
     if args.command == "check":
         return _check(args)
     if args.command == "ops":
         return _inspect(args)
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from opserve.logs import LogSettings, ServerLog, log_file_path
+    from opserve.server import run
+    from opserve.settings import ServerSettings
+
+    try:
+        triton, notes = triton_values(args)
+        server_log = ServerLog(
+            LogSettings(
+                log_file=log_file_path(triton["log_file"]),
+                log_info=triton["log_info"],
+                log_warning=triton["log_warning"],
+                log_error=triton["log_error"],
+                log_verbose_level=args.log_verbose,
+                log_format=triton["log_format"],
+            )
+        )
+        server_log.install()
+        for note in notes:
+            logging.getLogger("opserve.cli").info("%s", note)
+        settings = ServerSettings.from_flags(args, triton)
+    except (ValueError, OSError) as exc:
+        print(f"opserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(settings, server_log)
+    except KeyboardInterrupt:
+        return 0

@@ -24,6 +24,7 @@ from opserve.errors import (
     UnsupportedError,
 )
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
+from opserve.logs import LogSettings, ServerLog
 from opserve.proto import ModelConfig
 from opserve.repository.manager import Model, ModelManager, ModelState, ModelVersion
 from opserve.response_cache import cache_key
@@ -55,18 +56,30 @@ class ModelMetadata:
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        server_id: str = "triton",
+        strict_readiness: bool = True,
+        log: ServerLog | None = None,
+    ) -> None:
         self.manager = manager
+        self.server_id = server_id  # --id: the name in the server metadata, as in Triton
+        self.strict_readiness = strict_readiness
+        self.log = log or ServerLog(LogSettings())
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": "opserve", "version": __version__, "extensions": list(EXTENSIONS)}
+        return {"name": self.server_id, "version": __version__, "extensions": list(EXTENSIONS)}
 
     def live(self) -> bool:
         return True
 
     def ready(self) -> bool:
-        """Ready once every model that was asked for is READY (Triton's strict readiness)."""
+        """With strict readiness (Triton's default): once every model that was asked for is
+        READY; otherwise whenever the server answers."""
+        if not self.strict_readiness:
+            return True
         models = self.manager.models.values()
         return all(m.state is ModelState.READY for m in models if not m.unloaded)
 

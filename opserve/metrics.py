@@ -38,8 +38,9 @@ class _TritonCounter(Metric):
 class ModelMetricsCollector(Collector):
     """Triton's inference metrics, labelled `model` and `version`."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, counter_latencies: bool = True) -> None:
         self.manager = manager
+        self.counter_latencies = counter_latencies  # --metrics-config counter_latencies
 
     def collect(self) -> Iterator[Metric]:
         def counter(name: str, documentation: str) -> _TritonCounter:
@@ -102,16 +103,10 @@ class ModelMetricsCollector(Collector):
                     cache_misses.add_metric(labels, stats.cache_miss.count)
                     cache_hit_time.add_metric(labels, stats.cache_hit.ns // _US)
                     cache_miss_time.add_metric(labels, stats.cache_miss.ns // _US)
+        yield from (success, failure, count, executions)
+        if self.counter_latencies:
+            yield from (duration, queue, compute_input, compute_infer, compute_output)
         yield from (
-            success,
-            failure,
-            count,
-            executions,
-            duration,
-            queue,
-            compute_input,
-            compute_infer,
-            compute_output,
             cache_hits,
             cache_misses,
             cache_hit_time,
@@ -151,16 +146,22 @@ class CustomMetricsCollector(Collector):
 class MetricsServer:
     """`GET /metrics` in Prometheus' text format; anything else is 404."""
 
-    def __init__(self, manager: ModelManager, custom: CustomMetrics | None = None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        custom: CustomMetrics | None = None,
+        counter_latencies: bool = True,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ModelMetricsCollector(manager))
+        self.registry.register(ModelMetricsCollector(manager, counter_latencies))
         if custom is not None:
             self.registry.register(CustomMetricsCollector(custom))
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port)
-        log.info("serving metrics on %s:%d", host, port)
+        bound = self._server.sockets[0].getsockname()[1] if self._server.sockets else port
+        log.info("serving metrics on %s:%d", host, bound)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
 
 import uvicorn
 
@@ -11,6 +13,7 @@ from opserve.custom_metrics import CustomMetrics
 from opserve.dataplane import DataPlane
 from opserve.frontends.grpc import start_grpc_server
 from opserve.frontends.http import HttpApp
+from opserve.logs import ServerLog
 from opserve.metrics import MetricsServer
 from opserve.repository import ModelManager
 from opserve.response_cache import ResponseCache
@@ -20,61 +23,102 @@ from opserve.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: ServerSettings) -> None:
-    """Load every model, then serve until SIGINT or SIGTERM; unload everything on the way out."""
+async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -> int:
+    """Load the models, then serve until SIGINT or SIGTERM; unload everything on the way out.
+    The exit status: 1 when a model failed to load at start-up and `--exit-on-error` holds."""
     manager = ModelManager(
         settings.model_repositories,
         settings.op_libraries,
         settings.ring_capacity,
         settings.op_library_roots,
         settings.model_load_timeout_secs,
+        auto_complete=settings.auto_complete,
+        config_name=settings.model_config_name,
+        load_threads=settings.model_load_thread_count,
+        load_retries=settings.model_load_retry_count,
+        default_max_batch_size=settings.default_max_batch_size,
     )
     if settings.cache is not None:
         manager.response_cache = ResponseCache(settings.cache.size)
     grpc_server = None
     metrics = None
     custom_metrics = CustomMetrics()
-    dataplane = DataPlane(manager)
+    dataplane = DataPlane(manager, settings.server_id, settings.strict_readiness, server_log)
     manager.host = ServerServices(dataplane, custom_metrics)
     try:
         await manager.startup(settings.model_control_mode, settings.load_models)
+        failed = manager.failed_models()
+        if failed and settings.exit_on_error:
+            log.error(
+                "failed to load all models (%s); exiting (--exit-on-error=false keeps serving "
+                "the others)",
+                "; ".join(f"'{name}': {reason}" for name, reason in failed.items()),
+            )
+            return 1
         if settings.model_control_mode == "poll":
             manager.start_polling(settings.repository_poll_secs)
         if settings.allow_grpc:
             grpc_server = await start_grpc_server(
-                dataplane, settings.grpc_address, settings.grpc_port
+                dataplane,
+                settings.grpc_address,
+                settings.grpc_port,
+                settings.grpc_options,
+                settings.grpc_compression,
             )
         if settings.allow_metrics:
-            metrics = MetricsServer(manager, custom_metrics)
+            metrics = MetricsServer(manager, custom_metrics, settings.counter_latencies)
             await metrics.start(settings.metrics_address, settings.metrics_port)
-        config = uvicorn.Config(
-            HttpApp(dataplane),
-            host=settings.http_address,
-            port=settings.http_port,
-            http="httptools",
-            lifespan="off",
-            access_log=False,
-            log_config=None,
-            timeout_keep_alive=300,
-            proxy_headers=False,  # a layer per request that serves no purpose here
-        )
-        http = uvicorn.Server(config)
-        log.info("serving HTTP on %s:%d", settings.http_address, settings.http_port)
-        await http.serve()
+        if settings.allow_http:
+            await _serve_http(dataplane, settings)
+        else:
+            await _wait_for_signal()
+        return 0
     finally:
         if grpc_server is not None:
-            await grpc_server.stop(grace=2)
+            await grpc_server.stop(grace=settings.exit_timeout_secs)
         if metrics is not None:
             await metrics.stop()
         log.info("shutting down: unloading models")
         await manager.shutdown()
 
 
-def run(settings: ServerSettings) -> None:
-    """Run `serve` on uvloop where it is installed."""
+async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
+    """HTTP on uvicorn, on a socket bound here (SO_REUSEPORT with --reuse-http-port; the real
+    port in the log when the flag says 0)."""
+    family = socket.AF_INET6 if ":" in settings.http_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings.reuse_http_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.http_address, settings.http_port))
+    config = uvicorn.Config(
+        HttpApp(dataplane),
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=300,
+        timeout_graceful_shutdown=settings.exit_timeout_secs,
+        proxy_headers=False,  # a layer per request that serves no purpose here
+    )
+    http = uvicorn.Server(config)
+    log.info("serving HTTP on %s:%d", settings.http_address, sock.getsockname()[1])
+    await http.serve(sockets=[sock])
+
+
+async def _wait_for_signal() -> None:
+    """Without HTTP (--allow-http=false), serve until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+def run(settings: ServerSettings, server_log: ServerLog | None = None) -> int:
+    """Run `serve` on uvloop where it is installed; the exit status."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+        return asyncio.run(serve(settings, server_log))
+    return uvloop.run(serve(settings, server_log))

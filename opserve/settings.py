@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from opserve.errors import OpserveError
 from opserve.ops import library_framework
-from opserve.response_cache import CacheSettings
+from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.workers.process import DEFAULT_RING_CAPACITY
+
+log = logging.getLogger(__name__)
+
+# --backend-config keys that mean something here (any backend, or every backend)
+HONOURED_BACKEND_CONFIG = ("default-max-batch-size",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,66 @@ class ServerSettings:
     metrics_port: int = 8002
     model_load_timeout_secs: float = 600.0
     cache: CacheSettings | None = None  # --cache-config local,size=BYTES
+    server_id: str = "triton"
+    exit_timeout_secs: int = 30
+    exit_on_error: bool = True
+    strict_readiness: bool = True
+    auto_complete: bool = True
+    model_config_name: str = ""
+    model_load_thread_count: int = 4
+    model_load_retry_count: int = 0
+    allow_http: bool = True
+    reuse_http_port: bool = False
+    reuse_grpc_port: bool = False
+    grpc_options: tuple[tuple[str, int], ...] = ()
+    grpc_compression: str = "none"
+    counter_latencies: bool = True
+    default_max_batch_size: dict[str, int] = field(default_factory=dict)  # backend ("" all) -> size
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, triton: dict[str, Any]) -> ServerSettings:
+        """The settings an `opserve serve` command line gives (`triton`: Triton's flags)."""
+
+        cache = parse_cache_config(args.cache_config)
+        if cache is None and triton["response_cache_byte_size"] is not None:
+            cache = CacheSettings(triton["response_cache_byte_size"])
+        return cls(
+            model_repositories=[*args.model_repository, *triton["model_store"]],
+            http_address=args.http_address,
+            http_port=args.http_port,
+            op_libraries=args.op_library,
+            log_verbose=args.log_verbose,
+            ring_capacity=args.shm_ring_bytes or DEFAULT_RING_CAPACITY,
+            model_control_mode=args.model_control_mode,
+            repository_poll_secs=args.repository_poll_secs,
+            load_models=args.load_model,
+            op_library_roots=args.op_library_root,
+            allow_grpc=args.allow_grpc,
+            grpc_address=args.grpc_address,
+            grpc_port=args.grpc_port,
+            allow_metrics=args.allow_metrics,
+            metrics_address=args.metrics_address,
+            metrics_port=args.metrics_port,
+            model_load_timeout_secs=args.model_load_timeout_secs,
+            cache=cache,
+            server_id=triton["id"],
+            exit_timeout_secs=triton["exit_timeout_secs"],
+            exit_on_error=triton["exit_on_error"],
+            strict_readiness=triton["strict_readiness"],
+            auto_complete=not (
+                triton["disable_auto_complete_config"] or triton["strict_model_config"]
+            ),
+            model_config_name=triton["model_config_name"],
+            model_load_thread_count=triton["model_load_thread_count"],
+            model_load_retry_count=triton["model_load_retry_count"],
+            allow_http=triton["allow_http"],
+            reuse_http_port=triton["reuse_http_port"],
+            reuse_grpc_port=triton["reuse_grpc_port"],
+            grpc_options=_grpc_options(triton),
+            grpc_compression=triton["grpc_infer_response_compression_level"],
+            counter_latencies=_metrics_config(triton["metrics_config"]),
+            default_max_batch_size=_backend_config(triton["backend_config"]),
+        )
 
     def __post_init__(self) -> None:
         if not self.model_repositories:
@@ -39,6 +107,12 @@ class ServerSettings:
             raise ValueError(
                 f"--model-control-mode must be none, explicit or poll, not {self.model_control_mode!r}"
             )
+        if self.model_load_thread_count < 1:
+            raise ValueError("--model-load-thread-count must be at least 1")
+        if self.model_load_retry_count < 0:
+            raise ValueError("--model-load-retry-count must not be negative")
+        if self.model_config_name and any(c.isspace() for c in self.model_config_name):
+            raise ValueError("--model-config-name must not contain spaces")
         if self.model_load_timeout_secs <= 0:
             raise ValueError("--model-load-timeout-secs must be positive")
         if self.repository_poll_secs <= 0:
@@ -67,3 +141,78 @@ class ServerSettings:
                     f"--op-library '{library}' links against no framework opserve knows "
                     "(libtorch, libtensorflow_framework) and exports no RegisterCustomOps (ONNX Runtime)"
                 )
+
+
+def _grpc_options(triton: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """Triton's gRPC keepalive and connection flags as gRPC core channel arguments."""
+    options = [
+        ("grpc.keepalive_time_ms", triton["grpc_keepalive_time"]),
+        ("grpc.keepalive_timeout_ms", triton["grpc_keepalive_timeout"]),
+        ("grpc.keepalive_permit_without_calls", int(triton["grpc_keepalive_permit_without_calls"])),
+        ("grpc.http2.max_pings_without_data", triton["grpc_http2_max_pings_without_data"]),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            triton["grpc_http2_min_recv_ping_interval_without_data"],
+        ),
+        ("grpc.http2.max_ping_strikes", triton["grpc_http2_max_ping_strikes"]),
+        ("grpc.so_reuseport", int(triton["reuse_grpc_port"])),
+    ]
+    if triton["grpc_max_connection_age"] is not None:
+        options.append(("grpc.max_connection_age_ms", triton["grpc_max_connection_age"]))
+    if triton["grpc_max_connection_age_grace"] is not None:
+        options.append(
+            ("grpc.max_connection_age_grace_ms", triton["grpc_max_connection_age_grace"])
+        )
+    return tuple(options)
+
+
+def _metrics_config(values: list[str]) -> bool:
+    """`--metrics-config KEY=VALUE`: whether the latency counters are kept."""
+    counters = True
+    for value in values:
+        key, equals, setting = value.partition("=")
+        if not equals:
+            raise ValueError(f"--metrics-config '{value}' must read <setting>=<value>")
+        if key == "counter_latencies":
+            counters = _flag_boolean(setting, value)
+        elif key == "summary_latencies":
+            if _flag_boolean(setting, value):
+                raise ValueError("--metrics-config summary_latencies=true is not supported")
+        else:
+            raise ValueError(f"--metrics-config: unknown setting '{key}'")
+    return counters
+
+
+def _backend_config(values: list[str]) -> dict[str, int]:
+    """`--backend-config [BACKEND,]KEY=VALUE`: the keys that mean something here; the others
+    are named in the log."""
+    sizes: dict[str, int] = {}
+    for value in values:
+        head, _, tail = value.partition(",")
+        backend, setting = (head, tail) if tail else ("", head)
+        key, equals, setting_value = setting.partition("=")
+        if not equals:
+            raise ValueError(f"--backend-config '{value}' must read [<backend>,]<setting>=<value>")
+        if key == "default-max-batch-size":
+            try:
+                sizes[backend] = int(setting_value)
+            except ValueError:
+                raise ValueError(
+                    f"--backend-config {key} needs a whole number, not {setting_value!r}"
+                ) from None
+        else:
+            log.info(
+                "--backend-config %s has no effect here (only %s is read)",
+                value,
+                ", ".join(HONOURED_BACKEND_CONFIG),
+            )
+    return sizes
+
+
+def _flag_boolean(text: str, flag: str) -> bool:
+    from opserve.triton_flags import parse_boolean
+
+    try:
+        return parse_boolean(text)
+    except Exception:
+        raise ValueError(f"'{flag}': expected true or false") from None

@@ -40,7 +40,7 @@ def test_health_and_metadata(grpc_client, client) -> None:
     assert not grpc_client.is_model_ready("ops_missing_library")
     assert not grpc_client.is_model_ready("no_such_model")
     metadata = grpc_client.get_server_metadata(as_json=True)
-    assert metadata["name"] == "opserve" and "statistics" in metadata["extensions"]
+    assert metadata["name"] == "triton" and "statistics" in metadata["extensions"]
     model = grpc_client.get_model_metadata("simple", as_json=True)
     assert model["platform"] == "onnxruntime_onnx" and model["versions"] == ["1"]
     assert model["inputs"][0] == {"name": "INPUT0", "datatype": "INT32", "shape": ["-1", "16"]}

@@ -14,7 +14,7 @@ from tests.serving import RunningServer
 def test_health_and_server_metadata(client: httpclient.InferenceServerClient) -> None:
     assert client.is_server_live()
     metadata = client.get_server_metadata()
-    assert metadata["name"] == "opserve"
+    assert metadata["name"] == "triton"
     assert set(metadata["extensions"]) == {
         "binary_tensor_data",
         "model_configuration",

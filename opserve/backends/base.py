@@ -86,6 +86,7 @@ class BackendContext:
     repository: str = ""
     library_frameworks: dict[str, str] = field(default_factory=dict)  # path -> framework
     services: ModelServices | None = None
+    auto_complete: bool = True  # False: a Python model's auto_complete_config is not called
 
     @cached_property
     def config(self) -> ModelConfig:

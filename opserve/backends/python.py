@@ -86,7 +86,7 @@ class PythonBackend(Backend):
     def describe(self) -> Description:
         model_class = self._import()
         hook = getattr(model_class, "auto_complete_config", None)
-        if hook is None:
+        if hook is None or not self.context.auto_complete:
             return Description()
         config = pb_utils.ModelConfig(json.loads(self.context.config_json))
         try:

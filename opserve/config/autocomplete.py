@@ -13,7 +13,11 @@ from opserve.signature import ModelSignature, TensorSpec
 DEFAULT_MAX_BATCH_SIZE = 4
 
 
-def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
+def autocomplete(
+    config: ModelConfig,
+    signature: ModelSignature,
+    default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> list[str]:
     """Fill what the config lacks from the model; returns what was filled, for the log.
 
     `max_batch_size` is filled (with 4) only while the config leaves its inputs or outputs to
@@ -22,9 +26,14 @@ def autocomplete(config: ModelConfig, signature: ModelSignature) -> list[str]:
     """
     filled: list[str] = []
     io_unspecified = len(config.input) == 0 or len(config.output) == 0
-    if config.max_batch_size == 0 and io_unspecified and signature.supports_batching():
-        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
-        filled.append(f"max_batch_size={DEFAULT_MAX_BATCH_SIZE}")
+    if (
+        config.max_batch_size == 0
+        and io_unspecified
+        and signature.supports_batching()
+        and default_max_batch_size > 0
+    ):
+        config.max_batch_size = default_max_batch_size
+        filled.append(f"max_batch_size={default_max_batch_size}")
     strip = 1 if config.max_batch_size > 0 else 0
     filled += _complete_tensors(config.input, signature.inputs, strip, "input")
     filled += _complete_tensors(config.output, signature.outputs, strip, "output")

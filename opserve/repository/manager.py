@@ -26,6 +26,7 @@ from opserve.config import (
     config_to_json,
     model_config_for,
 )
+from opserve.config.autocomplete import DEFAULT_MAX_BATCH_SIZE
 from opserve.config.support import check_fields
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
 from opserve.ops import (
@@ -125,6 +126,11 @@ class ModelManager:
         ring_capacity: int = DEFAULT_RING_CAPACITY,
         op_library_roots: list[Path] | None = None,
         load_timeout_s: float = 600.0,
+        auto_complete: bool = True,
+        config_name: str = "",
+        load_threads: int = 4,
+        load_retries: int = 0,
+        default_max_batch_size: dict[str, int] | None = None,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
@@ -133,6 +139,12 @@ class ModelManager:
         self.ring_capacity = ring_capacity
         self.op_library_roots = [p.resolve() for p in op_library_roots or []]
         self.load_timeout_s = load_timeout_s
+        self.auto_complete = auto_complete  # --disable-auto-complete-config
+        self.config_name = config_name  # --model-config-name
+        self.load_retries = load_retries  # --model-load-retry-count
+        self._loading = asyncio.Semaphore(load_threads)  # --model-load-thread-count
+        # --backend-config [backend,]default-max-batch-size=N ("" for every backend)
+        self.default_max_batch_size = default_max_batch_size or {}
         self.control_mode = "none"
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -223,6 +235,14 @@ class ModelManager:
             if isinstance(result, BaseException) and not isinstance(result, OpserveError):
                 raise result
 
+    def failed_models(self) -> dict[str, str]:
+        """The models asked for that are not READY, with why (for --exit-on-error)."""
+        return {
+            name: self.reason(model)
+            for name, model in self.models.items()
+            if model.state is not ModelState.READY and not model.unloaded
+        }
+
     # polling -----------------------------------------------------------------------------------
     def start_polling(self, interval_s: float) -> None:
         """Mode poll: watch the repositories and follow what changes, model by model."""
@@ -278,7 +298,18 @@ class ModelManager:
                 raise NotFoundError(f"failed to load '{name}', no version is available")
             # taken before reading: a change made while loading shows at the next poll
             self._fingerprints[name] = fingerprint(folder)
-            model = await self._build(name, folder, config)
+            async with self._loading:
+                model = await self._build(name, folder, config)
+                for attempt in range(self.load_retries):
+                    if model.state is ModelState.READY:
+                        break
+                    log.info(
+                        "model '%s': retrying its load (%d of %d)",
+                        name,
+                        attempt + 1,
+                        self.load_retries,
+                    )
+                    model = await self._build(name, folder, config)
             previous = self.models.get(name)
             if (
                 model.state is not ModelState.READY
@@ -327,7 +358,9 @@ class ModelManager:
         instance starts with the completed config."""
         model = Model(name, folder, ModelConfig(name=name))
         try:
-            model.config = model_config_for(name, folder, override)
+            model.config = model_config_for(
+                name, folder, override, self.config_name, self.auto_complete
+            )
             _refuse_unsupported_fields(model.config)
             if model.config.response_cache.enable and self.response_cache is None:
                 log.warning(
@@ -392,18 +425,36 @@ class ModelManager:
                     ) from None
 
     def _complete(self, model: Model, description: ModelLoaded) -> None:
-        """Complete the config from the model's description (phase one's answer)."""
+        """Complete the config from the model's description (phase one's answer); with
+        auto-complete off, only check the config against the model."""
+        if not self.auto_complete:
+            if description.signature is not None:
+                if not model.config.input or not model.config.output:
+                    raise InvalidArgumentError(
+                        f"model '{model.name}': auto-complete is disabled, so its config must "
+                        "list the model's inputs and outputs"
+                    )
+                self._check_against_model(model, description.signature)
+            return
         if description.config_json is not None:  # the model completed it (Python backend)
             completed = config_from_model_json(model.name, description.config_json)
             model.completed = changed_fields(model.config, completed)
             model.config = completed
             _refuse_unsupported_fields(completed, warn=False)
-            model.completed += autocomplete(model.config, ModelSignature((), ()))
+            model.completed += autocomplete(
+                model.config, ModelSignature((), ()), self._default_batch(model)
+            )
         elif description.signature is not None:
-            model.completed = autocomplete(model.config, description.signature)
+            model.completed = autocomplete(
+                model.config, description.signature, self._default_batch(model)
+            )
             self._check_against_model(model, description.signature)
         if model.completed:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
+
+    def _default_batch(self, model: Model) -> int:
+        sizes = self.default_max_batch_size
+        return sizes.get(model.config.backend, sizes.get("", DEFAULT_MAX_BATCH_SIZE))
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
         """Config tensors the model does not have make every version unavailable."""
@@ -499,6 +550,7 @@ class ModelManager:
             "library_frameworks": {
                 str(p): f for p in entry.libraries if (f := _framework_of(p)) is not None
             },
+            "auto_complete": self.auto_complete,
         }
 
     async def _spawn(

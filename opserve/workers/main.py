@@ -155,6 +155,7 @@ class Worker:
             repository=message.repository,
             library_frameworks=message.library_frameworks,
             services=self,
+            auto_complete=message.auto_complete,
         )
         config = context.config_dict
         try:

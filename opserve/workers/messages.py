@@ -81,6 +81,7 @@ class LoadModel:
     preloaded_libraries: list[str] = field(default_factory=list)  # from LD_PRELOAD
     repository: str = ""  # the model's repository folder
     library_frameworks: dict[str, str] = field(default_factory=dict)  # path -> framework
+    auto_complete: bool = True  # False: --disable-auto-complete-config
 
 
 @dataclass(slots=True)

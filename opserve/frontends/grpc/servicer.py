@@ -211,14 +211,36 @@ def _stream_error(request: Any, error: OpserveError) -> Any:
     return answer
 
 
-async def start_grpc_server(dataplane: DataPlane, address: str, port: int) -> grpc.aio.Server:
+# --grpc-infer-response-compression-level: gRPC core compresses with gzip at every level here
+COMPRESSION = {
+    "none": grpc.Compression.NoCompression,
+    "low": grpc.Compression.Gzip,
+    "medium": grpc.Compression.Gzip,
+    "high": grpc.Compression.Gzip,
+}
+
+
+async def start_grpc_server(
+    dataplane: DataPlane,
+    address: str,
+    port: int,
+    options: tuple[tuple[str, int], ...] = (),
+    compression: str = "none",
+) -> grpc.aio.Server:
+    """Serve `inference.GRPCInferenceService`; `options` are gRPC core channel arguments
+    (Triton's keepalive flags, SO_REUSEPORT)."""
     server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+            *options,
+        ],
+        compression=COMPRESSION[compression],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(dataplane), server
     )
-    server.add_insecure_port(f"{address}:{port}")
+    bound = server.add_insecure_port(f"{address}:{port}")
     await server.start()
-    log.info("serving gRPC on %s:%d", address, port)
+    log.info("serving gRPC on %s:%d", address, bound)
     return server

@@ -1,0 +1,223 @@
+"""`opserve serve` as a drop-in for `tritonserver`: its 2.51 command line, flag by flag."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import tritonclient.http as httpclient
+
+from opserve.cli import build_parser
+from opserve.settings import ServerSettings
+from opserve.triton_flags import triton_values
+from tests import models
+from tests.conftest import add_constant
+from tests.serving import RunningServer
+
+FLAGS = Path(__file__).parent / "data" / "tritonserver-2.51-flags.txt"  # `tritonserver --help`
+SAMPLES = {
+    "<boolean>": "false",
+    "<integer>": "7",
+    "<float>": "2.5",
+    "<string>": "x",
+}
+
+
+CHOICES = {"--model-control-mode": "poll", "--log-format": "ISO8601"}
+
+
+def triton_flags() -> list[tuple[str, str]]:
+    flags = []
+    for line in FLAGS.read_text().splitlines():
+        name, _, kind = line.partition(" ")
+        flags.append((name, kind))
+    return flags
+
+
+def parse(*flags: str):
+    return build_parser().parse_known_args(["serve", "--model-repository", "repo", *flags])
+
+
+@pytest.mark.parametrize("name, kind", triton_flags(), ids=[f for f, _ in triton_flags()])
+def test_every_tritonserver_flag_is_accepted_in_both_forms(name: str, kind: str) -> None:
+    if not kind:  # a switch: --disable-auto-complete-config
+        assert parse(name)[1] == []
+        return
+    value = CHOICES.get(name) or SAMPLES.get(kind, "a,b=c")
+    for form in ([f"{name}={value}"], [name, value]):
+        args, unknown = parse(*form)
+        assert unknown == []
+
+
+def values(*flags: str) -> dict:
+    args, unknown = parse(*flags)
+    assert unknown == []
+    return triton_values(args)[0]
+
+
+def test_tritons_defaults() -> None:
+    triton = values()
+    assert (triton["exit_on_error"], triton["strict_readiness"], triton["id"]) == (
+        True,
+        True,
+        "triton",
+    )
+    assert (triton["model_load_thread_count"], triton["exit_timeout_secs"]) == (4, 30)
+    assert triton["grpc_keepalive_time"] == 7200000 and triton["log_format"] == "default"
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--allow-sagemaker=true", "there is no SageMaker endpoint"),
+        ("--allow-vertex-ai=1", "there is no Vertex AI endpoint"),
+        ("--rate-limit=execution_count", "--rate-limit execution_count is not supported"),
+        ("--model-namespacing=true", "--model-namespacing=true is not supported"),
+        ("--grpc-infer-response-compression-level=max", "must be none, low, medium or high"),
+        ("--strict-readiness=maybe", None),  # argparse refuses it
+    ],
+)
+def test_values_that_cannot_be_honoured_are_refused(flag: str, message: str | None) -> None:
+    if message is None:
+        with pytest.raises(SystemExit):
+            parse(flag)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        values(flag)
+
+
+def test_flags_without_effect_are_noted_once_set() -> None:
+    args, _ = parse("--pinned-memory-pool-byte-size=1024", "--http-thread-count=4")
+    _, notes = triton_values(args)
+    assert len(notes) == 2 and all("has no effect here" in n for n in notes)
+    assert triton_values(parse()[0])[1] == []
+
+
+def test_settings_from_triton_flags(tmp_path: Path) -> None:
+    args, _ = parse(
+        f"--model-store={tmp_path}",
+        "--strict-model-config=true",
+        "--backend-config=onnxruntime,default-max-batch-size=16",
+        "--backend-config=default-max-batch-size=2",
+        "--response-cache-byte-size=4096",
+        "--grpc-keepalive-time=1000",
+        "--reuse-grpc-port=true",
+        "--metrics-config=counter_latencies=false",
+    )
+    triton, _ = triton_values(args)
+    settings = ServerSettings.from_flags(args, triton)
+    assert settings.model_repositories == [Path("repo"), tmp_path]
+    assert not settings.auto_complete and settings.cache is not None and settings.cache.size == 4096
+    assert settings.default_max_batch_size == {"onnxruntime": 16, "": 2}
+    assert ("grpc.keepalive_time_ms", 1000) in settings.grpc_options
+    assert ("grpc.so_reuseport", 1) in settings.grpc_options
+    assert settings.counter_latencies is False
+
+
+def run_opserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "opserve", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_an_unknown_flag_is_an_error_under_the_serve_usage() -> None:
+    result = run_opserve("--model-repository", "x", "--no-such-flag=1")
+    assert result.returncode == 2
+    assert "usage: opserve serve" in result.stderr
+    assert "unrecognized arguments: --no-such-flag=1" in result.stderr
+
+
+# a real server started with Triton's launch line ---------------------------------------------------
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("flags") / "repository"
+    models.write_model(repo, "plus_one", add_constant(1.0))  # no config.pbtxt
+    folder = models.write_model(repo, "plus_two", add_constant(2.0), "max_batch_size: 8\n")
+    (folder / "configs").mkdir()
+    (folder / "configs" / "small.pbtxt").write_text('name: "plus_two"\nmax_batch_size: 2\n')
+    models.write_model(repo, "broken", add_constant(3.0), "max_batch_size: [\n")
+    return repo
+
+
+def test_a_triton_launch_line_serves(repository: Path, tmp_path: Path) -> None:
+    log = tmp_path / "triton.log"
+    args = [
+        "--strict-model-config=false",
+        "--strict-readiness=false",
+        "--exit-on-error=false",
+        "--log-verbose=1",
+        "--log-format=ISO8601",
+        f"--log-file={log}",
+        "--id=edge-7",
+        "--model-config-name=small",
+        "--model-load-thread-count=2",
+        "--backend-config=python,shm-default-byte-size=1048576",
+        "--allow-sagemaker=false",
+        "--grpc-keepalive-time=10000",
+        "--pinned-memory-pool-byte-size=0",
+    ]
+    with RunningServer([], [f"--model-store={repository}", *args]) as server:
+        client = httpclient.InferenceServerClient(server.url)
+        assert client.is_server_ready()  # although 'broken' is not: --strict-readiness=false
+        assert client.get_server_metadata()["name"] == "edge-7"
+        assert client.get_model_config("plus_two")["max_batch_size"] == 2  # configs/small.pbtxt
+        assert client.get_model_config("plus_one")["max_batch_size"] == 4  # auto-completed
+        text = log.read_text()
+        assert re.search(
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ I \d+ server\.py:\d+\] serving HTTP", text, re.M
+        )
+        assert "--pinned-memory-pool-byte-size has no effect here" in text
+        assert "--backend-config python,shm-default-byte-size=1048576 has no effect here" in text
+        assert re.search(r"^\S+Z V ", text, re.M)  # verbose (debug) lines are there
+
+
+def test_exit_on_error_is_the_default(repository: Path) -> None:
+    result = run_opserve(
+        "--model-repository", str(repository), "--http-port=0", "--grpc-port=0", "--metrics-port=0"
+    )
+    assert result.returncode == 1
+    assert "failed to load all models" in result.stderr and "'broken'" in result.stderr
+
+
+def test_strict_readiness_and_disabled_auto_complete(repository: Path) -> None:
+    args = ["--exit-on-error=false", "--disable-auto-complete-config"]
+    with RunningServer([repository], args) as server:
+        client = httpclient.InferenceServerClient(server.url)
+        assert not client.is_server_ready()  # strict readiness: some models are not ready
+        for model, reason in (
+            ("plus_one", "has no config.pbtxt, and auto-complete is disabled"),
+            ("plus_two", "auto-complete is disabled, so its config must list the model's inputs"),
+        ):
+            response = requests.get(f"http://{server.url}/v2/models/{model}/ready")
+            assert reason in response.json()["error"]
+
+
+def test_ports_of_zero_are_logged_as_bound(repository: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    command = [sys.executable, "-m", "opserve", "serve", "--model-repository", str(repository)]
+    command += ["--exit-on-error=false", "--http-address=127.0.0.1", "--http-port=0"]
+    command += ["--grpc-address=127.0.0.1", "--grpc-port=0", "--metrics-address=127.0.0.1"]
+    command += ["--metrics-port=0", "--log-file", str(log)]
+    process = subprocess.Popen(command)
+    try:
+        deadline = time.monotonic() + 120
+        ports = {}
+        while len(ports) < 3:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+            text = log.read_text() if log.exists() else ""
+            ports = dict(re.findall(r"serving (HTTP|gRPC|metrics) on [\d.]+:(\d+)", text))
+        assert "0" not in ports.values()
+        url = f"http://127.0.0.1:{ports['HTTP']}/v2/health/live"
+        assert requests.get(url).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
