@@ -109,6 +109,8 @@ def batch_key(request: InferenceRequest) -> tuple[object, ...]:
 class Scheduler:
     """The requests of one model version, onto that version's instances."""
 
+    pending_class: type[_Pending] = _Pending  # a subclass may follow its requests further
+
     def __init__(
         self, label: str, config: ModelConfig, stats: VersionStats, decoupled: bool = False
     ) -> None:
@@ -157,7 +159,7 @@ class Scheduler:
     # requests ----------------------------------------------------------------------------------
     def _pending(self, request: InferenceRequest, batch_size: int) -> _Pending:
         loop = asyncio.get_running_loop()
-        pending = _Pending(
+        pending = self.pending_class(
             request,
             batch_size,
             time.monotonic_ns(),

@@ -39,6 +39,8 @@ from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
+from opserve.sequence_config import SequenceSettings
+from opserve.sequences import scheduler_for
 from opserve.stats import VersionStats
 from opserve.workers.environments import environment_launcher, execution_environment
 from opserve.workers.launcher import Launcher
@@ -351,7 +353,9 @@ class ModelManager:
         decoupled = model.config.model_transaction_policy.decoupled
         for entry in model.versions.values():
             if entry.ready:
-                entry.scheduler = Scheduler(entry.label, model.config, entry.stats, decoupled)
+                entry.scheduler = scheduler_for(
+                    entry.label, model.config, entry.stats, decoupled, model.directory
+                )
                 for worker in entry.workers:
                     entry.scheduler.add_instance(worker)
                 log.info(
@@ -371,6 +375,8 @@ class ModelManager:
             self._check_against_model(model, description.signature)
         if model.completed:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
+        if model.config.HasField("sequence_batching"):  # refused with Triton's words
+            SequenceSettings.from_config(model.config, model.directory)
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
         """Config tensors the model does not have make every version unavailable."""
