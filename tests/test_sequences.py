@@ -7,6 +7,7 @@ READY, CORRID) and by implicit state at once, with uint64 and string correlation
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 import threading
 import time
@@ -20,10 +21,23 @@ from onnx import helper
 from tritonclient.utils import InferenceServerException
 
 from tests import models
+from tests.framework_models import framework_model
+from tests.frameworks import place, requires
 from tests.serving import RunningServer
 from tests.test_python_models import place_python_model
 
 IDLE_US = 100_000
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+TORCH_CONFIG = """
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 1 ] } ]
+sequence_batching {
+  oldest { max_candidate_sequences: 2 }
+  state [ { input_name: "STATE__1" output_name: "STATE__1" data_type: TYPE_FP32 dims: [ 1 ] } ]
+}
+"""
 
 ONNX_STATE = """
   state [ { input_name: "INPUT_STATE" output_name: "OUTPUT_STATE" data_type: TYPE_FP32 dims: [ 1 ]
@@ -86,6 +100,10 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
             "sequence_batching {", f"sequence_batching {{ max_sequence_idle_microseconds: {IDLE_US}"
         )
     )
+    place_python_model(repo, "python_crash", "sequence_accumulator")
+    if HAVE_TORCH:
+        torch = models.write_model(repo, "torch_oldest", None, TORCH_CONFIG)
+        place(framework_model("torch_accumulator", "model.pt"), torch / "1" / "model.pt")
     with RunningServer([repo]) as running:
         yield running
 
@@ -103,9 +121,10 @@ def grpc(server: RunningServer) -> grpcclient.InferenceServerClient:
 def send(client, model: str, value, sequence_id, start=False, end=False, rows: int = 1):
     """One request of a sequence; the result as {output name: array}."""
     module = httpclient if isinstance(client, httpclient.InferenceServerClient) else grpcclient
-    datatype = "FP32" if model.startswith("onnx") else "INT32"
+    datatype = "INT32" if model.startswith("python") else "FP32"
     array = np.full((rows, 1), value, dtype=np.float32 if datatype == "FP32" else np.int32)
-    made = module.InferInput("INPUT", list(array.shape), datatype)
+    name = "INPUT__0" if model.startswith("torch") else "INPUT"
+    made = module.InferInput(name, list(array.shape), datatype)
     made.set_data_from_numpy(array)
     result = client.infer(
         model, [made], sequence_id=sequence_id, sequence_start=start, sequence_end=end
@@ -307,3 +326,26 @@ def test_sequence_requests_are_counted(http) -> None:
         after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
         == 3
     )
+
+
+@requires("torch")
+def test_torchscript_state_with_the_same_name_in_and_out(http, grpc) -> None:
+    """A TorchScript model reads its state by position, as its inputs (STATE__1 both ways)."""
+    for client, sequence_id, values in ((http, 61, [1, 2]), (grpc, 62, [4, 4, 4])):
+        got = [r["OUTPUT__0"][0, 0] for r in outputs(client, "torch_oldest", sequence_id, values)]
+        assert got == list(np.cumsum(values))
+
+
+def test_a_worker_crash_loses_its_sequences(server, http) -> None:
+    send(http, "python_crash", 1, 501, start=True)
+    with pytest.raises(InferenceServerException) as caught:
+        send(http, "python_crash", -999, 500, start=True)
+    assert caught.value.status() == "500"
+    while not http.is_model_ready("python_crash"):  # its worker is replaced
+        time.sleep(0.05)
+    with pytest.raises(InferenceServerException) as caught:
+        send(http, "python_crash", 1, 501)
+    assert "sequence 501 of model 'python_crash' version 1 was lost: the instance serving it " in (
+        caught.value.message()
+    )
+    assert int(send(http, "python_crash", 3, 501, start=True)["OUTPUT"][0, 0]) == 3
