@@ -18,6 +18,7 @@ from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_librari
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
 from opserve.ops.resolve import resolve_model_libraries
 from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.sequence_config import SequenceSettings
 from opserve.workers.environments import execution_environment
 
 # backend -> (the package that must be importable, the extra that installs it)
@@ -119,6 +120,11 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
             report.problems.append(
                 f"execution environment '{environment}' (EXECUTION_ENV_PATH) does not exist"
             )
+    if config.HasField("sequence_batching"):
+        try:
+            SequenceSettings.from_config(config, folder)
+        except OpserveError as exc:
+            report.problems.append(exc.message)
     report.versions = select_versions(config, version_folders(folder))
     if not report.versions:
         report.problems.append(f"no version folders found in '{folder}'")

@@ -422,7 +422,9 @@ class SequenceScheduler(Scheduler):
         taken: list[_Sequence] = []
         for slot in planned:
             if slot is None:
-                batch.append(self._null(template))
+                # a decoupled model answers when it likes, and might never close a null request
+                if not self.decoupled:
+                    batch.append(self._null(template))
                 continue
             pending = heads[slot]
             sequence = self._steps[pending]
@@ -465,15 +467,8 @@ class SequenceScheduler(Scheduler):
         if outputs is not None:
             outputs = [*outputs, *self._state_outputs]
         request = InferenceRequest(template.model_name, template.model_version, inputs, outputs)
-        loop = asyncio.get_running_loop()
-        null = _Pending(
-            request,
-            1,
-            time.monotonic_ns(),
-            (),
-            None if self.decoupled else loop.create_future(),
-            asyncio.Queue() if self.decoupled else None,
-        )
+        future = asyncio.get_running_loop().create_future()
+        null = _Pending(request, 1, time.monotonic_ns(), (), future, None)
         null.counted = True
         return null
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from opserve.check import check_repository
 from opserve.dataplane import take_sequence_parameters
 from opserve.errors import InvalidArgumentError
 from opserve.inference import InferenceRequest, Tensor
@@ -231,3 +232,16 @@ def test_sequence_parameters_become_the_correlation_id_and_flags() -> None:
 def test_sequence_parameters_of_the_wrong_type_are_refused(parameters: dict, name: str) -> None:
     with pytest.raises(InvalidArgumentError, match=f"Unable to parse '{name}'"):
         take_sequence_parameters(request(parameters))
+
+
+def test_opserve_check_reports_a_sequence_config_triton_refuses(tmp_path: Path) -> None:
+    folder = tmp_path / "repository" / "seq"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 2\n'
+        "sequence_batching { oldest { preferred_batch_size: [ 4 ] } }\n"
+    )
+    (report,) = check_repository([tmp_path / "repository"]).models
+    assert "sequence batching preferred batch size must be <= max batch size for seq" in (
+        report.problems
+    )
