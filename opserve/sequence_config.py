@@ -2,6 +2,10 @@
 batcher adds to each request: the control inputs (START, END, READY, CORRID) and the implicit
 state (`state`). Pure: no scheduling here (that is `sequences.py`).
 
+Every field is honoured except `iterative_sequence` and `oldest.preserve_ordering`, which are
+refused; a state's `use_same_buffer_for_input_output` and `use_growable_memory` (GPU memory
+choices) change nothing a client can see and are accepted as they are.
+
 The model receives a control tensor of shape `[1]` (batched: `[1, 1]` per request), holding the
 config's false or true value; the state input holds what the model produced as the state output
 for the sequence's previous request (the initial state for its first one).
@@ -15,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from opserve.datatypes import ITEM_SIZES, NUMPY_DTYPES, config_to_v2, element_count, serialize_bytes
-from opserve.errors import InvalidArgumentError
+from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import Tensor
 from opserve.proto import ModelConfig, model_config_pb2
 
@@ -110,6 +114,14 @@ class SequenceSettings:
                 f"Response Cache does not currently support model {name} with sequence "
                 "batching scheduler. Please disable the response cache."
             )
+        for refused, given in (
+            ("iterative_sequence", batcher.iterative_sequence),
+            ("oldest.preserve_ordering", batcher.oldest.preserve_ordering),
+        ):
+            if given:
+                raise UnsupportedError(
+                    f"model '{name}': sequence_batching.{refused} is not supported by this server"
+                )
         strategy = "oldest" if batcher.HasField("oldest") else "direct"
         slots = max(1, config.max_batch_size)
         preferred: tuple[int, ...] = ()

@@ -376,7 +376,7 @@ class SequenceScheduler(Scheduler):
                 self._release_if_done(sequence)
         return heads
 
-    async def _dispatch(self) -> None:  # type: ignore[override]
+    async def _dispatch(self) -> None:
         """Form a batch for every idle instance with ready requests; sleep until something
         changes (or a batch's delay ends)."""
         while True:

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 
 from opserve.check import check_repository
 from opserve.dataplane import take_sequence_parameters
-from opserve.errors import InvalidArgumentError
+from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import InferenceRequest, Tensor
 from opserve.proto import ModelConfig
 from opserve.sequence_config import (
@@ -159,6 +159,12 @@ def test_configs_triton_refuses_are_refused_with_its_words(
     with pytest.raises(InvalidArgumentError) as caught:
         settings(text, max_batch_size)
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize("text", ["iterative_sequence: true", "oldest { preserve_ordering: true }"])
+def test_fields_not_implemented_are_refused(text: str) -> None:
+    with pytest.raises(UnsupportedError, match="is not supported by this server"):
+        settings(text)
 
 
 def test_state_of_a_decoupled_model_is_refused() -> None:
