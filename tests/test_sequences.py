@@ -101,6 +101,15 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
         )
     )
     place_python_model(repo, "python_crash", "sequence_accumulator")
+    padded = place_python_model(repo, "python_padded", "sequence_accumulator")
+    config = padded / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace(
+            "sequence_batching {",
+            "sequence_batching { max_sequence_idle_microseconds: 60000000 "
+            "direct { max_queue_delay_microseconds: 500000 minimum_slot_utilization: 1.0 }",
+        )
+    )
     if HAVE_TORCH:
         torch = models.write_model(repo, "torch_oldest", None, TORCH_CONFIG)
         place(framework_model("torch_accumulator", "model.pt"), torch / "1" / "model.pt")
@@ -356,3 +365,27 @@ def test_a_worker_crash_loses_its_sequences(server, http) -> None:
         caught.value.message()
     )
     assert int(send(http, "python_crash", 3, 501, start=True)["OUTPUT"][0, 0]) == 3
+
+
+def test_direct_pads_an_empty_slot_with_a_null_request(server) -> None:
+    """python_padded waits (up to its delay) for all four slots: three sequences take slots 0-2,
+    the middle one ends, and the next requests of the others run as [A, null, C]."""
+    answers: dict[int, dict] = {}
+
+    def run(sequence_id: int, value: int, start: bool) -> None:
+        answers[sequence_id] = send(
+            fresh(server, "http"), "python_padded", value, sequence_id, start
+        )
+
+    def together(*calls: tuple[int, int, bool]) -> None:
+        threads = [threading.Thread(target=run, args=call) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    together((71, 1, True), (72, 2, True), (73, 3, True))
+    send(fresh(server, "http"), "python_padded", 0, 72, end=True)
+    together((71, 10, False), (73, 30, False))
+    assert answers[71]["BATCH"][0].tolist() == [3, 1]  # two sequences and the null between them
+    assert [int(answers[i]["OUTPUT"][0, 0]) for i in (71, 73)] == [11, 33]

@@ -1,8 +1,8 @@
 """A sequence accumulator driven by the sequence batcher's inputs: the control tensors (START,
 END, READY, CORRID) keep a running total per correlation id inside the model (OUTPUT), and the
 implicit state INPUT_STATE -> OUTPUT_STATE keeps another one in the server (FROM_STATE).
-CONTROLS echoes [start, end, ready] as the model saw them; null requests (READY false) get
-zeros and change nothing. An INPUT of -999 ends the process (a crash mid-sequence)."""
+CONTROLS echoes [start, end, ready] as the model saw them; BATCH is [requests in this execute,
+null requests among them]; null requests (READY false) get zeros and change nothing. An INPUT of -999 ends the process (a crash mid-sequence)."""
 
 import os
 
@@ -20,6 +20,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = []
+        nulls = sum(not _scalar(r, "READY") for r in requests)
         for request in requests:
             value = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
             state = pb_utils.get_input_tensor_by_name(request, "INPUT_STATE").as_numpy()
@@ -45,6 +46,12 @@ class TritonPythonModel:
                         pb_utils.Tensor("OUTPUT", total.astype(np.int32)),
                         pb_utils.Tensor("FROM_STATE", new_state.astype(np.int32)),
                         pb_utils.Tensor("CONTROLS", controls.reshape(value.shape[:-1] + (3,))),
+                        pb_utils.Tensor(
+                            "BATCH",
+                            np.array([len(requests), nulls], np.int32).reshape(
+                                value.shape[:-1] + (2,)
+                            ),
+                        ),
                         pb_utils.Tensor("OUTPUT_STATE", new_state.astype(np.int32)),
                     ]
                 )
