@@ -171,6 +171,17 @@ class SequenceSettings:
         )
 
 
+def fill_sequence_defaults(config: ModelConfig) -> None:
+    """Triton's defaults written into the config (so `/config` shows them): the idle time, and
+    the oldest strategy's preferred batch size."""
+    batcher = config.sequence_batching
+    if not batcher.max_sequence_idle_microseconds:
+        batcher.max_sequence_idle_microseconds = SEQUENCE_IDLE_DEFAULT_MICROSECONDS
+    oldest = batcher.oldest
+    if batcher.HasField("oldest") and not oldest.preferred_batch_size and config.max_batch_size:
+        oldest.preferred_batch_size.append(config.max_batch_size)
+
+
 def sequence_input_names(config: ModelConfig) -> list[str]:
     """The inputs the sequence batcher adds (controls, then states): not in `config.input`."""
     batcher = config.sequence_batching

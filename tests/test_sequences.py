@@ -8,6 +8,7 @@ READY, CORRID) and by implicit state at once, with uint64 and string correlation
 from __future__ import annotations
 
 import importlib.util
+import queue
 import struct
 import threading
 import time
@@ -389,3 +390,45 @@ def test_direct_pads_an_empty_slot_with_a_null_request(server) -> None:
     together((71, 10, False), (73, 30, False))
     assert answers[71]["BATCH"][0].tolist() == [3, 1]  # two sequences and the null between them
     assert [int(answers[i]["OUTPUT"][0, 0]) for i in (71, 73)] == [11, 33]
+
+
+def test_config_shows_tritons_sequence_defaults(http) -> None:
+    batcher = http.get_model_config("onnx_direct")["sequence_batching"]
+    assert batcher["max_sequence_idle_microseconds"] == 1_000_000
+    assert (
+        http.get_model_config("python_idle")["sequence_batching"]["max_sequence_idle_microseconds"]
+        == IDLE_US
+    )
+    oldest = http.get_model_config("onnx_oldest")
+    assert oldest["sequence_batching"]["oldest"]["preferred_batch_size"] == [2]
+    # auto-complete left the state tensors out of the config's inputs and outputs
+    assert [t["name"] for t in oldest["input"]] == ["INPUT"]
+    assert [t["name"] for t in oldest["output"]] == ["OUTPUT"]
+    strings = http.get_model_config("python_string")["sequence_batching"]["oldest"]
+    assert strings["preferred_batch_size"] == [4]
+
+
+def test_sequences_over_one_grpc_stream(server) -> None:
+    """Triton's sequence stream client: interleaved sequences on one ModelStreamInfer stream."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    plan = [(81, 1, True, False), (82, 5, True, False), (81, 2, False, True), (82, 5, False, True)]
+    for sequence_id, value, start, end in plan:
+        made = grpcclient.InferInput("INPUT", [1, 1], "FP32")
+        made.set_data_from_numpy(np.full((1, 1), value, dtype=np.float32))
+        client.async_stream_infer(
+            "onnx_direct",
+            [made],
+            request_id=f"{sequence_id}-{value}-{end}",
+            sequence_id=sequence_id,
+            sequence_start=start,
+            sequence_end=end,
+        )
+    got = {}
+    for _ in plan:
+        result, error = answers.get(timeout=60)
+        assert error is None
+        got[result.get_response().id] = float(result.as_numpy("OUTPUT")[0, 0])
+    client.stop_stream()
+    assert got == {"81-1-False": 1, "82-5-False": 5, "81-2-True": 3, "82-5-True": 10}

@@ -39,7 +39,7 @@ from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
-from opserve.sequence_config import SequenceSettings
+from opserve.sequence_config import SequenceSettings, fill_sequence_defaults
 from opserve.sequences import scheduler_for
 from opserve.stats import VersionStats
 from opserve.workers.environments import environment_launcher, execution_environment
@@ -377,6 +377,7 @@ class ModelManager:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
         if model.config.HasField("sequence_batching"):  # refused with Triton's words
             SequenceSettings.from_config(model.config, model.directory)
+            fill_sequence_defaults(model.config)
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
         """Config tensors the model does not have make every version unavailable."""
