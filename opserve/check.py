@@ -20,6 +20,7 @@ from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, i
 from opserve.ops.resolve import resolve_model_libraries
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.schema import ModelSchema
+from opserve.sequence_config import SequenceSettings
 from opserve.warmup import warmup_samples
 from opserve.workers.environments import execution_environment
 
@@ -131,6 +132,11 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
             report.problems.append(
                 f"execution environment '{environment}' (EXECUTION_ENV_PATH) does not exist"
             )
+    if config.HasField("sequence_batching"):
+        try:
+            SequenceSettings.from_config(config, folder)
+        except OpserveError as exc:
+            report.problems.append(exc.message)
     report.versions = select_versions(config, version_folders(folder))
     if not report.versions:
         report.problems.append(f"no version folders found in '{folder}'")

@@ -30,6 +30,7 @@ from opserve.repository.manager import Model, ModelManager, ModelState, ModelVer
 from opserve.response_cache import cache_key
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
+from opserve.sequence_config import FLAG_SEQUENCE_END, FLAG_SEQUENCE_START
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
 
@@ -182,6 +183,7 @@ class DataPlane:
             request.timeout_us = _natural(request.parameters.pop("timeout"), "timeout")
         if "priority" in request.parameters:
             request.priority = _natural(request.parameters.pop("priority"), "priority")
+        take_sequence_parameters(request)
         if request.requested_outputs is not None:
             for name in request.requested_outputs:
                 if name not in schema.outputs:
@@ -355,6 +357,27 @@ def validate_inputs(
             f"'{model_name}'. Missing required input(s): {sorted(missing)}"
         )
     return prepared
+
+
+def take_sequence_parameters(request: InferenceRequest) -> None:
+    """`sequence_id` (an unsigned integer or a string), `sequence_start` and `sequence_end`
+    become the request's correlation id and flags, as Triton's frontends do for any model."""
+    parameters = request.parameters
+    if "sequence_id" in parameters:
+        value = parameters.pop("sequence_id")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise InvalidArgumentError("Unable to parse 'sequence_id'")
+        request.correlation_id = value % 2**64 if isinstance(value, int) else value
+    for name, flag in (
+        ("sequence_start", FLAG_SEQUENCE_START),
+        ("sequence_end", FLAG_SEQUENCE_END),
+    ):
+        if name in parameters:
+            value = parameters.pop(name)
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"Unable to parse '{name}'")
+            if value:
+                request.flags |= flag
 
 
 def _client_shapes(schema: ModelSchema, outputs: list[Tensor]) -> list[Tensor]:

@@ -113,6 +113,8 @@ def batch_key(request: InferenceRequest) -> tuple[object, ...]:
 class Scheduler:
     """The requests of one model version, onto that version's instances."""
 
+    pending_class: type[_Pending] = _Pending  # a subclass may follow its requests further
+
     def __init__(
         self, label: str, config: ModelConfig, stats: VersionStats, decoupled: bool = False
     ) -> None:
@@ -165,7 +167,7 @@ class Scheduler:
     # requests ----------------------------------------------------------------------------------
     def _pending(self, request: InferenceRequest, batch_size: int) -> _Pending:
         loop = asyncio.get_running_loop()
-        pending = _Pending(
+        pending = self.pending_class(
             request,
             batch_size,
             time.monotonic_ns(),
@@ -457,8 +459,9 @@ class Scheduler:
 
     async def warm_up(self, instance: WorkerProcess, requests: list[InferenceRequest]) -> None:
         """Execute `requests` as one batch on `instance` before it serves (counted in the
-        statistics like any execution); raises the first error a request got."""
-        pendings = [self._pending(request, 1) for request in requests]
+        statistics like any execution); raises the first error a request got. As in Triton the
+        requests go straight to the instance: no sequence or queue rules apply to them."""
+        pendings = [Scheduler._pending(self, request, 1) for request in requests]
         await self._run(instance, pendings)
         for pending in pendings:
             if pending.future is not None:

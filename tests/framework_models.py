@@ -83,6 +83,20 @@ def torch_double(output: Path, library: str | None = None) -> None:
     torch.jit.save(torch.jit.script(Double()), str(output))
 
 
+def torch_accumulator(output: Path, library: str | None = None) -> None:
+    """A sequence model with implicit state: OUTPUT = INPUT + the state, the new state."""
+    import torch
+
+    class Accumulator(torch.nn.Module):
+        def forward(
+            self, INPUT__0: torch.Tensor, STATE__1: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            total = INPUT__0 + STATE__1
+            return total, total
+
+    torch.jit.save(torch.jit.script(Accumulator()), str(output))
+
+
 def tf_zero_out_savedmodel(output: Path, library: str) -> None:
     import tensorflow as tf
 
@@ -140,6 +154,7 @@ GENERATORS = {
     "torch_add_one": torch_add_one,
     "torch_add_sub": torch_add_sub,
     "torch_double": torch_double,
+    "torch_accumulator": torch_accumulator,
     "tf_zero_out_savedmodel": tf_zero_out_savedmodel,
     "tf_zero_out_graphdef": tf_zero_out_graphdef,
     "tf_add_sub_savedmodel": tf_add_sub_savedmodel,

@@ -56,7 +56,7 @@ BASE = 'name: "m" backend: "onnxruntime" max_batch_size: 4 '
 @pytest.mark.parametrize(
     "text, field",
     [
-        ("sequence_batching { }", "sequence_batching"),
+        ("sequence_batching { iterative_sequence: true }", "sequence_batching.iterative_sequence"),
         ("ensemble_scheduling { step [ { model_name: 'x' } ] }", "ensemble_scheduling"),
         ("instance_group [ { kind: KIND_GPU } ]", "instance_group.kind: KIND_GPU"),
         (

@@ -20,6 +20,7 @@ from opserve.errors import (
     UnsupportedError,
 )
 from opserve.proto import model_config_pb2
+from opserve.sequence_config import sequence_input_names, sequence_output_names
 from opserve.signature import ModelSignature
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,12 @@ class PyTorchBackend(Backend):
         self._bf16_inputs = {
             t.name for t in self.context.config.input if t.data_type == model_config_pb2.TYPE_BF16
         }
+        # state outputs of the sequence batcher follow the config's outputs
+        outputs = [t.name for t in self.context.config.output]
+        outputs += sequence_output_names(self.context.config)
         self._output_positions = {
-            t.name: int(m.group(1)) if (m := _INDEXED.match(t.name)) else i
-            for i, t in enumerate(self.context.config.output)
+            name: int(m.group(1)) if (m := _INDEXED.match(name)) else i
+            for i, name in enumerate(outputs)
         }
 
     def _choose_device(self) -> torch.device:
@@ -80,6 +84,7 @@ class PyTorchBackend(Backend):
 
     def _map_inputs(self, module: torch.jit.ScriptModule) -> dict[str, int]:
         names = [t.name for t in self.context.config.input]
+        names += sequence_input_names(self.context.config)  # controls and states
         if all(_INDEXED.match(n) for n in names):
             return {n: int(_INDEXED.match(n).group(1)) for n in names}  # type: ignore[union-attr]
         arguments = [a.name for a in module.forward.schema.arguments[1:]]  # type: ignore[attr-defined]  # skip self

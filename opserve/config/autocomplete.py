@@ -25,6 +25,7 @@ def autocomplete(
     its tensors keeps the batching it says.
     """
     filled: list[str] = []
+    signature = _without_sequence_tensors(config, signature)
     io_unspecified = len(config.input) == 0 or len(config.output) == 0
     if (
         config.max_batch_size == 0
@@ -48,6 +49,19 @@ def autocomplete(
         if not group.name:  # Triton names a group `<model>_<its index>`
             group.name = f"{config.name}_{number}"
     return filled
+
+
+def _without_sequence_tensors(config: ModelConfig, signature: ModelSignature) -> ModelSignature:
+    """The sequence batcher's control and state tensors are the server's, not the config's."""
+    batcher = config.sequence_batching
+    names = {c.name for c in batcher.control_input}
+    names |= {s.input_name for s in batcher.state} | {s.output_name for s in batcher.state}
+    if not names:
+        return signature
+    return ModelSignature(
+        tuple(t for t in signature.inputs if t.name not in names),
+        tuple(t for t in signature.outputs if t.name not in names),
+    )
 
 
 def _complete_tensors(

@@ -42,6 +42,8 @@ from opserve.repository.layout import find_models, select_versions, version_fold
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
+from opserve.sequence_config import SequenceSettings, fill_sequence_defaults
+from opserve.sequences import scheduler_for
 from opserve.stats import VersionStats
 from opserve.warmup import warmup_samples
 from opserve.workers.environments import environment_launcher, execution_environment
@@ -398,7 +400,9 @@ class ModelManager:
     async def _open(self, model: Model, entry: ModelVersion) -> None:
         """A version whose instances are loaded: each runs the warm-up samples, then serves."""
         decoupled = model.config.model_transaction_policy.decoupled
-        entry.scheduler = Scheduler(entry.label, model.config, entry.stats, decoupled)
+        entry.scheduler = scheduler_for(
+            entry.label, model.config, entry.stats, decoupled, model.directory
+        )
         try:
             await asyncio.gather(*(self._warm_up(model, entry, w) for w in entry.workers))
         except OpserveError as exc:
@@ -451,6 +455,9 @@ class ModelManager:
             self._check_against_model(model, description.signature)
         if model.completed:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
+        if model.config.HasField("sequence_batching"):  # refused with Triton's words
+            SequenceSettings.from_config(model.config, model.directory)
+            fill_sequence_defaults(model.config)
 
     def _default_batch(self, model: Model) -> int:
         sizes = self.default_max_batch_size
