@@ -32,7 +32,13 @@ from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.sequence_config import FLAG_SEQUENCE_END, FLAG_SEQUENCE_START
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "logging",
+)
 
 
 class DecoupledModelError(UnsupportedError):
@@ -75,6 +81,14 @@ class DataPlane:
 
     def live(self) -> bool:
         return True
+
+    def log_settings(self) -> dict[str, Any]:
+        """The logging extension's settings (`GET /v2/logging`, gRPC `LogSettings`)."""
+        return self.log.settings.to_json()
+
+    def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change the live log settings (all or none of `changes`); the settings after."""
+        return self.log.update(changes).to_json()
 
     def ready(self) -> bool:
         """With strict readiness (Triton's default): once every model that was asked for is

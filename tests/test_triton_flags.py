@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from opserve.cli import build_parser
@@ -221,3 +222,36 @@ def test_ports_of_zero_are_logged_as_bound(repository: Path, tmp_path: Path) -> 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# the logging extension --------------------------------------------------------------------------
+def test_log_settings_change_while_the_server_runs(repository: Path) -> None:
+    args = ["--log-info=false", "--model-control-mode=explicit", "--load-model=plus_one"]
+    with RunningServer([repository], args) as server:
+        http = httpclient.InferenceServerClient(server.url)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        assert http.get_log_settings() == {
+            "log_file": "",
+            "log_info": False,
+            "log_warning": True,
+            "log_error": True,
+            "log_verbose_level": 0,
+            "log_format": "default",
+        }
+        assert "is READY" not in server.log()  # info lines are off
+        updated = grpc.update_log_settings(
+            {"log_info": True, "log_format": "ISO8601"}, as_json=True
+        )
+        assert updated["settings"]["log_info"]["bool_param"] is True
+        http.load_model("plus_two")
+        ready = r"^\d{4}-\d\d-\d\dT\S+Z I \d+ manager\.py:\d+\] model 'plus_two' version 1 is READY"
+        assert re.search(ready, server.log(), re.M)
+        for change, problem in (
+            ({"log_verbose_level": -1}, "log_verbose_level"),
+            ({"log_format": "xml"}, "invalid log format 'xml'"),
+            ({"log_info": False, "colour": True}, "unknown log setting 'colour'"),
+        ):
+            bad = requests.post(f"http://{server.url}/v2/logging", json=change)
+            assert bad.status_code == 400 and problem in bad.json()["error"]
+        assert http.get_log_settings()["log_info"] is True  # a refused update changes nothing
+        grpc.close()

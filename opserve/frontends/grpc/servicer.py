@@ -167,6 +167,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             for task in running:
                 task.cancel()
 
+    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _answer(context, lambda: _log_settings(self.dataplane, request))
+
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         index = self.dataplane.repository_index(request.ready)
         response = service_pb2.RepositoryIndexResponse()
@@ -193,6 +196,26 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.RepositoryModelUnloadResponse()
 
         return await _answer(context, unload)
+
+
+async def _log_settings(dataplane: DataPlane, request: Any) -> Any:
+    """gRPC `LogSettings`: change what the request sets, answer every setting."""
+    changes = {}
+    for key, value in request.settings.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            changes[key] = getattr(value, choice)
+    settings = dataplane.update_log_settings(changes) if changes else dataplane.log_settings()
+    response = service_pb2.LogSettingsResponse()
+    for key, value in settings.items():
+        entry = response.settings[key]
+        if isinstance(value, bool):
+            entry.bool_param = value
+        elif isinstance(value, int):
+            entry.uint32_param = value
+        else:
+            entry.string_param = value
+    return response
 
 
 def _flag(request: Any, name: str) -> bool:

@@ -77,6 +77,12 @@ class HttpApp:
             return await _send(send, 200 if ok else 400, b"")
         if parts[0] == "repository":
             return await self._repository_route(method, parts[1:], scope, receive, send)
+        if parts == ["logging"]:
+            if method == "POST":
+                changes = _json_object(await _read_body(receive))
+                return await _send_json(send, self.dataplane.update_log_settings(changes))
+            _require(method, "GET")
+            return await _send_json(send, self.dataplane.log_settings())
         if parts == ["models", "stats"]:
             _require(method, "GET")
             return await _send_json(send, {"model_stats": self.dataplane.model_statistics()})
