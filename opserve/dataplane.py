@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from opserve import __version__
 from opserve.config import config_to_json
 from opserve.datatypes import ITEM_SIZES, count_bytes_elements, element_count
+from opserve.ensemble_scheduler import EnsembleScheduler
 from opserve.errors import (
     InvalidArgumentError,
     OpserveError,
@@ -55,6 +56,7 @@ class ModelMetadata:
 class DataPlane:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
+        manager.step_runner = self  # an ensemble's steps are requests through the dataplane
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -151,7 +153,7 @@ class DataPlane:
     # inference ---------------------------------------------------------------------------------
     def _prepare(
         self, request: InferenceRequest, streaming: bool
-    ) -> tuple[Model, ModelVersion, Scheduler, int]:
+    ) -> tuple[Model, ModelVersion, Scheduler | EnsembleScheduler, int]:
         """Find the version, validate the request against its config (inputs reshaped as the
         model wants them, requested outputs checked)."""
         model, entry = self.manager.version(request.model_name, request.model_version)

@@ -1,0 +1,269 @@
+"""Running an ensemble's requests: each step is a request to its model through the dataplane.
+
+A step starts as soon as every tensor it consumes exists, so independent steps run at once.
+Tensors pass between steps as the protocol-free `Tensor` objects the dataplane returns (no
+frontend codec in between); each step's request goes through its model's own validation and
+scheduler, so each step model keeps its own statistics.
+
+A decoupled step may answer any number of times: each response starts the steps after it
+(their own flow, with that response's tensors), and every flow that completes the ensemble's
+outputs is one response of the ensemble. The rules checked at load (`ensemble.check_steps`)
+guarantee that a step never mixes tensors of two different decoupled responses.
+
+Statistics as Triton keeps them for an ensemble: a request counts once (success or failure,
+end to end); its compute times are the sums of its steps' compute times, and each successful
+request is one execution of its batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from opserve.ensemble import EnsembleGraph, Step, downstream
+from opserve.errors import InternalError, NotFoundError, OpserveError, UnavailableError
+from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
+from opserve.stats import VersionStats
+
+
+class StepRunner(Protocol):
+    """What runs one step's request on its model: the dataplane."""
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse: ...
+
+    def stream(
+        self, request: InferenceRequest
+    ) -> AsyncIterator[tuple[InferenceResponse | OpserveError | None, bool]]: ...
+
+
+@dataclass(slots=True)
+class _Run:
+    """One request to the ensemble, across all its flows."""
+
+    request: InferenceRequest
+    wanted: tuple[str, ...]  # the ensemble outputs to answer with
+    emit: Callable[[dict[str, Tensor]], None]
+    input_ns: int = 0  # the steps' compute times, summed
+    infer_ns: int = 0
+    output_ns: int = 0
+
+    def add_compute(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.input_ns += input_ns
+        self.infer_ns += infer_ns
+        self.output_ns += output_ns
+
+
+class EnsembleScheduler:
+    """The requests of one ensemble version; the same surface as `scheduler.Scheduler`."""
+
+    def __init__(
+        self,
+        label: str,
+        graph: EnsembleGraph,
+        stats: VersionStats,
+        decoupled_steps: frozenset[int],
+        runner: StepRunner,
+    ) -> None:
+        self.label = label
+        self.graph = graph
+        self.stats = stats
+        self.decoupled_steps = decoupled_steps
+        self.decoupled = bool(decoupled_steps)
+        self.runner = runner
+        self._all_steps = frozenset(s.index for s in graph.steps)
+        self._after = {i: downstream(graph, graph.steps[i]) for i in decoupled_steps}
+
+    # the scheduler's surface -------------------------------------------------------------------
+    async def infer(
+        self,
+        request: InferenceRequest,
+        batch_size: int,
+        on_wait: Callable[[], None] | None = None,
+    ) -> InferenceResponse:
+        """The one response of an ensemble whose steps all answer once."""
+        arrival = time.monotonic_ns()
+        answers: list[InferenceResponse] = []
+        run = _Run(request, self._wanted(request), lambda t: answers.append(self._response(run, t)))
+        try:
+            await self._bounded(run)
+            if not answers:
+                raise InternalError(f"in ensemble '{self.graph.name}', no response was produced")
+        except (OpserveError, asyncio.CancelledError):
+            self.stats.record_failure(time.monotonic_ns() - arrival)
+            raise
+        self._record_success(run, batch_size, arrival)
+        return answers[0]
+
+    async def stream(
+        self, request: InferenceRequest, batch_size: int
+    ) -> AsyncIterator[tuple[Delivery, bool]]:
+        """Every response of an ensemble with a decoupled step, then the final flag."""
+        queue: asyncio.Queue[tuple[Delivery, bool]] = asyncio.Queue()
+        run = _Run(
+            request,
+            self._wanted(request),
+            lambda t: queue.put_nowait((self._response(run, t), False)),
+        )
+        task = asyncio.ensure_future(self._stream_run(run, batch_size, queue))
+        try:
+            while True:
+                item, final = await queue.get()
+                yield item, final
+                if final:
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def close(self) -> None:
+        """Nothing to stop: an ensemble holds no worker; requests in flight finish."""
+
+    # running -----------------------------------------------------------------------------------
+    async def _stream_run(
+        self, run: _Run, batch_size: int, queue: asyncio.Queue[tuple[Delivery, bool]]
+    ) -> None:
+        arrival = time.monotonic_ns()
+        try:
+            await self._bounded(run)
+        except OpserveError as error:
+            self.stats.record_failure(time.monotonic_ns() - arrival)
+            queue.put_nowait((error, True))
+            return
+        except asyncio.CancelledError:
+            self.stats.record_failure(time.monotonic_ns() - arrival)
+            raise
+        self._record_success(run, batch_size, arrival)
+        queue.put_nowait((None, True))
+
+    async def _bounded(self, run: _Run) -> None:
+        """The whole graph, within the request's `timeout` if it has one."""
+        tensors = {t.name: t for t in run.request.inputs}
+        flow = self._flow(run, tensors, self._all_steps)
+        if not run.request.timeout_us:
+            await flow
+            return
+        try:
+            await asyncio.wait_for(flow, run.request.timeout_us / 1e6)
+        except asyncio.TimeoutError:
+            raise UnavailableError("Request timeout expired") from None
+
+    async def _flow(self, run: _Run, tensors: dict[str, Tensor], steps: frozenset[int]) -> None:
+        """Run `steps` as their inputs appear in `tensors`; answer when the outputs exist."""
+        remaining = set(steps)
+        running: dict[asyncio.Future[None], Step] = {}
+        try:
+            while True:
+                ready = [
+                    self.graph.steps[i]
+                    for i in sorted(remaining)
+                    if all(t in tensors for t in self.graph.steps[i].input_map.values())
+                ]
+                remaining.difference_update(s.index for s in ready)
+                if len(ready) == 1 and not running:  # a chain: no task needed
+                    await self._step(run, ready[0], tensors)
+                    continue
+                for step in ready:
+                    running[asyncio.ensure_future(self._step(run, step, tensors))] = step
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del running[task]
+                    task.result()  # a failed step fails the request
+        finally:
+            for task in running:
+                task.cancel()
+        if all(name in tensors for name in run.wanted):
+            run.emit(tensors)
+
+    async def _step(self, run: _Run, step: Step, tensors: dict[str, Tensor]) -> None:
+        request = self._step_request(run, step, tensors)
+        if step.index not in self.decoupled_steps:
+            try:
+                response = await self.runner.infer(request)
+            except OpserveError as exc:
+                raise self._step_error(step, exc) from None
+            tensors.update(self._step_outputs(step, response))
+            return
+        # a decoupled step: each response continues in a flow of its own, in order
+        stream = self.runner.stream(request)
+        try:
+            while True:
+                try:
+                    item, final = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                except OpserveError as exc:
+                    raise self._step_error(step, exc) from None
+                if isinstance(item, OpserveError):
+                    raise self._step_error(step, item)
+                if item is not None:
+                    branch = dict(tensors)
+                    branch.update(self._step_outputs(step, item))
+                    await self._flow(run, branch, self._after[step.index])
+                if final:
+                    return
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    # requests and responses --------------------------------------------------------------------
+    def _wanted(self, request: InferenceRequest) -> tuple[str, ...]:
+        if request.requested_outputs is None:
+            return self.graph.outputs
+        return tuple(request.requested_outputs)
+
+    def _step_request(self, run: _Run, step: Step, tensors: dict[str, Tensor]) -> InferenceRequest:
+        inputs = []
+        for model_input, name in step.input_map.items():
+            tensor = tensors[name]
+            inputs.append(Tensor(model_input, tensor.datatype, tensor.shape, tensor.data))
+        original = run.request
+        return InferenceRequest(
+            step.model_name,
+            step.version,
+            inputs,
+            requested_outputs=list(step.output_map),
+            id=original.id,
+            parameters=dict(original.parameters),
+            client_gone=original.client_gone,
+            stats_sink=run.add_compute,
+        )
+
+    def _step_outputs(self, step: Step, response: InferenceResponse) -> dict[str, Tensor]:
+        returned = {t.name: t for t in response.outputs}
+        outputs = {}
+        for model_output, name in step.output_map.items():
+            tensor = returned.get(model_output)
+            if tensor is None:
+                raise InternalError(
+                    f"in ensemble '{self.graph.name}', {step.label} did not return output "
+                    f"'{model_output}'"
+                )
+            outputs[name] = Tensor(name, tensor.datatype, tensor.shape, tensor.data)
+        return outputs
+
+    def _response(self, run: _Run, tensors: dict[str, Tensor]) -> InferenceResponse:
+        return InferenceResponse(self.graph.name, "", [tensors[name] for name in run.wanted])
+
+    def _step_error(self, step: Step, error: OpserveError) -> OpserveError:
+        """The step's error, naming the ensemble and the step; a step model that is not there
+        makes the ensemble UNAVAILABLE."""
+        message = f"in ensemble '{self.graph.name}', {step.label}: {error.message}"
+        if isinstance(error, NotFoundError):
+            return UnavailableError(message)
+        return type(error)(message)
+
+    def _record_success(self, run: _Run, batch_size: int, arrival: int) -> None:
+        now = time.monotonic_ns()
+        self.stats.record_success(
+            batch_size, now - arrival, 0, run.input_ns, run.infer_ns, run.output_ns
+        )
+        self.stats.record_execution(batch_size, run.input_ns, run.infer_ns, run.output_ns)
+        sink = run.request.stats_sink
+        if sink is not None:  # a step of an outer ensemble
+            sink(run.input_ns, run.infer_ns, run.output_ns)
