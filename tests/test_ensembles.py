@@ -328,18 +328,33 @@ def test_an_ensemble_streams_over_http_generate_stream(server: RunningServer) ->
 
 
 # model control ---------------------------------------------------------------------------------
-def test_unloading_a_step_then_loading_the_ensemble_again(client) -> None:
+def test_an_ensemble_follows_its_step_model_unloading_and_loading(client) -> None:
     x = np.ones((1, 4), dtype=np.float32)
     infer = partial(client.infer, "ens_chain", [tensor(httpclient, "X", x, "FP32")])
     np.testing.assert_array_equal(infer().as_numpy("Y"), 2 * x)
-    client.unload_model("ens_scale_spare")
+    client.unload_model("ens_scale_spare")  # as in Triton, its ensemble is checked again
+    assert not client.is_model_ready("ens_chain")
+    index = {e["name"]: e for e in client.get_model_repository_index()}
+    assert index["ens_chain"]["reason"] == (
+        "ensemble 'ens_chain' depends on 'ens_scale_spare' which has no loaded version."
+    )
     with pytest.raises(InferenceServerException) as error:
         infer()
-    assert error.value.status() == "503"
-    assert "in ensemble 'ens_chain', step 0 (model 'ens_scale_spare')" in error.value.message()
-    client.load_model("ens_chain")  # explicit mode: loads the step model it lacks, as Triton
-    assert client.is_model_ready("ens_scale_spare")
+    assert error.value.status() == "503" and "'ens_scale_spare'" in error.value.message()
+    client.load_model("ens_scale_spare")
+    assert client.is_model_ready("ens_chain")
     np.testing.assert_array_equal(infer().as_numpy("Y"), 2 * x)
+
+
+def test_loading_an_ensemble_loads_the_step_models_it_lacks(client) -> None:
+    client.unload_model("ens_scale_spare")
+    client.unload_model("ens_chain")
+    assert not client.is_model_ready("ens_chain")
+    client.load_model("ens_chain")  # explicit mode: its step model loads first, as in Triton
+    assert client.is_model_ready("ens_scale_spare") and client.is_model_ready("ens_chain")
+    x = np.ones((1, 4), dtype=np.float32)
+    result = client.infer("ens_chain", [tensor(httpclient, "X", x, "FP32")])
+    np.testing.assert_array_equal(result.as_numpy("Y"), 2 * x)
     client.unload_model("ens_chain")
     assert not client.is_model_ready("ens_chain")
     assert client.is_model_ready("ens_scale_spare")  # the step model stays

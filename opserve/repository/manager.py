@@ -292,6 +292,12 @@ class ModelManager:
         ensemble first loads the step models that are not loaded, as Triton does."""
         if self.control_mode == "explicit":
             await self._load_steps(name, config, (*_chain, name))
+        try:
+            return await self._load(name, config)
+        finally:
+            self._refresh_dependents(name)
+
+    async def _load(self, name: str, config: ModelConfig | None) -> Model:
         async with self._lock(name):
             folder = find_models(self.repositories).get(name)
             if folder is None:
@@ -347,6 +353,26 @@ class ModelManager:
             await self._retire(model, "unloaded")
             model.unloaded = True
             log.info("model '%s' is unloaded", name)
+        self._refresh_dependents(name)
+
+    def _refresh_dependents(self, name: str, seen: frozenset[str] = frozenset()) -> None:
+        """After a model loads or unloads, every loaded ensemble that uses it is checked again,
+        as Triton re-evaluates an ensemble whose dependencies changed: READY, or UNAVAILABLE
+        naming the step model it lacks."""
+        seen = seen | {name}
+        for model in list(self.models.values()):
+            if model.name in seen or model.unloaded or model.reason or not model.versions:
+                continue
+            if not is_ensemble(model.config):
+                continue
+            if name not in {s.model_name for s in model.config.ensemble_scheduling.step}:
+                continue
+            if any(e.state is ModelState.UNLOADING for e in model.versions.values()):
+                continue
+            was_ready = model.state is ModelState.READY
+            self._build_ensemble(model)
+            if was_ready != (model.state is ModelState.READY):
+                self._refresh_dependents(model.name, seen)
 
     async def _retire(self, model: Model, reason: str) -> None:
         for entry in model.versions.values():
