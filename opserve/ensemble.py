@@ -108,6 +108,11 @@ def build_graph(config: ModelConfig) -> EnsembleGraph:
     graph = EnsembleGraph(
         name, tuple(t.name for t in config.input), tuple(t.name for t in config.output), steps
     )
+    for index, written_step in enumerate(config.ensemble_scheduling.step):
+        if written_step.model_namespace:  # reserved by Triton for its own use
+            raise InvalidArgumentError(
+                f"'model_namespace' is not supported (step {index} of ensemble '{name}')"
+            )
     written: set[str] = set()
     for step in steps:
         where = f"step {step.index} of ensemble '{name}'"

@@ -122,6 +122,11 @@ GRAPH_ERRORS = [
         "step 1 (model 'm2') -> step 0 (model 'm1')",
     ),
     (
+        "a model namespace",
+        ensemble('{ model_name: "a" model_namespace: "n" }'),
+        "'model_namespace' is not supported (step 0 of ensemble 'e')",
+    ),
+    (
         "an instance group",
         ensemble(step("a", {"X": "X"}, {"Y": "Y"}), extra="instance_group { count: 2 }"),
         "instance group should not be specified for ensemble 'e'",

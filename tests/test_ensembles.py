@@ -58,6 +58,14 @@ DIAMOND = ensemble(
     step("ens_join", {"A": "plus_one", "B": "doubled"}, {"SUM": "SUM", "DIFF": "DIFF"}),
 )
 
+# an ensemble as a step of another: Y = 2 * SUM = 12X + 2
+NESTED = ensemble(
+    'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+    'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]',
+    step("ens_diamond", {"X": "X"}, {"SUM": "sum"}),
+    step("ens_scale", {"X": "sum"}, {"Y": "Y"}),
+)
+
 CHAIN = ensemble(
     'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
     'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]',
@@ -104,6 +112,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
     for name, config in (
         ("ens_diamond", DIAMOND),
         ("ens_chain", CHAIN),
+        ("ens_nested", NESTED),
         ("ens_stream", STREAM),
         ("ens_missing_step", MISSING_STEP),
         ("ens_bad_shape", BAD_SHAPE),
@@ -150,6 +159,12 @@ def test_the_diamond_answers_exactly(client, grpc_client, protocol: str) -> None
         assert response["model_name"] == "ens_diamond" and response["id"] == "d-1"
     else:
         assert response.model_name == "ens_diamond" and response.id == "d-1"
+
+
+def test_an_ensemble_can_be_a_step_of_another(grpc_client) -> None:
+    x = np.array([[0.0, 1.0, 2.0, 3.0]], dtype=np.float32)
+    result = grpc_client.infer("ens_nested", [tensor(grpcclient, "X", x, "FP32")])
+    np.testing.assert_array_equal(result.as_numpy("Y"), 12 * x + 2)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -200,7 +215,9 @@ def test_a_failing_step_fails_the_request_naming_it(client, grpc_client, protoco
 def test_a_missing_step_model_makes_the_ensemble_unavailable(client, grpc_client) -> None:
     assert not client.is_model_ready("ens_missing_step")
     index = {e["name"]: e for e in client.get_model_repository_index()}
-    reason = "ensemble 'ens_missing_step' depends on 'not_a_model' which has no loaded version."
+    reason = (
+        "ensemble ens_missing_step contains models that are not available or ambiguous: not_a_model"
+    )
     assert index["ens_missing_step"]["state"] == "UNAVAILABLE"
     assert reason in index["ens_missing_step"]["reason"]
     x = np.ones((1, 4), dtype=np.float32)

@@ -435,6 +435,13 @@ class ModelManager:
         the completed configs of its (loaded) step models."""
         try:
             graph = build_graph(model.config)
+            folders = find_models(self.repositories)
+            missing = [name for name in graph.model_names if name not in folders]
+            if missing:
+                raise InvalidArgumentError(
+                    f"ensemble {graph.name} contains models that are not available or "
+                    f"ambiguous: {', '.join(missing)}"
+                )
             steps = {name: self._step_config(graph, name) for name in graph.model_names}
             decoupled = check_steps(model.config, graph, steps)
             model.schema = ModelSchema.from_config(model.config)
