@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from opserve.ensemble import EnsembleGraph, Step, downstream
-from opserve.errors import InternalError, NotFoundError, OpserveError, UnavailableError
+from opserve.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OpserveError,
+    UnavailableError,
+)
 from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
 from opserve.stats import VersionStats
 
@@ -45,7 +51,11 @@ class _Run:
 
     request: InferenceRequest
     wanted: tuple[str, ...]  # the ensemble outputs to answer with
-    emit: Callable[[dict[str, Tensor]], None]
+    emit: Callable[[dict[str, Tensor], bool], None]  # the outputs; whether nothing can follow
+    # steps running, and decoupled responses waiting for (or running) the steps after them:
+    # an answer given when this is 0 is the last one (Triton flags it final)
+    inflight: int = 0
+    final_sent: bool = False
     input_ns: int = 0  # the steps' compute times, summed
     infer_ns: int = 0
     output_ns: int = 0
@@ -75,6 +85,7 @@ class EnsembleScheduler:
         self.runner = runner
         self._all_steps = frozenset(s.index for s in graph.steps)
         self._after = {i: downstream(graph, graph.steps[i]) for i in decoupled_steps}
+        self._running: set[asyncio.Future[None]] = set()
 
     # the scheduler's surface -------------------------------------------------------------------
     async def infer(
@@ -86,11 +97,16 @@ class EnsembleScheduler:
         """The one response of an ensemble whose steps all answer once."""
         arrival = time.monotonic_ns()
         answers: list[InferenceResponse] = []
-        run = _Run(request, self._wanted(request), lambda t: answers.append(self._response(run, t)))
+        run = _Run(
+            request, self._wanted(request), lambda t, _: answers.append(self._response(run, t))
+        )
         try:
             await self._bounded(run)
-            if not answers:
-                raise InternalError(f"in ensemble '{self.graph.name}', no response was produced")
+            if not answers:  # Triton's words
+                raise InvalidArgumentError(
+                    f"in ensemble '{self.graph.name}', unexpected deadlock, at least one output "
+                    "is not set while no more ensemble steps can be made"
+                )
         except (OpserveError, asyncio.CancelledError):
             self.stats.record_failure(time.monotonic_ns() - arrival)
             raise
@@ -100,14 +116,18 @@ class EnsembleScheduler:
     async def stream(
         self, request: InferenceRequest, batch_size: int
     ) -> AsyncIterator[tuple[Delivery, bool]]:
-        """Every response of an ensemble with a decoupled step, then the final flag."""
+        """Every response of an ensemble with a decoupled step; as in Triton, the one given when
+        nothing else is in flight is flagged final (else the final flag comes alone)."""
         queue: asyncio.Queue[tuple[Delivery, bool]] = asyncio.Queue()
-        run = _Run(
-            request,
-            self._wanted(request),
-            lambda t: queue.put_nowait((self._response(run, t), False)),
-        )
+
+        def emit(tensors: dict[str, Tensor], last: bool) -> None:
+            run.final_sent = last
+            queue.put_nowait((self._response(run, tensors), last))
+
+        run = _Run(request, self._wanted(request), emit)
         task = asyncio.ensure_future(self._stream_run(run, batch_size, queue))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
         try:
             while True:
                 item, final = await queue.get()
@@ -115,7 +135,7 @@ class EnsembleScheduler:
                 if final:
                     return
         finally:
-            if not task.done():
+            if not task.done() and not run.final_sent:  # the client went away
                 task.cancel()
 
     async def close(self) -> None:
@@ -136,7 +156,8 @@ class EnsembleScheduler:
             self.stats.record_failure(time.monotonic_ns() - arrival)
             raise
         self._record_success(run, batch_size, arrival)
-        queue.put_nowait((None, True))
+        if not run.final_sent:
+            queue.put_nowait((None, True))
 
     async def _bounded(self, run: _Run) -> None:
         """The whole graph, within the request's `timeout` if it has one."""
@@ -150,8 +171,11 @@ class EnsembleScheduler:
         except asyncio.TimeoutError:
             raise UnavailableError("Request timeout expired") from None
 
-    async def _flow(self, run: _Run, tensors: dict[str, Tensor], steps: frozenset[int]) -> None:
-        """Run `steps` as their inputs appear in `tensors`; answer when the outputs exist."""
+    async def _flow(
+        self, run: _Run, tensors: dict[str, Tensor], steps: frozenset[int], held: int = 0
+    ) -> None:
+        """Run `steps` as their inputs appear in `tensors`; answer when the outputs exist.
+        `held`: what this flow counts in flight (a decoupled response), until its steps end."""
         remaining = set(steps)
         running: dict[asyncio.Future[None], Step] = {}
         try:
@@ -176,37 +200,65 @@ class EnsembleScheduler:
         finally:
             for task in running:
                 task.cancel()
+        run.inflight -= held
         if all(name in tensors for name in run.wanted):
-            run.emit(tensors)
+            run.emit(tensors, run.inflight == 0)
 
     async def _step(self, run: _Run, step: Step, tensors: dict[str, Tensor]) -> None:
         request = self._step_request(run, step, tensors)
+        run.inflight += 1
         if step.index not in self.decoupled_steps:
             try:
                 response = await self.runner.infer(request)
             except OpserveError as exc:
                 raise self._step_error(step, exc) from None
+            finally:
+                run.inflight -= 1
             tensors.update(self._step_outputs(step, response))
             return
-        # a decoupled step: each response continues in a flow of its own, in order
+        # a decoupled step: its responses are read as they come; each continues, in order, in a
+        # flow of its own through the steps after it
+        responses: asyncio.Queue[InferenceResponse | OpserveError | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read(run, step, request, responses))
+        try:
+            while (item := await responses.get()) is not None:
+                if isinstance(item, OpserveError):
+                    raise item
+                branch = dict(tensors)
+                branch.update(self._step_outputs(step, item))
+                await self._flow(run, branch, self._after[step.index], held=1)
+        finally:
+            reader.cancel()
+
+    async def _read(
+        self,
+        run: _Run,
+        step: Step,
+        request: InferenceRequest,
+        responses: asyncio.Queue[InferenceResponse | OpserveError | None],
+    ) -> None:
+        """A decoupled step's responses into `responses` (each counted in flight), then None;
+        the step stops counting in flight once its final flag came."""
         stream = self.runner.stream(request)
         try:
             while True:
                 try:
                     item, final = await stream.__anext__()
                 except StopAsyncIteration:
-                    return
+                    break
                 except OpserveError as exc:
-                    raise self._step_error(step, exc) from None
+                    item, final = exc, True
                 if isinstance(item, OpserveError):
-                    raise self._step_error(step, item)
+                    responses.put_nowait(self._step_error(step, item))
+                    break
                 if item is not None:
-                    branch = dict(tensors)
-                    branch.update(self._step_outputs(step, item))
-                    await self._flow(run, branch, self._after[step.index])
+                    run.inflight += 1
+                    responses.put_nowait(item)
                 if final:
-                    return
+                    break
         finally:
+            run.inflight -= 1
+            responses.put_nowait(None)
             close = getattr(stream, "aclose", None)
             if close is not None:
                 await close()

@@ -82,6 +82,16 @@ STREAM = ensemble(
     max_batch_size=0,
 )
 
+# the same, where repeat's response FAIL_AT is an error
+STREAM_FAILING = ensemble(
+    'input [ { name: "IN" data_type: TYPE_INT32 dims: [ -1 ] },'
+    ' { name: "FAIL_AT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    'output [ { name: "TENS" data_type: TYPE_INT32 dims: [ 1 ] } ]',
+    step("repeat", {"IN": "IN", "FAIL_AT": "FAIL_AT"}, {"OUT": "value"}),
+    step("ens_tens", {"X": "value"}, {"Y": "TENS"}),
+    max_batch_size=0,
+)
+
 MISSING_STEP = ensemble(
     'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
     'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]',
@@ -114,6 +124,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         ("ens_chain", CHAIN),
         ("ens_nested", NESTED),
         ("ens_stream", STREAM),
+        ("ens_stream_failing", STREAM_FAILING),
         ("ens_missing_step", MISSING_STEP),
         ("ens_bad_shape", BAD_SHAPE),
     ):
@@ -291,14 +302,16 @@ def test_a_failure_counts_for_the_ensemble_and_for_the_failing_step(client) -> N
 
 
 # streaming -------------------------------------------------------------------------------------
-def stream_ensemble(grpc_client, values: list[int]) -> list:
+def stream_ensemble(grpc_client, values: list[int], fail_at: int | None = None) -> list:
     answers: queue.Queue = queue.Queue()
     grpc_client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
-        array = np.array(values, dtype=np.int32)
+        inputs = [tensor(grpcclient, "IN", np.array(values, dtype=np.int32), "INT32")]
+        if fail_at is not None:
+            inputs.append(tensor(grpcclient, "FAIL_AT", np.array([fail_at], np.int32), "INT32"))
         grpc_client.async_stream_infer(
-            "ens_stream",
-            [tensor(grpcclient, "IN", array, "INT32")],
+            "ens_stream" if fail_at is None else "ens_stream_failing",
+            inputs,
             enable_empty_final_response=True,
         )
         received = []
@@ -322,7 +335,20 @@ def test_a_decoupled_step_streams_through_the_ensemble(server: RunningServer) ->
     answers = [r for r, _ in received if r.as_numpy("TENS") is not None]
     assert [int(r.as_numpy("TENS")[0]) for r in answers] == [30, 50, 70]
     assert [int(r.as_numpy("IDX")[0]) for r in answers] == [0, 1, 2]
-    assert len(received) == 4  # and the final flag alone
+    # the last answer is flagged final when nothing else was in flight (as in Triton), else
+    # the final flag follows alone
+    assert received[: len(answers)] == [(r, None) for r in answers]
+    assert len(received) in (3, 4)
+
+
+def test_a_failing_decoupled_step_ends_the_stream_with_its_error(server: RunningServer) -> None:
+    grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+    received = stream_ensemble(grpc_client, [3, 5, 7], fail_at=1)
+    (first, no_error), (_, error) = received
+    assert no_error is None and int(first.as_numpy("TENS")[0]) == 30
+    assert error.message() == (
+        "in ensemble 'ens_stream_failing', step 0 (model 'repeat'): failed at 1"
+    )
 
 
 def test_a_decoupled_ensemble_is_refused_a_single_response(client) -> None:
