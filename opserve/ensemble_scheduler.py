@@ -56,6 +56,7 @@ class _Run:
     # an answer given when this is 0 is the last one (Triton flags it final)
     inflight: int = 0
     final_sent: bool = False
+    deadline_ns: int = 0  # from the request's `timeout`: each step gets what is left of it
     input_ns: int = 0  # the steps' compute times, summed
     infer_ns: int = 0
     output_ns: int = 0
@@ -160,16 +161,11 @@ class EnsembleScheduler:
             queue.put_nowait((None, True))
 
     async def _bounded(self, run: _Run) -> None:
-        """The whole graph, within the request's `timeout` if it has one."""
-        tensors = {t.name: t for t in run.request.inputs}
-        flow = self._flow(run, tensors, self._all_steps)
-        if not run.request.timeout_us:
-            await flow
-            return
-        try:
-            await asyncio.wait_for(flow, run.request.timeout_us / 1e6)
-        except asyncio.TimeoutError:
-            raise UnavailableError("Request timeout expired") from None
+        """The whole graph; with the request's `timeout`, each step request gets the time left
+        of it, so a step that runs late (or hangs) is failed by its own scheduler."""
+        if run.request.timeout_us:
+            run.deadline_ns = time.monotonic_ns() + run.request.timeout_us * 1000
+        await self._flow(run, {t.name: t for t in run.request.inputs}, self._all_steps)
 
     async def _flow(
         self, run: _Run, tensors: dict[str, Tensor], steps: frozenset[int], held: int = 0
@@ -275,6 +271,9 @@ class EnsembleScheduler:
             tensor = tensors[name]
             inputs.append(Tensor(model_input, tensor.datatype, tensor.shape, tensor.data))
         original = run.request
+        timeout_us = 0
+        if run.deadline_ns:
+            timeout_us = max((run.deadline_ns - time.monotonic_ns()) // 1000, 1)
         return InferenceRequest(
             step.model_name,
             step.version,
@@ -282,6 +281,9 @@ class EnsembleScheduler:
             requested_outputs=list(step.output_map),
             id=original.id,
             parameters=dict(original.parameters),
+            correlation_id=original.correlation_id,  # a sequence model as a step sees it
+            flags=original.flags,
+            timeout_us=timeout_us,
             client_gone=original.client_gone,
             stats_sink=run.add_compute,
         )

@@ -26,7 +26,7 @@ from tests import models
 from tests.conftest import custom_op_config
 from tests.oplibs import build
 from tests.serving import RunningServer
-from tests.test_python_models import place_python_model, tensor
+from tests.test_python_models import place_python_model, tensor, worker_pid_once_serving
 
 
 def step(model: str, inputs: dict[str, str], outputs: dict[str, str], version: int = -1) -> str:
@@ -92,6 +92,13 @@ STREAM_FAILING = ensemble(
     max_batch_size=0,
 )
 
+HANGING = ensemble(
+    'input [ { name: "MODE" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+    'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]',
+    step("faulty", {"MODE": "MODE"}, {"OUT": "OUT"}),
+    max_batch_size=0,
+)
+
 MISSING_STEP = ensemble(
     'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
     'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]',
@@ -109,7 +116,7 @@ BAD_SHAPE = ensemble(
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, my_ops_library: Path) -> Path:
     repo = tmp_path_factory.mktemp("ensembles") / "repository"
-    for name in ("ens_scale", "ens_join", "ens_tens", "repeat"):
+    for name in ("ens_scale", "ens_join", "ens_tens", "repeat", "faulty"):
         place_python_model(repo, name)
     place_python_model(repo, "ens_scale_spare", "ens_scale")
     io = (  # spelled out, so that `opserve check` can compare shapes without the model
@@ -126,6 +133,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         ("ens_stream", STREAM),
         ("ens_stream_failing", STREAM_FAILING),
         ("ens_missing_step", MISSING_STEP),
+        ("ens_hanging", HANGING),
         ("ens_bad_shape", BAD_SHAPE),
     ):
         models.write_model(repo, name, None, f'name: "{name}"\n{config}')
@@ -219,6 +227,7 @@ def test_a_failing_step_fails_the_request_naming_it(client, grpc_client, protoco
     with pytest.raises(InferenceServerException) as error:
         user.infer("ens_diamond", [tensor(module, "X", x, "FP32")])
     message = error.value.message()
+    assert error.value.status() == ("500" if protocol == "http" else "StatusCode.INTERNAL")
     assert "in ensemble 'ens_diamond', step 0 (model 'ens_scale')" in message
     assert "ens_scale refuses negative input" in message
 
@@ -259,6 +268,22 @@ def test_opserve_check_reports_the_broken_ensembles(repository: Path) -> None:
     assert report["ens_missing_step"].problems == [
         "ensemble ens_missing_step contains models that are not available or ambiguous: not_a_model"
     ]
+
+
+def test_a_timeout_reaches_the_steps_and_a_hanging_step_is_restarted(client) -> None:
+    mode = partial(tensor, httpclient, "MODE", datatype="BYTES")
+    ok = client.infer("ens_hanging", [mode(array=np.array([b"ok"], dtype=np.object_))])
+    before = int(ok.as_numpy("OUT")[0])  # the pid of faulty's worker
+    with pytest.raises(InferenceServerException) as error:
+        hang = mode(array=np.array([b"hang"], dtype=np.object_))
+        client.infer("ens_hanging", [hang], timeout=1_000_000)
+    assert error.value.status() == "503"
+    assert error.value.message() == (
+        "in ensemble 'ens_hanging', step 0 (model 'faulty'): Request timeout expired"
+    )
+    assert worker_pid_once_serving(client) != before  # the hung worker was replaced
+    after = client.infer("ens_hanging", [mode(array=np.array([b"ok"], dtype=np.object_))])
+    assert int(after.as_numpy("OUT")[0]) != before
 
 
 # statistics ------------------------------------------------------------------------------------
