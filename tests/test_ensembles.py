@@ -92,6 +92,14 @@ STREAM_FAILING = ensemble(
     max_batch_size=0,
 )
 
+# a step model whose initialize raises
+FAILED_STEP = ensemble(
+    'input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    'output [ { name: "Y" data_type: TYPE_INT32 dims: [ 1 ] } ]',
+    step("init_fails", {"X": "X"}, {"Y": "Y"}),
+    max_batch_size=0,
+)
+
 HANGING = ensemble(
     'input [ { name: "MODE" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
     'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]',
@@ -116,7 +124,7 @@ BAD_SHAPE = ensemble(
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, my_ops_library: Path) -> Path:
     repo = tmp_path_factory.mktemp("ensembles") / "repository"
-    for name in ("ens_scale", "ens_join", "ens_tens", "repeat", "faulty"):
+    for name in ("ens_scale", "ens_join", "ens_tens", "repeat", "faulty", "init_fails"):
         place_python_model(repo, name)
     place_python_model(repo, "ens_scale_spare", "ens_scale")
     io = (  # spelled out, so that `opserve check` can compare shapes without the model
@@ -134,6 +142,7 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         ("ens_stream_failing", STREAM_FAILING),
         ("ens_missing_step", MISSING_STEP),
         ("ens_hanging", HANGING),
+        ("ens_failed_step", FAILED_STEP),
         ("ens_bad_shape", BAD_SHAPE),
     ):
         models.write_model(repo, name, None, f'name: "{name}"\n{config}')
@@ -247,6 +256,17 @@ def test_a_missing_step_model_makes_the_ensemble_unavailable(client, grpc_client
     with pytest.raises(InferenceServerException) as error:
         grpc_client.infer("ens_missing_step", [tensor(grpcclient, "X", x, "FP32")])
     assert error.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_a_step_model_that_failed_to_load_is_named_with_its_error(client) -> None:
+    index = {e["name"]: e for e in client.get_model_repository_index()}
+    assert index["ens_failed_step"]["state"] == "UNAVAILABLE"
+    reason = index["ens_failed_step"]["reason"]
+    assert reason.startswith(
+        "ensemble 'ens_failed_step' depends on 'init_fails' which has no loaded version. "
+        "Model 'init_fails' loading failed with error: "
+    )
+    assert "the weights are missing" in reason
 
 
 def test_an_invalid_graph_makes_the_ensemble_unavailable_with_the_reason(client) -> None:
