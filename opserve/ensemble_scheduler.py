@@ -102,7 +102,7 @@ class EnsembleScheduler:
             request, self._wanted(request), lambda t, _: answers.append(self._response(run, t))
         )
         try:
-            await self._bounded(run)
+            await self._execute(run)
             if not answers:  # Triton's words
                 raise InvalidArgumentError(
                     f"in ensemble '{self.graph.name}', unexpected deadlock, at least one output "
@@ -148,7 +148,7 @@ class EnsembleScheduler:
     ) -> None:
         arrival = time.monotonic_ns()
         try:
-            await self._bounded(run)
+            await self._execute(run)
         except OpserveError as error:
             self.stats.record_failure(time.monotonic_ns() - arrival)
             queue.put_nowait((error, True))
@@ -160,7 +160,7 @@ class EnsembleScheduler:
         if not run.final_sent:
             queue.put_nowait((None, True))
 
-    async def _bounded(self, run: _Run) -> None:
+    async def _execute(self, run: _Run) -> None:
         """The whole graph; with the request's `timeout`, each step request gets the time left
         of it, so a step that runs late (or hangs) is failed by its own scheduler."""
         if run.request.timeout_us:
