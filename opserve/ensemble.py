@@ -175,6 +175,10 @@ def _check_ensemble_fields(config: ModelConfig) -> None:
         raise InvalidArgumentError(f"optimization should not be specified for ensemble '{name}'")
     if len(config.model_warmup):
         raise InvalidArgumentError(f"model_warmup can not be specified for ensemble '{name}'")
+    if config.ensemble_scheduling.max_inflight_requests:  # newer than Triton 2.51
+        raise InvalidArgumentError(
+            f"'ensemble_scheduling.max_inflight_requests' is not supported (ensemble '{name}')"
+        )
     if not len(config.ensemble_scheduling.step):
         raise InvalidArgumentError(f"must specify 'step' for ensemble '{name}'")
     for kind, tensors in (("input", config.input), ("output", config.output)):

@@ -23,14 +23,16 @@ def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
     return f'{{ model_name: "{model}"{mapped} }}'
 
 
-def ensemble(*steps: str, inputs=("X",), outputs=("Y",), extra: str = "", dims="4") -> ModelConfig:
+def ensemble(
+    *steps: str, inputs=("X",), outputs=("Y",), extra: str = "", dims="4", scheduling: str = ""
+) -> ModelConfig:
     io = "".join(f'input {{ name: "{n}" data_type: TYPE_FP32 dims: [ {dims} ] }}\n' for n in inputs)
     io += "".join(
         f'output {{ name: "{n}" data_type: TYPE_FP32 dims: [ {dims} ] }}\n' for n in outputs
     )
     return config(
         f'platform: "ensemble"\nmax_batch_size: 4\n{io}{extra}\n'
-        f"ensemble_scheduling {{ step [ {', '.join(steps)} ] }}\n"
+        f"ensemble_scheduling {{ {scheduling} step [ {', '.join(steps)} ] }}\n"
     )
 
 
@@ -125,6 +127,11 @@ GRAPH_ERRORS = [
         "a model namespace",
         ensemble('{ model_name: "a" model_namespace: "n" }'),
         "'model_namespace' is not supported (step 0 of ensemble 'e')",
+    ),
+    (
+        "a limit of requests in flight",
+        ensemble(step("a", {"X": "X"}, {"Y": "Y"}), scheduling="max_inflight_requests: 2"),
+        "'ensemble_scheduling.max_inflight_requests' is not supported (ensemble 'e')",
     ),
     (
         "an instance group",
