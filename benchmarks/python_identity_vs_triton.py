@@ -344,6 +344,12 @@ def report(results: Results, rounds: int) -> list[dict[str, object]]:
     return rows
 
 
+def prepare_repository(repository: Path) -> None:
+    """The model repository both servers serve: the identity model folder, linked."""
+    repository.mkdir()
+    (repository / MODEL).symlink_to(MODEL_FOLDER, target_is_directory=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -395,8 +401,7 @@ def main() -> int:
     # the model repository, perf_analyzer's reports and the servers' logs; kept if anything failed
     workdir = Path(tempfile.mkdtemp(prefix="python-identity-"))
     repository = workdir / "repository"
-    repository.mkdir()
-    (repository / MODEL).symlink_to(MODEL_FOLDER, target_is_directory=True)
+    prepare_repository(repository)
     results, failed, cell_errors = run_rounds(servers, repository, peers, args, workdir)
 
     rows = report(results, args.rounds)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from opserve.config import model_config_for
 from opserve.config.support import check_fields
+from opserve.ensemble import build_graph, check_steps, is_ensemble
 from opserve.errors import OpserveError
 from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
 from opserve.ops.resolve import resolve_model_libraries
+from opserve.proto import ModelConfig
 from opserve.repository.layout import find_models, select_versions, version_folders
 from opserve.schema import ModelSchema
 from opserve.sequence_config import SequenceSettings
@@ -95,17 +97,25 @@ def check_repository(
     except OpserveError as exc:
         return RepositoryReport([], libraries, [*problems, exc.message])
     reports = [
-        _check_model(name, folder, roots, shared, inspected) for name, folder in folders.items()
+        _check_model(name, folder, roots, shared, inspected, folders)
+        for name, folder in folders.items()
     ]
     return RepositoryReport(reports, libraries, problems)
 
 
-def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type: ignore[no-untyped-def]
+def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport:  # type: ignore[no-untyped-def]
     report = ModelReport(name)
     try:
         config = model_config_for(name, folder)
     except OpserveError as exc:
         report.problems.append(exc.message)
+        return report
+    if is_ensemble(config):
+        report.backend = config.platform
+        report.versions = select_versions(config, version_folders(folder))
+        if not report.versions:
+            report.problems.append(f"no version folders found in '{folder}'")
+        report.problems += ensemble_problems(config, folders)
         return report
     report.backend = config.backend
     findings = check_fields(config)
@@ -163,6 +173,36 @@ def _check_model(name, folder, roots, shared, inspected) -> ModelReport:  # type
                 report.problems.append(mismatch)
         report.problems += [f"version {version}: {c}" for c in collisions(library_reports)]
     return report
+
+
+def ensemble_problems(config: ModelConfig, folders: dict[str, Path]) -> list[str]:
+    """The ensemble's graph, and its steps against their models' configs as written (a step
+    model that leaves its inputs or outputs to auto-complete is not checked on that side)."""
+    name = config.name
+    try:
+        graph = build_graph(config)
+    except OpserveError as exc:
+        return [exc.message]
+    missing = [m for m in graph.model_names if m not in folders]
+    if missing:
+        return [
+            f"ensemble {name} contains models that are not available or ambiguous: "
+            + ", ".join(missing)
+        ]
+    configs = {}
+    for model in graph.model_names:
+        try:
+            configs[model] = model_config_for(model, folders[model])
+        except OpserveError as exc:
+            return [
+                f"ensemble '{name}' depends on '{model}' which is not valid. Model '{model}' "
+                f"failed with error: {exc.message}"
+            ]
+    try:
+        check_steps(config, graph, configs)
+    except OpserveError as exc:
+        return [exc.message]
+    return []
 
 
 def format_report(report: RepositoryReport) -> str:

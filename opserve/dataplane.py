@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from opserve import __version__
 from opserve.config import config_to_json
 from opserve.datatypes import ITEM_SIZES, count_bytes_elements, element_count
+from opserve.ensemble_scheduler import EnsembleScheduler
 from opserve.errors import (
     InvalidArgumentError,
     OpserveError,
@@ -74,6 +75,7 @@ class DataPlane:
         self.server_id = server_id  # --id: the name in the server metadata, as in Triton
         self.strict_readiness = strict_readiness
         self.log = log or ServerLog(LogSettings())
+        manager.step_runner = self  # an ensemble's steps are requests through the dataplane
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -181,7 +183,7 @@ class DataPlane:
     # inference ---------------------------------------------------------------------------------
     def _prepare(
         self, request: InferenceRequest, streaming: bool
-    ) -> tuple[Model, ModelVersion, Scheduler, int]:
+    ) -> tuple[Model, ModelVersion, Scheduler | EnsembleScheduler, int]:
         """Find the version, validate the request against its config (inputs reshaped as the
         model wants them, requested outputs checked)."""
         model, entry = self.manager.version(request.model_name, request.model_version)
@@ -220,7 +222,7 @@ class DataPlane:
         self,
         model: Model,
         entry: ModelVersion,
-        scheduler: Scheduler,
+        scheduler: Scheduler | EnsembleScheduler,
         request: InferenceRequest,
         batch_size: int,
     ) -> InferenceResponse:

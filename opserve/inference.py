@@ -70,6 +70,9 @@ class InferenceRequest:
     # whether the client has gone away, for a frontend that can tell cheaply: the scheduler
     # then asks instead of having the request watched
     client_gone: Callable[[], bool] | None = None
+    # told the compute durations (input, infer, output ns) of the request once it succeeded:
+    # an ensemble adds up its steps' (Triton's secondary statistics aggregator)
+    stats_sink: Callable[[int, int, int], None] | None = None
 
 
 @dataclass(slots=True)

@@ -495,6 +495,9 @@ class Scheduler:
             timings.infer_ns,
             timings.output_ns,
         )
+        sink = pending.request.stats_sink
+        if sink is not None:
+            sink(timings.input_ns, timings.infer_ns, timings.output_ns)
 
     async def close(self) -> None:
         if self._dispatcher is not None:

@@ -57,7 +57,10 @@ BASE = 'name: "m" backend: "onnxruntime" max_batch_size: 4 '
     "text, field",
     [
         ("sequence_batching { iterative_sequence: true }", "sequence_batching.iterative_sequence"),
-        ("ensemble_scheduling { step [ { model_name: 'x' } ] }", "ensemble_scheduling"),
+        (
+            "ensemble_scheduling { step [ { model_name: 'x' model_namespace: 'n' } ] }",
+            "ensemble_scheduling.step.model_namespace",
+        ),
         ("instance_group [ { kind: KIND_GPU } ]", "instance_group.kind: KIND_GPU"),
         (
             "instance_group [ { count: 1 rate_limiter { priority: 2 } } ]",

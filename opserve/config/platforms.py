@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from opserve.ensemble import ENSEMBLE_PLATFORM
 from opserve.errors import InvalidArgumentError
 from opserve.proto import ModelConfig
 
@@ -25,9 +26,23 @@ PLATFORMS: tuple[Platform, ...] = (
     Platform("", "python", "model.py"),
 )
 
+# an ensemble has no model file and no backend: its steps are other models
+ENSEMBLE = Platform(ENSEMBLE_PLATFORM, "", "")
+
 
 def normalize_platform(config: ModelConfig, model_dir: Path) -> Platform:
     """Fill `platform` and `backend` into the config (from each other or from the model files)."""
+    scheduled = config.HasField("ensemble_scheduling")
+    if config.platform == ENSEMBLE_PLATFORM or (
+        scheduled and not config.platform and not config.backend
+    ):
+        config.platform = ENSEMBLE_PLATFORM  # the rest is checked with its graph (opserve.ensemble)
+        return ENSEMBLE
+    if scheduled:
+        raise InvalidArgumentError(
+            f"ensemble scheduling cannot be set for model '{config.name}' whose platform is "
+            f"not {ENSEMBLE_PLATFORM}"
+        )
     platform = None
     if config.platform:
         platform = next((p for p in PLATFORMS if p.platform == config.platform), None)

@@ -94,7 +94,7 @@ RULES: tuple[FieldRule, ...] = (
     FieldRule(
         "platform",
         H,
-        "onnxruntime_onnx, pytorch_libtorch, tensorflow_savedmodel, tensorflow_graphdef",
+        "onnxruntime_onnx, pytorch_libtorch, tensorflow_savedmodel, tensorflow_graphdef, ensemble",
     ),
     FieldRule("backend", H, "onnxruntime, pytorch, tensorflow, python"),
     FieldRule("runtime", R, "a backend's shared library or runtime cannot be chosen here"),
@@ -211,7 +211,21 @@ RULES: tuple[FieldRule, ...] = (
     FieldRule(
         "sequence_batching.iterative_sequence", R, "iterative sequences are not supported", _true
     ),
-    FieldRule("ensemble_scheduling", R, "ensembles are not supported yet"),
+    FieldRule("ensemble_scheduling", H, "with platform ensemble: the fields below"),
+    FieldRule("ensemble_scheduling.step", H, "the fields below"),
+    FieldRule("ensemble_scheduling.step.model_name", H),
+    FieldRule("ensemble_scheduling.step.model_version", H, "-1: the latest"),
+    FieldRule("ensemble_scheduling.step.input_map", H),
+    FieldRule("ensemble_scheduling.step.output_map", H),
+    FieldRule(
+        "ensemble_scheduling.step.model_namespace", R, "model namespaces are not supported", _true
+    ),
+    FieldRule(
+        "ensemble_scheduling.max_inflight_requests",
+        R,
+        "newer than Triton 2.51: in-flight limits of ensembles are not supported",
+        _true,
+    ),
     FieldRule("instance_group", H, "the fields below"),
     FieldRule("instance_group.name", H),
     FieldRule(

@@ -28,6 +28,8 @@ from opserve.config import (
 )
 from opserve.config.autocomplete import DEFAULT_MAX_BATCH_SIZE
 from opserve.config.support import check_fields
+from opserve.ensemble import EnsembleGraph, build_graph, check_steps, is_ensemble
+from opserve.ensemble_scheduler import EnsembleScheduler, StepRunner
 from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
 from opserve.ops import (
     BACKEND_FRAMEWORKS,
@@ -71,7 +73,8 @@ class ModelVersion:
     state: ModelState = ModelState.LOADING
     reason: str = ""
     workers: list[WorkerProcess] = field(default_factory=list)  # one per instance
-    scheduler: Scheduler | None = None  # set once the model's config is complete
+    # set once the model's config is complete (an ensemble's: once its graph is checked)
+    scheduler: Scheduler | EnsembleScheduler | None = None
     stats: VersionStats = field(default_factory=VersionStats)
     op_libraries: list[str] = field(default_factory=list)
     libraries: list[Path] = field(default_factory=list)  # the model's own, resolved
@@ -154,6 +157,7 @@ class ModelManager:
         self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self.host: WorkerHost | None = None  # what models may call (BLS, logging, metrics)
         self.response_cache: ResponseCache | None = None  # --cache-config local,size=BYTES
+        self.step_runner: StepRunner | None = None  # what runs an ensemble's steps (the dataplane)
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -230,9 +234,7 @@ class ModelManager:
         unknown = [n for n in wanted if n not in folders]
         for name in unknown:
             log.error("--load-model '%s': no such model in the repositories", name)
-        results = await asyncio.gather(
-            *(self.load(name) for name in wanted if name in folders), return_exceptions=True
-        )
+        results = await self._load_in_order([n for n in wanted if n in folders], folders)
         for result in results:  # failures are logged and kept in the models' states
             if isinstance(result, BaseException) and not isinstance(result, OpserveError):
                 raise result
@@ -244,6 +246,23 @@ class ModelManager:
             for name, model in self.models.items()
             if model.state is not ModelState.READY and not model.unloaded
         }
+
+    async def _load_in_order(self, names: list[str], folders: dict[str, Path]) -> list[object]:
+        """Load models, each ensemble after the models its steps use (as Triton orders its
+        dependency graph); the models without dependencies at once."""
+        steps = {name: ensemble_steps(name, folders[name]) for name in names}
+        results: list[object] = []
+        waiting = list(names)
+        while waiting:
+            wave = [n for n in waiting if not any(s in waiting for s in steps[n] or ())]
+            if not wave:  # a cycle between ensembles: each fails, naming what it lacks
+                wave = list(waiting)
+            for name in wave:
+                waiting.remove(name)
+            results += await asyncio.gather(
+                *(self.load(name) for name in wave), return_exceptions=True
+            )
+        return results
 
     # polling -----------------------------------------------------------------------------------
     def start_polling(self, interval_s: float) -> None:
@@ -276,7 +295,7 @@ class ModelManager:
         for name in removed:
             log.info("poll: model '%s' was removed", name)
         await asyncio.gather(
-            *(self.load(name) for name in changed),
+            self._load_in_order(changed, folders),
             *(self._remove(name) for name in removed),
             return_exceptions=True,
         )
@@ -290,10 +309,21 @@ class ModelManager:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def load(self, name: str, config: ModelConfig | None = None) -> Model:
+    async def load(
+        self, name: str, config: ModelConfig | None = None, _chain: tuple[str, ...] = ()
+    ) -> Model:
         """Load a model, or load it again (new files, new libraries): the new versions start
         while the old ones keep serving; then the old workers finish their requests and end.
-        If the new load fails, the old model stays in service."""
+        If the new load fails, the old model stays in service. In explicit mode, loading an
+        ensemble first loads the step models that are not loaded, as Triton does."""
+        if self.control_mode == "explicit":
+            await self._load_steps(name, config, (*_chain, name))
+        try:
+            return await self._load(name, config)
+        finally:
+            self._refresh_dependents(name)
+
+    async def _load(self, name: str, config: ModelConfig | None) -> Model:
         async with self._lock(name):
             folder = find_models(self.repositories).get(name)
             if folder is None:
@@ -331,6 +361,24 @@ class ModelManager:
                 raise InvalidArgumentError(f"load failed for model '{name}': {self.reason(model)}")
             return model
 
+    async def _load_steps(
+        self, name: str, config: ModelConfig | None, chain: tuple[str, ...]
+    ) -> None:
+        folders = find_models(self.repositories)
+        if name not in folders:
+            return
+        steps = ensemble_steps(name, folders[name], config) or []
+        for step in steps:
+            loaded = self.models.get(step)
+            if step in chain or step not in folders:
+                continue
+            if loaded is not None and not loaded.unloaded and loaded.state is ModelState.READY:
+                continue
+            try:
+                await self.load(step, _chain=chain)
+            except OpserveError as exc:  # the ensemble's load says why it cannot serve
+                log.error("model '%s', a step of ensemble '%s': %s", step, name, exc.message)
+
     async def unload(self, name: str) -> None:
         """Unload a model: its workers, and with them its op libraries, are gone afterwards."""
         async with self._lock(name):
@@ -342,6 +390,26 @@ class ModelManager:
             await self._retire(model, "unloaded")
             model.unloaded = True
             log.info("model '%s' is unloaded", name)
+        self._refresh_dependents(name)
+
+    def _refresh_dependents(self, name: str, seen: frozenset[str] = frozenset()) -> None:
+        """After a model loads or unloads, every loaded ensemble that uses it is checked again,
+        as Triton re-evaluates an ensemble whose dependencies changed: READY, or UNAVAILABLE
+        naming the step model it lacks."""
+        seen = seen | {name}
+        for model in list(self.models.values()):
+            if model.name in seen or model.unloaded or model.reason or not model.versions:
+                continue
+            if not is_ensemble(model.config):
+                continue
+            if name not in {s.model_name for s in model.config.ensemble_scheduling.step}:
+                continue
+            if any(e.state is ModelState.UNLOADING for e in model.versions.values()):
+                continue
+            was_ready = model.state is ModelState.READY
+            self._build_ensemble(model)
+            if was_ready != (model.state is ModelState.READY):
+                self._refresh_dependents(model.name, seen)
 
     async def _retire(self, model: Model, reason: str) -> None:
         for entry in model.versions.values():
@@ -381,6 +449,9 @@ class ModelManager:
             return model
         for number in versions:
             model.versions[number] = ModelVersion(name, number, folder / str(number))
+        if is_ensemble(model.config):
+            self._build_ensemble(model)
+            return model
         described = await asyncio.gather(
             *(self._describe(model, v) for v in model.versions.values())
         )
@@ -414,7 +485,10 @@ class ModelManager:
 
     async def _warm_up(self, model: Model, entry: ModelVersion, worker: WorkerProcess) -> None:
         """Run the config's `model_warmup` samples on one instance (not yet serving)."""
-        if not model.config.model_warmup or entry.scheduler is None or model.schema is None:
+        scheduler = entry.scheduler
+        if not model.config.model_warmup or not isinstance(scheduler, Scheduler):
+            return
+        if model.schema is None:
             return
         samples = warmup_samples(model.config, model.schema, model.directory)
         for sample in samples:
@@ -422,11 +496,69 @@ class ModelManager:
             for _ in range(sample.count):
                 requests = [replace(r, inputs=list(r.inputs)) for r in sample.requests]
                 try:
-                    await entry.scheduler.warm_up(worker, requests)
+                    await scheduler.warm_up(worker, requests)
                 except OpserveError as exc:
                     raise UnavailableError(
                         f"failed to run warmup sample '{sample.name}': {exc.message}"
                     ) from None
+
+    def _build_ensemble(self, model: Model) -> None:
+        """An ensemble holds no worker: it is READY once its graph is valid and agrees with
+        the completed configs of its (loaded) step models."""
+        try:
+            graph = build_graph(model.config)
+            folders = find_models(self.repositories)
+            missing = [name for name in graph.model_names if name not in folders]
+            if missing:
+                raise InvalidArgumentError(
+                    f"ensemble {graph.name} contains models that are not available or "
+                    f"ambiguous: {', '.join(missing)}"
+                )
+            steps = {name: self._step_config(graph, name) for name in graph.model_names}
+            decoupled = check_steps(model.config, graph, steps)
+            model.schema = ModelSchema.from_config(model.config)
+        except OpserveError as exc:
+            self._make_unavailable(model, exc.message)
+            return
+        if self.step_runner is None:
+            raise RuntimeError("the model manager has no step runner for ensembles")
+        # as in Triton: an ensemble is decoupled exactly when one of its steps is
+        model.config.model_transaction_policy.decoupled = decoupled
+        decoupled_steps = frozenset(
+            s.index for s in graph.steps if steps[s.model_name].model_transaction_policy.decoupled
+        )
+        for entry in model.versions.values():
+            entry.state, entry.reason = ModelState.READY, ""
+            entry.scheduler = EnsembleScheduler(
+                entry.label, graph, entry.stats, decoupled_steps, self.step_runner
+            )
+            log.info("%s is READY (an ensemble of %s)", entry.label, ", ".join(graph.model_names))
+
+    def _step_config(self, graph: EnsembleGraph, name: str) -> ModelConfig:
+        """The completed config of a step model, which must be loaded (with the versions the
+        steps ask for); Triton's words otherwise."""
+        prefix = f"ensemble '{graph.name}' depends on '{name}'"
+        step_model = self.models.get(name)
+        if step_model is None or step_model.unloaded:
+            raise InvalidArgumentError(f"{prefix} which has no loaded version.")
+        if step_model.reason:
+            raise InvalidArgumentError(
+                f"{prefix} which is not valid. Model '{name}' failed with error: "
+                f"{step_model.reason}"
+            )
+        if step_model.state is not ModelState.READY:
+            raise InvalidArgumentError(
+                f"{prefix} which has no loaded version. Model '{name}' loading failed with "
+                f"error: {self.reason(step_model)}"
+            )
+        for step in graph.steps:
+            if step.model_name == name and step.model_version >= 0:
+                entry = step_model.versions.get(step.model_version)
+                if entry is None or not entry.ready:
+                    raise InvalidArgumentError(
+                        f"{prefix} whose required version {step.model_version} is not loaded."
+                    )
+        return step_model.config
 
     def _complete(self, model: Model, description: ModelLoaded) -> None:
         """Complete the config from the model's description (phase one's answer); with
@@ -631,7 +763,7 @@ class ModelManager:
                 if worker not in entry.workers:
                     continue
                 entry.workers.remove(worker)
-                if entry.scheduler is not None:
+                if isinstance(entry.scheduler, Scheduler):
                     entry.scheduler.remove_instance(worker)
                 if entry.state is ModelState.READY:
                     if not entry.workers:
@@ -647,7 +779,7 @@ class ModelManager:
             log.error("%s: restarting its worker failed: %s", entry.label, exc.message)
             entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
             return
-        if entry.scheduler is not None:
+        if isinstance(entry.scheduler, Scheduler):
             try:
                 await self._warm_up(model, entry, entry.workers[-1])
             except OpserveError as exc:
@@ -693,6 +825,21 @@ def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
         except OSError:
             continue
     return tuple(entries)
+
+
+def ensemble_steps(name: str, folder: Path, config: ModelConfig | None = None) -> list[str] | None:
+    """The models an ensemble's steps use; None when the folder holds no (readable) ensemble."""
+    copy = None
+    if config is not None:
+        copy = ModelConfig()
+        copy.CopyFrom(config)
+    try:
+        config = model_config_for(name, folder, copy)
+    except OpserveError:
+        return None
+    if not is_ensemble(config):
+        return None
+    return list(dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step))
 
 
 def _framework_of(library: Path) -> str | None:

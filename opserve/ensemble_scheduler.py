@@ -1,0 +1,323 @@
+"""Running an ensemble's requests: each step is a request to its model through the dataplane.
+
+A step starts as soon as every tensor it consumes exists, so independent steps run at once.
+Tensors pass between steps as the protocol-free `Tensor` objects the dataplane returns (no
+frontend codec in between); each step's request goes through its model's own validation and
+scheduler, so each step model keeps its own statistics.
+
+A decoupled step may answer any number of times: each response starts the steps after it
+(their own flow, with that response's tensors), and every flow that completes the ensemble's
+outputs is one response of the ensemble. The rules checked at load (`ensemble.check_steps`)
+guarantee that a step never mixes tensors of two different decoupled responses.
+
+Statistics as Triton keeps them for an ensemble: a request counts once (success or failure,
+end to end); its compute times are the sums of its steps' compute times, and each successful
+request is one execution of its batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from opserve.ensemble import EnsembleGraph, Step, downstream
+from opserve.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OpserveError,
+    UnavailableError,
+)
+from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
+from opserve.stats import VersionStats
+
+
+class StepRunner(Protocol):
+    """What runs one step's request on its model: the dataplane."""
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse: ...
+
+    def stream(
+        self, request: InferenceRequest
+    ) -> AsyncIterator[tuple[InferenceResponse | OpserveError | None, bool]]: ...
+
+
+@dataclass(slots=True)
+class _Run:
+    """One request to the ensemble, across all its flows."""
+
+    request: InferenceRequest
+    wanted: tuple[str, ...]  # the ensemble outputs to answer with
+    emit: Callable[[dict[str, Tensor], bool], None]  # the outputs; whether nothing can follow
+    # steps running, and decoupled responses waiting for (or running) the steps after them:
+    # an answer given when this is 0 is the last one (Triton flags it final)
+    inflight: int = 0
+    final_sent: bool = False
+    deadline_ns: int = 0  # from the request's `timeout`: each step gets what is left of it
+    input_ns: int = 0  # the steps' compute times, summed
+    infer_ns: int = 0
+    output_ns: int = 0
+
+    def add_compute(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.input_ns += input_ns
+        self.infer_ns += infer_ns
+        self.output_ns += output_ns
+
+
+class EnsembleScheduler:
+    """The requests of one ensemble version; the same surface as `scheduler.Scheduler`."""
+
+    def __init__(
+        self,
+        label: str,
+        graph: EnsembleGraph,
+        stats: VersionStats,
+        decoupled_steps: frozenset[int],
+        runner: StepRunner,
+    ) -> None:
+        self.label = label
+        self.graph = graph
+        self.stats = stats
+        self.decoupled_steps = decoupled_steps
+        self.decoupled = bool(decoupled_steps)
+        self.runner = runner
+        self._all_steps = frozenset(s.index for s in graph.steps)
+        self._after = {i: downstream(graph, graph.steps[i]) for i in decoupled_steps}
+        self._running: set[asyncio.Future[None]] = set()
+
+    # the scheduler's surface -------------------------------------------------------------------
+    async def infer(
+        self,
+        request: InferenceRequest,
+        batch_size: int,
+        on_wait: Callable[[], None] | None = None,
+    ) -> InferenceResponse:
+        """The one response of an ensemble whose steps all answer once."""
+        arrival = time.monotonic_ns()
+        answers: list[InferenceResponse] = []
+        run = _Run(
+            request, self._wanted(request), lambda t, _: answers.append(self._response(run, t))
+        )
+        try:
+            await self._execute(run)
+            if not answers:  # Triton's words
+                raise InvalidArgumentError(
+                    f"in ensemble '{self.graph.name}', unexpected deadlock, at least one output "
+                    "is not set while no more ensemble steps can be made"
+                )
+        except (OpserveError, asyncio.CancelledError):
+            self.stats.record_failure(time.monotonic_ns() - arrival)
+            raise
+        self._record_success(run, batch_size, arrival)
+        return answers[0]
+
+    async def stream(
+        self, request: InferenceRequest, batch_size: int
+    ) -> AsyncIterator[tuple[Delivery, bool]]:
+        """Every response of an ensemble with a decoupled step; as in Triton, the one given when
+        nothing else is in flight is flagged final (else the final flag comes alone)."""
+        queue: asyncio.Queue[tuple[Delivery, bool]] = asyncio.Queue()
+
+        def emit(tensors: dict[str, Tensor], last: bool) -> None:
+            run.final_sent = last
+            queue.put_nowait((self._response(run, tensors), last))
+
+        run = _Run(request, self._wanted(request), emit)
+        task = asyncio.ensure_future(self._stream_run(run, batch_size, queue))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        try:
+            while True:
+                item, final = await queue.get()
+                yield item, final
+                if final:
+                    return
+        finally:
+            if not task.done() and not run.final_sent:  # the client went away
+                task.cancel()
+
+    async def close(self) -> None:
+        """Nothing to stop: an ensemble holds no worker; requests in flight finish."""
+
+    # running -----------------------------------------------------------------------------------
+    async def _stream_run(
+        self, run: _Run, batch_size: int, queue: asyncio.Queue[tuple[Delivery, bool]]
+    ) -> None:
+        arrival = time.monotonic_ns()
+        try:
+            await self._execute(run)
+        except OpserveError as error:
+            self.stats.record_failure(time.monotonic_ns() - arrival)
+            queue.put_nowait((error, True))
+            return
+        except asyncio.CancelledError:
+            self.stats.record_failure(time.monotonic_ns() - arrival)
+            raise
+        self._record_success(run, batch_size, arrival)
+        if not run.final_sent:
+            queue.put_nowait((None, True))
+
+    async def _execute(self, run: _Run) -> None:
+        """The whole graph; with the request's `timeout`, each step request gets the time left
+        of it, so a step that runs late (or hangs) is failed by its own scheduler."""
+        if run.request.timeout_us:
+            run.deadline_ns = time.monotonic_ns() + run.request.timeout_us * 1000
+        await self._flow(run, {t.name: t for t in run.request.inputs}, self._all_steps)
+
+    async def _flow(
+        self, run: _Run, tensors: dict[str, Tensor], steps: frozenset[int], held: int = 0
+    ) -> None:
+        """Run `steps` as their inputs appear in `tensors`; answer when the outputs exist.
+        `held`: what this flow counts in flight (a decoupled response), until its steps end."""
+        remaining = set(steps)
+        running: dict[asyncio.Future[None], Step] = {}
+        try:
+            while True:
+                ready = [
+                    self.graph.steps[i]
+                    for i in sorted(remaining)
+                    if all(t in tensors for t in self.graph.steps[i].input_map.values())
+                ]
+                remaining.difference_update(s.index for s in ready)
+                if len(ready) == 1 and not running:  # a chain: no task needed
+                    await self._step(run, ready[0], tensors)
+                    continue
+                for step in ready:
+                    running[asyncio.ensure_future(self._step(run, step, tensors))] = step
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del running[task]
+                    task.result()  # a failed step fails the request
+        finally:
+            for task in running:
+                task.cancel()
+        run.inflight -= held
+        if all(name in tensors for name in run.wanted):
+            run.emit(tensors, run.inflight == 0)
+
+    async def _step(self, run: _Run, step: Step, tensors: dict[str, Tensor]) -> None:
+        request = self._step_request(run, step, tensors)
+        run.inflight += 1
+        if step.index not in self.decoupled_steps:
+            try:
+                response = await self.runner.infer(request)
+            except OpserveError as exc:
+                raise self._step_error(step, exc) from None
+            finally:
+                run.inflight -= 1
+            tensors.update(self._step_outputs(step, response))
+            return
+        # a decoupled step: its responses are read as they come; each continues, in order, in a
+        # flow of its own through the steps after it
+        responses: asyncio.Queue[InferenceResponse | OpserveError | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read(run, step, request, responses))
+        try:
+            while (item := await responses.get()) is not None:
+                if isinstance(item, OpserveError):
+                    raise item
+                branch = dict(tensors)
+                branch.update(self._step_outputs(step, item))
+                await self._flow(run, branch, self._after[step.index], held=1)
+        finally:
+            reader.cancel()
+
+    async def _read(
+        self,
+        run: _Run,
+        step: Step,
+        request: InferenceRequest,
+        responses: asyncio.Queue[InferenceResponse | OpserveError | None],
+    ) -> None:
+        """A decoupled step's responses into `responses` (each counted in flight), then None;
+        the step stops counting in flight once its final flag came."""
+        stream = self.runner.stream(request)
+        try:
+            while True:
+                try:
+                    item, final = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                except OpserveError as exc:
+                    item, final = exc, True
+                if isinstance(item, OpserveError):
+                    responses.put_nowait(self._step_error(step, item))
+                    break
+                if item is not None:
+                    run.inflight += 1
+                    responses.put_nowait(item)
+                if final:
+                    break
+        finally:
+            run.inflight -= 1
+            responses.put_nowait(None)
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    # requests and responses --------------------------------------------------------------------
+    def _wanted(self, request: InferenceRequest) -> tuple[str, ...]:
+        if request.requested_outputs is None:
+            return self.graph.outputs
+        return tuple(request.requested_outputs)
+
+    def _step_request(self, run: _Run, step: Step, tensors: dict[str, Tensor]) -> InferenceRequest:
+        inputs = []
+        for model_input, name in step.input_map.items():
+            tensor = tensors[name]
+            inputs.append(Tensor(model_input, tensor.datatype, tensor.shape, tensor.data))
+        original = run.request
+        timeout_us = 0
+        if run.deadline_ns:
+            timeout_us = max((run.deadline_ns - time.monotonic_ns()) // 1000, 1)
+        return InferenceRequest(
+            step.model_name,
+            step.version,
+            inputs,
+            requested_outputs=list(step.output_map),
+            id=original.id,
+            parameters=dict(original.parameters),
+            correlation_id=original.correlation_id,  # a sequence model as a step sees it
+            flags=original.flags,
+            timeout_us=timeout_us,
+            client_gone=original.client_gone,
+            stats_sink=run.add_compute,
+        )
+
+    def _step_outputs(self, step: Step, response: InferenceResponse) -> dict[str, Tensor]:
+        returned = {t.name: t for t in response.outputs}
+        outputs = {}
+        for model_output, name in step.output_map.items():
+            tensor = returned.get(model_output)
+            if tensor is None:
+                raise InternalError(
+                    f"in ensemble '{self.graph.name}', {step.label} did not return output "
+                    f"'{model_output}'"
+                )
+            outputs[name] = Tensor(name, tensor.datatype, tensor.shape, tensor.data)
+        return outputs
+
+    def _response(self, run: _Run, tensors: dict[str, Tensor]) -> InferenceResponse:
+        return InferenceResponse(self.graph.name, "", [tensors[name] for name in run.wanted])
+
+    def _step_error(self, step: Step, error: OpserveError) -> OpserveError:
+        """The step's error, naming the ensemble and the step; a step model that is not there
+        makes the ensemble UNAVAILABLE."""
+        message = f"in ensemble '{self.graph.name}', {step.label}: {error.message}"
+        if isinstance(error, NotFoundError):
+            return UnavailableError(message)
+        return type(error)(message)
+
+    def _record_success(self, run: _Run, batch_size: int, arrival: int) -> None:
+        now = time.monotonic_ns()
+        self.stats.record_success(
+            batch_size, now - arrival, 0, run.input_ns, run.infer_ns, run.output_ns
+        )
+        self.stats.record_execution(batch_size, run.input_ns, run.infer_ns, run.output_ns)
+        sink = run.request.stats_sink
+        if sink is not None:  # a step of an outer ensemble
+            sink(run.input_ns, run.infer_ns, run.output_ns)
