@@ -32,6 +32,7 @@ from opserve.response_cache import cache_key
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.sequence_config import FLAG_SEQUENCE_END, FLAG_SEQUENCE_START
+from opserve.tracing import Tracer
 
 EXTENSIONS = (
     "binary_tensor_data",
@@ -39,6 +40,7 @@ EXTENSIONS = (
     "model_repository",
     "statistics",
     "logging",
+    "trace",
 )
 
 
@@ -70,11 +72,13 @@ class DataPlane:
         server_id: str = "triton",
         strict_readiness: bool = True,
         log: ServerLog | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.manager = manager
         self.server_id = server_id  # --id: the name in the server metadata, as in Triton
         self.strict_readiness = strict_readiness
         self.log = log or ServerLog(LogSettings())
+        self.tracer = tracer or Tracer()
         manager.step_runner = self  # an ensemble's steps are requests through the dataplane
 
     # server ------------------------------------------------------------------------------------
@@ -87,6 +91,17 @@ class DataPlane:
     def log_settings(self) -> dict[str, Any]:
         """The logging extension's settings (`GET /v2/logging`, gRPC `LogSettings`)."""
         return self.log.settings.to_json()
+
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
+        """The trace extension's settings, global or of one model."""
+        if model:
+            self.manager.model(model)  # NOT_FOUND for an unknown model
+        return self.tracer.settings(model).to_json()
+
+    def update_trace_settings(self, model: str, changes: dict[str, Any]) -> dict[str, Any]:
+        if model:
+            self.manager.model(model)
+        return self.tracer.update(model, changes).to_json()
 
     def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Change the live log settings (all or none of `changes`); the settings after."""
@@ -215,7 +230,13 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """The one response to a request (a decoupled model must be streamed)."""
         model, entry, scheduler, batch_size = self._prepare(request, streaming=False)
-        response = await self._answer(model, entry, scheduler, request, batch_size)
+        if self.tracer.active:
+            request.trace = self.tracer.sample(model.name, request.id)
+        try:
+            response = await self._answer(model, entry, scheduler, request, batch_size)
+        finally:
+            if request.trace is not None:
+                self.tracer.finish(request.trace, str(entry.version))
         return self._finish(model, entry, request, response)
 
     async def _answer(
@@ -251,18 +272,24 @@ class DataPlane:
         number (even none: only the final flag) for a decoupled one. Errors after the request
         was accepted come as items; a request that is refused raises."""
         model, entry, scheduler, batch_size = self._prepare(request, streaming=True)
-        if not scheduler.decoupled:
-            try:
-                response = await self._answer(model, entry, scheduler, request, batch_size)
-            except OpserveError as exc:
-                yield exc, True
+        if self.tracer.active:
+            request.trace = self.tracer.sample(model.name, request.id)
+        try:
+            if not scheduler.decoupled:
+                try:
+                    response = await self._answer(model, entry, scheduler, request, batch_size)
+                except OpserveError as exc:
+                    yield exc, True
+                    return
+                yield self._finish(model, entry, request, response), True
                 return
-            yield self._finish(model, entry, request, response), True
-            return
-        async for item, final in scheduler.stream(request, batch_size):
-            if isinstance(item, InferenceResponse):
-                item = self._finish(model, entry, request, item)
-            yield item, final
+            async for item, final in scheduler.stream(request, batch_size):
+                if isinstance(item, InferenceResponse):
+                    item = self._finish(model, entry, request, item)
+                yield item, final
+        finally:
+            if request.trace is not None:
+                self.tracer.finish(request.trace, str(entry.version))
 
     def _finish(
         self,

@@ -10,6 +10,7 @@ import numpy as np
 
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
 from opserve.errors import OpserveError
+from opserve.tracing import Trace
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class InferenceRequest:
     # whether the client has gone away, for a frontend that can tell cheaply: the scheduler
     # then asks instead of having the request watched
     client_gone: Callable[[], bool] | None = None
+    trace: Trace | None = None  # when the request is traced (the trace extension)
     # told the compute durations (input, infer, output ns) of the request once it succeeded:
     # an ensemble adds up its steps' (Triton's secondary statistics aggregator)
     stats_sink: Callable[[int, int, int], None] | None = None

@@ -487,6 +487,15 @@ class Scheduler:
         if timings is None:
             return  # counted when its execution returns
         pending.counted = True
+        trace = pending.request.trace
+        if trace is not None:
+            trace.compute(
+                pending.arrival_ns,
+                timings.started_ns,
+                timings.input_ns,
+                timings.infer_ns,
+                timings.output_ns,
+            )
         self.stats.record_success(
             pending.batch_size,
             pending.finished_ns - pending.arrival_ns,

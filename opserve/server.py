@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -19,6 +21,7 @@ from opserve.repository import ModelManager
 from opserve.response_cache import ResponseCache
 from opserve.services import ServerServices
 from opserve.settings import ServerSettings
+from opserve.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,11 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
     grpc_server = None
     metrics = None
     custom_metrics = CustomMetrics()
-    dataplane = DataPlane(manager, settings.server_id, settings.strict_readiness, server_log)
+    tracer = Tracer(settings.trace)
+    tracer.start()
+    dataplane = DataPlane(
+        manager, settings.server_id, settings.strict_readiness, server_log, tracer
+    )
     manager.host = ServerServices(dataplane, custom_metrics)
     try:
         await manager.startup(settings.model_control_mode, settings.load_models)
@@ -80,6 +87,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
             await metrics.stop()
         log.info("shutting down: unloading models")
         await manager.shutdown()
+        tracer.close()
 
 
 async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
@@ -101,9 +109,20 @@ async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
         timeout_graceful_shutdown=settings.exit_timeout_secs,
         proxy_headers=False,  # a layer per request that serves no purpose here
     )
-    http = uvicorn.Server(config)
+    http = _HttpServer(config)
     log.info("serving HTTP on %s:%d", settings.http_address, sock.getsockname()[1])
     await http.serve(sockets=[sock])
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn, except that the signal that stops it is not raised again once it has stopped:
+    the server still has to unload its models (Python models' `finalize`) and flush traces."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 async def _wait_for_signal() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from opserve.errors import OpserveError
 from opserve.ops import library_framework
 from opserve.response_cache import CacheSettings, parse_cache_config
+from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
 from opserve.workers.process import DEFAULT_RING_CAPACITY
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ServerSettings:
     grpc_compression: str = "none"
     counter_latencies: bool = True
     default_max_batch_size: dict[str, int] = field(default_factory=dict)  # backend ("" all) -> size
+    trace: TraceConfig = field(default_factory=lambda: TraceConfig(TraceSettings()))
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, triton: dict[str, Any]) -> ServerSettings:
@@ -98,6 +100,7 @@ class ServerSettings:
             grpc_compression=triton["grpc_infer_response_compression_level"],
             counter_latencies=_metrics_config(triton["metrics_config"]),
             default_max_batch_size=_backend_config(triton["backend_config"]),
+            trace=parse_trace_config(triton["trace_config"], _deprecated_trace_flags(args)),
         )
 
     def __post_init__(self) -> None:
@@ -141,6 +144,12 @@ class ServerSettings:
                     f"--op-library '{library}' links against no framework opserve knows "
                     "(libtorch, libtensorflow_framework) and exports no RegisterCustomOps (ONNX Runtime)"
                 )
+
+
+def _deprecated_trace_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The deprecated `--trace-*` flags that were given (`--trace-config` wins over them)."""
+    names = ("trace_file", "trace_level", "trace_rate", "trace_count", "trace_log_frequency")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _grpc_options(triton: dict[str, Any]) -> tuple[tuple[str, int], ...]:

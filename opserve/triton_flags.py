@@ -306,10 +306,11 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--trace-config",
         _S,
         [],
-        "must not be given: tracing is not supported yet",
-        "MODE,KEY=VALUE",
+        "[MODE,]KEY=VALUE: level=OFF|TIMESTAMPS, rate=N, count=N, mode=triton|opentelemetry, "
+        "triton,file=PATH, triton,log-frequency=N, opentelemetry,url=URL, "
+        "opentelemetry,resource=KEY=VALUE",
+        "[MODE,]KEY=VALUE",
         repeat=True,
-        refuse=_only([], "--trace-config is not supported yet"),
     ),
     TritonFlag(
         "--backend-directory",
@@ -395,7 +396,6 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         None,
         "DEPRECATED: --trace-config triton,file=PATH",
         "PATH",
-        refuse=_only(None, "--trace-file is not supported yet"),
     ),
     TritonFlag(
         "--trace-level",
@@ -404,21 +404,15 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "DEPRECATED: --trace-config level=LEVEL",
         "LEVEL",
         repeat=True,
-        refuse=lambda v: None if v in ([], ["OFF"]) else "--trace-level is not supported yet",
     ),
-    TritonFlag(
-        "--trace-rate", _I, 1000, "DEPRECATED: --trace-config rate=N", "N", effect=NO_EFFECT
-    ),
-    TritonFlag(
-        "--trace-count", _I, -1, "DEPRECATED: --trace-config count=N", "N", effect=NO_EFFECT
-    ),
+    TritonFlag("--trace-rate", _I, 1000, "DEPRECATED: --trace-config rate=N", "N"),
+    TritonFlag("--trace-count", _I, -1, "DEPRECATED: --trace-config count=N", "N"),
     TritonFlag(
         "--trace-log-frequency",
         _I,
         0,
         "DEPRECATED: --trace-config triton,log-frequency=N",
         "N",
-        effect=NO_EFFECT,
     ),
 )
 

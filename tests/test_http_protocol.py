@@ -20,6 +20,8 @@ def test_health_and_server_metadata(client: httpclient.InferenceServerClient) ->
         "model_configuration",
         "model_repository",
         "statistics",
+        "logging",
+        "trace",
     }
 
 

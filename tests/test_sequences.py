@@ -108,7 +108,7 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
         config.read_text().replace(
             "sequence_batching {",
             "sequence_batching { max_sequence_idle_microseconds: 60000000 "
-            "direct { max_queue_delay_microseconds: 500000 minimum_slot_utilization: 1.0 }",
+            "direct { max_queue_delay_microseconds: 1000000 minimum_slot_utilization: 1.0 }",
         )
     )
     if HAVE_TORCH:
@@ -385,7 +385,8 @@ def test_direct_pads_an_empty_slot_with_a_null_request(server) -> None:
         for thread in threads:
             thread.join()
 
-    together((71, 1, True), (72, 2, True), (73, 3, True))
+    for sequence_id, value in ((71, 1), (72, 2), (73, 3)):  # one by one: slots 0, 1, 2
+        run(sequence_id, value, True)
     send(fresh(server, "http"), "python_padded", 0, 72, end=True)
     together((71, 10, False), (73, 30, False))
     assert answers[71]["BATCH"][0].tolist() == [3, 1]  # two sequences and the null between them

@@ -167,6 +167,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             for task in running:
                 task.cancel()
 
+    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _answer(context, lambda: _trace_setting(self.dataplane, request))
+
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _answer(context, lambda: _log_settings(self.dataplane, request))
 
@@ -196,6 +199,28 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.RepositoryModelUnloadResponse()
 
         return await _answer(context, unload)
+
+
+async def _trace_setting(dataplane: DataPlane, request: Any) -> Any:
+    """gRPC `TraceSetting`: a setting with no values clears a model's own setting."""
+    changes: dict[str, Any] = {}
+    for key, value in request.settings.items():
+        values = list(value.value)
+        if not values:
+            changes[key] = None
+        elif key == "trace_level":
+            changes[key] = values
+        else:
+            changes[key] = values[0]
+    model = request.model_name
+    if changes:
+        settings = dataplane.update_trace_settings(model, changes)
+    else:
+        settings = dataplane.trace_settings(model)
+    response = service_pb2.TraceSettingResponse()
+    for key, setting in settings.items():
+        response.settings[key].value.extend(setting if isinstance(setting, list) else [setting])
+    return response
 
 
 async def _log_settings(dataplane: DataPlane, request: Any) -> Any:

@@ -77,6 +77,8 @@ class HttpApp:
             return await _send(send, 200 if ok else 400, b"")
         if parts[0] == "repository":
             return await self._repository_route(method, parts[1:], scope, receive, send)
+        if parts == ["trace", "setting"]:
+            return await self._trace_setting(method, "", receive, send)
         if parts == ["logging"]:
             if method == "POST":
                 changes = _json_object(await _read_body(receive))
@@ -129,7 +131,18 @@ class HttpApp:
         if rest == ["config"]:
             _require(method, "GET")
             return await _send_json(send, dataplane.model_config(name, version))
+        if rest == ["trace", "setting"]:
+            return await self._trace_setting(method, name, receive, send)
         raise NotFoundError(f"unknown path '{scope['path']}'")
+
+    async def _trace_setting(self, method: str, model: str, receive: Receive, send: Send) -> None:
+        """`/v2[/models/<m>]/trace/setting`: read, or update (a null value clears a model's
+        own setting)."""
+        if method == "POST":
+            changes = _json_object(await _read_body(receive))
+            return await _send_json(send, self.dataplane.update_trace_settings(model, changes))
+        _require(method, "GET")
+        return await _send_json(send, self.dataplane.trace_settings(model))
 
     async def _repository_route(
         self, method: str, parts: list[str], scope: Scope, receive: Receive, send: Send
