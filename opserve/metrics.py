@@ -143,6 +143,54 @@ class CustomMetricsCollector(Collector):
             yield exposed
 
 
+class CpuMetricsCollector(Collector):
+    """Triton's CPU metrics (`--allow-cpu-metrics`): utilization since the previous scrape, and
+    memory, from /proc."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] | None = None  # (busy, total) jiffies at the last scrape
+
+    def collect(self) -> Iterator[Metric]:
+        utilization = GaugeMetricFamily("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]")
+        total_memory = GaugeMetricFamily(
+            "nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes"
+        )
+        used_memory = GaugeMetricFamily(
+            "nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes"
+        )
+        try:
+            busy, total = _cpu_jiffies()
+            memory = _meminfo()
+        except OSError:
+            return
+        last, self._last = self._last, (busy, total)
+        if last is not None and total > last[1]:
+            utilization.add_metric([], (busy - last[0]) / (total - last[1]))
+        else:
+            utilization.add_metric([], busy / total if total else 0.0)
+        total_memory.add_metric([], memory["MemTotal"])
+        used_memory.add_metric([], memory["MemTotal"] - memory["MemAvailable"])
+        yield from (utilization, total_memory, used_memory)
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """Busy and total CPU time since boot, from the first line of /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user and nice
+    return total - idle, total
+
+
+def _meminfo() -> dict[str, int]:
+    values = {}
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            key, _, rest = line.partition(":")
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
 class MetricsServer:
     """`GET /metrics` in Prometheus' text format; anything else is 404."""
 
@@ -151,9 +199,12 @@ class MetricsServer:
         manager: ModelManager,
         custom: CustomMetrics | None = None,
         counter_latencies: bool = True,
+        cpu_metrics: bool = True,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ModelMetricsCollector(manager, counter_latencies))
+        if cpu_metrics:
+            self.registry.register(CpuMetricsCollector())
         if custom is not None:
             self.registry.register(CustomMetricsCollector(custom))
         self._server: asyncio.Server | None = None

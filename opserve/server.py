@@ -71,9 +71,14 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 settings.grpc_port,
                 settings.grpc_options,
                 settings.grpc_compression,
+                None
+                if settings.grpc_tls is None
+                else (settings.grpc_tls.key, settings.grpc_tls.certificate, settings.grpc_tls.root),
             )
         if settings.allow_metrics:
-            metrics = MetricsServer(manager, custom_metrics, settings.counter_latencies)
+            metrics = MetricsServer(
+                manager, custom_metrics, settings.counter_latencies, settings.cpu_metrics
+            )
             await metrics.start(settings.metrics_address, settings.metrics_port)
         if settings.allow_http:
             await _serve_http(dataplane, settings)

@@ -53,7 +53,9 @@ class ServerSettings:
     reuse_grpc_port: bool = False
     grpc_options: tuple[tuple[str, int], ...] = ()
     grpc_compression: str = "none"
+    grpc_tls: GrpcTls | None = None
     counter_latencies: bool = True
+    cpu_metrics: bool = True
     default_max_batch_size: dict[str, int] = field(default_factory=dict)  # backend ("" all) -> size
     trace: TraceConfig = field(default_factory=lambda: TraceConfig(TraceSettings()))
 
@@ -98,7 +100,9 @@ class ServerSettings:
             reuse_grpc_port=triton["reuse_grpc_port"],
             grpc_options=_grpc_options(triton),
             grpc_compression=triton["grpc_infer_response_compression_level"],
+            grpc_tls=_grpc_tls(triton),
             counter_latencies=_metrics_config(triton["metrics_config"]),
+            cpu_metrics=triton["allow_cpu_metrics"],
             default_max_batch_size=_backend_config(triton["backend_config"]),
             trace=parse_trace_config(triton["trace_config"], _deprecated_trace_flags(args)),
         )
@@ -144,6 +148,35 @@ class ServerSettings:
                     f"--op-library '{library}' links against no framework opserve knows "
                     "(libtorch, libtensorflow_framework) and exports no RegisterCustomOps (ONNX Runtime)"
                 )
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """--grpc-use-ssl[-mutual]: the server's key and certificate, and for mutual TLS the root
+    certificate that client certificates must chain to (all PEM)."""
+
+    key: bytes
+    certificate: bytes
+    root: bytes | None  # mutual TLS only
+
+
+def _grpc_tls(triton: dict[str, Any]) -> GrpcTls | None:
+    mutual = triton["grpc_use_ssl_mutual"]
+    if not (mutual or triton["grpc_use_ssl"]):
+        return None
+    needed = ["grpc_server_key", "grpc_server_cert"] + (["grpc_root_cert"] if mutual else [])
+    contents: dict[str, bytes] = {}
+    for key in needed:
+        flag = "--" + key.replace("_", "-")
+        if not triton[key]:
+            raise ValueError(f"{flag} is needed with --grpc-use-ssl{'-mutual' if mutual else ''}")
+        try:
+            contents[key] = Path(triton[key]).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{flag} '{triton[key]}': {exc.strerror}") from None
+    return GrpcTls(
+        contents["grpc_server_key"], contents["grpc_server_cert"], contents.get("grpc_root_cert")
+    )
 
 
 def _deprecated_trace_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -185,26 +185,24 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--grpc-use-ssl",
         _B,
         False,
-        "must be false: TLS for gRPC is not supported yet",
+        "serve gRPC over TLS with --grpc-server-cert and --grpc-server-key",
         "BOOL",
-        refuse=_only(False, "--grpc-use-ssl=true is not supported"),
     ),
     TritonFlag(
         "--grpc-use-ssl-mutual",
         _B,
         False,
-        "must be false: TLS for gRPC is not supported yet",
+        "TLS with client certificates checked against --grpc-root-cert (preempts --grpc-use-ssl)",
         "BOOL",
-        refuse=_only(False, "--grpc-use-ssl-mutual=true is not supported"),
     ),
+    TritonFlag("--grpc-server-cert", _S, "", "PEM server certificate (TLS)", "PATH"),
+    TritonFlag("--grpc-server-key", _S, "", "PEM server key (TLS)", "PATH"),
     TritonFlag(
-        "--grpc-server-cert", _S, "", "used only with --grpc-use-ssl", "PATH", effect=NO_EFFECT
-    ),
-    TritonFlag(
-        "--grpc-server-key", _S, "", "used only with --grpc-use-ssl", "PATH", effect=NO_EFFECT
-    ),
-    TritonFlag(
-        "--grpc-root-cert", _S, "", "used only with --grpc-use-ssl", "PATH", effect=NO_EFFECT
+        "--grpc-root-cert",
+        _S,
+        "",
+        "PEM root certificate for client certificates (mutual TLS)",
+        "PATH",
     ),
     TritonFlag(
         "--grpc-infer-response-compression-level",
@@ -281,10 +279,9 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
     TritonFlag(
         "--allow-cpu-metrics",
         _B,
-        False,
-        "must be false: CPU metrics are not reported yet",
+        True,
+        "report CPU utilization and memory (nv_cpu_*) with the metrics (default: true)",
         "BOOL",
-        refuse=_only(False, "--allow-cpu-metrics=true is not supported: no CPU metrics yet"),
     ),
     TritonFlag(
         "--metrics-interval-ms",

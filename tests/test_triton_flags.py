@@ -12,13 +12,14 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from opserve.cli import build_parser
 from opserve.settings import ServerSettings
 from opserve.triton_flags import triton_values
 from tests import models
 from tests.conftest import add_constant
-from tests.serving import RunningServer
+from tests.serving import RunningServer, children
 
 FLAGS = Path(__file__).parent / "data" / "tritonserver-2.51-flags.txt"  # `tritonserver --help`
 SAMPLES = {
@@ -255,3 +256,109 @@ def test_log_settings_change_while_the_server_runs(repository: Path) -> None:
             assert bad.status_code == 400 and problem in bad.json()["error"]
         assert http.get_log_settings()["log_info"] is True  # a refused update changes nothing
         grpc.close()
+
+
+# workers named after their model, CPU metrics, gRPC over TLS -------------------------------------
+def test_workers_are_named_after_their_model_and_cpu_metrics_are_reported(repository: Path) -> None:
+    with RunningServer([repository], ["--exit-on-error=false"]) as server:
+        assert server.process is not None
+        titles = {
+            Path(f"/proc/{pid}/comm").read_text().strip() for pid in children(server.process.pid)
+        }
+        lines = {
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            for pid in children(server.process.pid)
+        }
+        assert {"plus_one:1", "plus_two:1"} <= titles
+        assert any(line.rstrip().endswith("opserve-worker:plus_one:1") for line in lines)
+        metrics = requests.get(server.metrics_url).text
+        utilization = re.search(r"^nv_cpu_utilization (\S+)$", metrics, re.M)
+        assert utilization is not None and 0.0 <= float(utilization.group(1)) <= 1.0
+        assert re.search(r"^nv_cpu_memory_total_bytes [1-9]", metrics, re.M)
+    with RunningServer(
+        [repository], ["--exit-on-error=false", "--allow-cpu-metrics=false"]
+    ) as server:
+        assert "nv_cpu_utilization" not in requests.get(server.metrics_url).text
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A root CA, and a server and a client certificate it signed (PEM files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    root_key = ec.generate_private_key(ec.SECP256R1())
+
+    def sign(subject: str, key, issuer_key, ca: bool, san: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name("test root"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files = {}
+    root = sign("test root", root_key, root_key, True, False)
+    for role in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = sign(role, key, root_key, False, True)
+        files[f"{role}_key"] = folder / f"{role}.key"
+        files[f"{role}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        files[f"{role}_cert"] = folder / f"{role}.pem"
+        files[f"{role}_cert"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    files["root"] = folder / "root.pem"
+    files["root"].write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def test_grpc_over_mutual_tls(repository: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    pem = _certificates(tmp_path)
+    args = [
+        "--exit-on-error=false",
+        "--grpc-use-ssl-mutual=true",
+        f"--grpc-server-cert={pem['server_cert']}",
+        f"--grpc-server-key={pem['server_key']}",
+        f"--grpc-root-cert={pem['root']}",
+    ]
+    with RunningServer([repository], args) as server:
+        url = f"localhost:{server.grpc_port}"
+        client = grpcclient.InferenceServerClient(
+            url,
+            ssl=True,
+            root_certificates=str(pem["root"]),
+            private_key=str(pem["client_key"]),
+            certificate_chain=str(pem["client_cert"]),
+        )
+        assert client.is_server_live()
+        client.close()
+        anonymous = grpcclient.InferenceServerClient(
+            url, ssl=True, root_certificates=str(pem["root"])
+        )
+        with pytest.raises(InferenceServerException):
+            anonymous.is_server_live()
+        plain = grpcclient.InferenceServerClient(url)
+        with pytest.raises(InferenceServerException):
+            plain.is_server_live()

@@ -703,6 +703,7 @@ class ModelManager:
             self._worker_exited,
             await self._launcher(model),
             self.host,
+            title=f"{model.name}:{entry.version}",
         )
         entry.workers.append(worker)
         await worker.start()

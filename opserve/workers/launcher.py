@@ -24,8 +24,14 @@ class Launcher:
     executable: str = sys.executable
     env: dict[str, str] | None = None  # None: the server's environment
 
-    def command(self, fds: tuple[int, ...], ring_capacity: int) -> list[str]:
-        return [self.executable, "-m", WORKER_MODULE, *(str(fd) for fd in fds), str(ring_capacity)]
+    def command(self, fds: tuple[int, ...], ring_capacity: int, title: str = "") -> list[str]:
+        """The worker's command line; `title` (`<model>:<version>`) ends it, so that `ps`
+        names the model a worker serves."""
+        command = [self.executable, "-m", WORKER_MODULE, *(str(fd) for fd in fds)]
+        command.append(str(ring_capacity))
+        if title:
+            command.append(f"opserve-worker:{title}")
+        return command
 
     @classmethod
     def for_interpreter(cls, executable: Path, env: dict[str, str]) -> Launcher:

@@ -122,8 +122,10 @@ class WorkerProcess:
         on_exit: Callable[[WorkerProcess, str], None] | None = None,
         launcher: Launcher | None = None,
         host: WorkerHost | None = None,
+        title: str = "",
     ) -> None:
         self.label = label
+        self.title = title  # `<model>:<version>`, what `ps` shows of the worker
         self.launcher = launcher or Launcher()
         self.ring_capacity = ring_capacity
         self.host = host
@@ -162,7 +164,7 @@ class WorkerProcess:
         fds = (child.fileno(), self._requests.fd, self._responses.fd)
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *self.launcher.command(fds, self.ring_capacity),
+                *self.launcher.command(fds, self.ring_capacity, self.title),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self.launcher.env,

@@ -274,9 +274,11 @@ async def start_grpc_server(
     port: int,
     options: tuple[tuple[str, int], ...] = (),
     compression: str = "none",
+    tls: tuple[bytes, bytes, bytes | None] | None = None,
 ) -> grpc.aio.Server:
     """Serve `inference.GRPCInferenceService`; `options` are gRPC core channel arguments
-    (Triton's keepalive flags, SO_REUSEPORT)."""
+    (Triton's keepalive flags, SO_REUSEPORT); `tls` is (key, certificate, root certificate for
+    client certificates or None), all PEM."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", -1),
@@ -288,7 +290,14 @@ async def start_grpc_server(
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(dataplane), server
     )
-    bound = server.add_insecure_port(f"{address}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{address}:{port}")
+    else:
+        key, certificate, root = tls
+        credentials = grpc.ssl_server_credentials(
+            [(key, certificate)], root_certificates=root, require_client_auth=root is not None
+        )
+        bound = server.add_secure_port(f"{address}:{port}", credentials)
     await server.start()
     log.info("serving gRPC on %s:%d", address, bound)
     return server
