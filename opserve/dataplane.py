@@ -29,8 +29,15 @@ from opserve.repository.manager import Model, ModelManager, ModelState, ModelVer
 from opserve.response_cache import cache_key
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
+from opserve.shared_memory import SharedMemoryRegistry
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "system_shared_memory",
+)
 
 
 class DecoupledModelError(UnsupportedError):
@@ -57,6 +64,7 @@ class ModelMetadata:
 class DataPlane:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
+        self.shared_memory = SharedMemoryRegistry()  # regions clients registered
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,6 +52,14 @@ def _as_bytes(element: Any) -> bytes:
     return str(element).encode()
 
 
+class OutputBuffer(Protocol):
+    """Memory the client gave for one output (a registered shared-memory region)."""
+
+    def write(self, data: bytes | memoryview) -> memoryview:
+        """Copy an output's raw bytes there: the bytes written, as a view."""
+        ...
+
+
 @dataclass(slots=True)
 class InferenceRequest:
     model_name: str
@@ -70,6 +78,9 @@ class InferenceRequest:
     # whether the client has gone away, for a frontend that can tell cheaply: the scheduler
     # then asks instead of having the request watched
     client_gone: Callable[[], bool] | None = None
+    # outputs the client wants in its own memory: the server copies them there straight from
+    # the worker's response ring
+    output_buffers: dict[str, OutputBuffer] | None = None
 
 
 @dataclass(slots=True)
