@@ -35,7 +35,15 @@ class Region:
     byte_size: int
     view: memoryview  # the region's bytes: the object's [offset, offset + byte_size)
     mapping: mmap.mmap | None
+    fd: int  # kept open to notice an object shrunk under the mapping (touching it: SIGBUS)
     users: int = 0  # requests holding a lease
+
+    def check_size(self) -> None:
+        if os.fstat(self.fd).st_size < self.offset + self.byte_size:
+            raise InvalidArgumentError(
+                f"shared memory region '{self.name}' is smaller than when it was registered "
+                f"(its object '{self.key}' was truncated); register it again"
+            )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -58,6 +66,7 @@ class Region:
             except BufferError:
                 pass
             self.mapping = None
+        os.close(self.fd)
 
 
 class SharedMemoryRegistry:
@@ -84,9 +93,10 @@ class SharedMemoryRegistry:
                     f"failed to register shared memory region '{name}': invalid args"
                 )
             view, mapping = _map(fd, offset, byte_size, name)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, view, mapping)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, view, mapping, fd)
 
     def _open(self, key: str) -> int:
         """shm_open(key, O_RDWR) as glibc does it: one name under /dev/shm, no links."""
@@ -149,6 +159,7 @@ class SharedMemoryRegistry:
             raise InvalidArgumentError(
                 f"Invalid offset + byte size for shared memory region: '{name}'"
             )
+        region.check_size()
         region.users += 1
         return region, region.view[offset : offset + byte_size]
 

@@ -7,6 +7,7 @@ the same way); no server.
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,15 @@ def test_unregistering_while_a_view_lives_does_not_crash(registry: SharedMemoryR
     leases.release()
     registry.unregister("r")
     assert bytes(view) == bytes(range(8))
+
+
+def test_a_truncated_object_is_refused_not_touched(
+    registry: SharedMemoryRegistry, root: Path
+) -> None:
+    """Touching a mapping past the end of its object kills the process (SIGBUS): a region
+    whose object shrank is refused before any tensor is read from or written to it."""
+    registry.register("r", "/obj", 0, 64)
+    os.truncate(root / "obj", 32)
+    with pytest.raises(InvalidArgumentError, match="smaller than when it was registered"):
+        registry.leases().input("r", 0, 8)
+    registry.unregister("r")  # the refused lease holds nothing

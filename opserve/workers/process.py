@@ -2,7 +2,8 @@
 
 Executions are pipelined over a socket pair: each gets an id; the worker's answers find their
 requests by id and index. Input tensors are copied once into the request ring, outputs once out
-of the response ring; only small control messages cross the socket. The worker may also speak
+of the response ring (into the client's shared-memory region when the request names one there);
+only small control messages cross the socket. The worker may also speak
 first: a BLS request or a service call (logging, metrics) goes to the `WorkerHost`.
 """
 
