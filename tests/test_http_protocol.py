@@ -20,6 +20,7 @@ def test_health_and_server_metadata(client: httpclient.InferenceServerClient) ->
         "model_configuration",
         "model_repository",
         "statistics",
+        "system_shared_memory",
     }
 
 

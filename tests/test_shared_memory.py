@@ -524,3 +524,28 @@ def _http_protocol_errors(shm_server: RunningServer, regions: Regions) -> None:
     # none of the refused requests holds the region
     regions.client.unregister_system_shared_memory(name)
     assert regions.client.get_system_shared_memory_status() == []
+
+
+def test_grpc_stream_with_shared_memory(shm_server: RunningServer) -> None:
+    """ModelStreamInfer takes the same parameters; each answer's output lands in the region."""
+    client = grpcclient.InferenceServerClient(shm_server.grpc_url)
+    regions = Regions(client)
+    answers: list = []
+    try:
+        in0, _ = regions.make(64, A)
+        out0, out0_handle = regions.make(64)
+        inputs, outputs = simple_request("grpc", [(in0, 64), None], [(out0, 64), None])
+        client.start_stream(callback=lambda result, error: answers.append((result, error)))
+        client.async_stream_infer("simple", inputs, outputs=outputs)
+        client.stop_stream()  # waits for the answers
+        ((result, error),) = answers
+        assert error is None
+        np.testing.assert_array_equal(
+            shm.get_contents_as_numpy(out0_handle, np.int32, [1, 16]), A + B
+        )
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), A - B)
+        client.unregister_system_shared_memory()  # the stream's request holds nothing
+        assert len(client.get_system_shared_memory_status().regions) == 0
+    finally:
+        regions.destroy()
+        client.close()
