@@ -21,6 +21,7 @@ from opserve.errors import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    UnsupportedError,
 )
 from opserve.inference import InferenceResponse
 
@@ -226,6 +227,26 @@ class RegionLeases:
         for region in self._held:
             region.users -= 1
         self._held.clear()
+
+
+@dataclass(slots=True)
+class PendingLeases:
+    """A request's leases while a frontend decodes it: taken at its first tensor in shared
+    memory, so a request without one costs nothing."""
+
+    registry: SharedMemoryRegistry | None
+    taken: RegionLeases | None = None
+
+    def get(self) -> RegionLeases:
+        if self.taken is None:
+            if self.registry is None:
+                raise UnsupportedError("shared memory is not available here")
+            self.taken = self.registry.leases()
+        return self.taken
+
+    def release(self) -> None:
+        if self.taken is not None:
+            self.taken.release()
 
 
 def _map(fd: int, offset: int, byte_size: int, name: str) -> tuple[memoryview, mmap.mmap | None]:

@@ -17,7 +17,7 @@ from opserve.datatypes import NUMPY_DTYPES, element_count, serialize_bytes
 from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import service_pb2
-from opserve.shared_memory import RegionLeases, SharedMemoryRegistry
+from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
 # datatype -> the InferTensorContents field that carries it
 _CONTENTS_FIELD = {
@@ -47,27 +47,15 @@ def decode_infer_request(
 ) -> tuple[InferenceRequest, RegionLeases | None]:
     """The request, and its leases when it has tensors in shared memory (the caller releases
     them when the request is over)."""
-    leases: list[RegionLeases] = []
+    leases = PendingLeases(shared_memory)
     try:
-        return _decode_infer_request(request, shared_memory, leases), (
-            leases[0] if leases else None
-        )
+        return _decode_infer_request(request, leases), leases.taken
     except BaseException:
-        if leases:
-            leases[0].release()
+        leases.release()
         raise
 
 
-def _decode_infer_request(
-    request: Any, shared_memory: SharedMemoryRegistry | None, leases: list[RegionLeases]
-) -> InferenceRequest:
-    def regions() -> RegionLeases:
-        if not leases:
-            if shared_memory is None:
-                raise UnsupportedError("shared memory is not available here")
-            leases.append(shared_memory.leases())
-        return leases[0]
-
+def _decode_infer_request(request: Any, leases: PendingLeases) -> InferenceRequest:
     raw = request.raw_input_contents
     placements = [_shared_memory(tensor) for tensor in request.inputs]
     expected = sum(1 for p in placements if p is None)  # inputs in shared memory have no entry
@@ -91,7 +79,7 @@ def _decode_infer_request(
                     "unexpected 'content' provided when using shared memory for input tensor "
                     f"'{tensor.name}' for model '{request.model_name}'"
                 )
-            data = regions().input(*placement)
+            data = leases.get().input(*placement)
         elif raw:
             data = raw[index]
             index += 1
@@ -106,7 +94,7 @@ def _decode_infer_request(
                 raise InvalidArgumentError(
                     "output can't set both 'shared_memory_region' and 'classification'"
                 )
-            buffers[output.name] = regions().output(output.name, *placement)
+            buffers[output.name] = leases.get().output(output.name, *placement)
         if "classification" in output.parameters:
             raise UnsupportedError("classification outputs are not supported by this server")
     requested = [o.name for o in request.outputs] or None

@@ -19,7 +19,7 @@ import orjson
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
 from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
-from opserve.shared_memory import RegionLeases, SharedMemoryRegistry
+from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
 # Which kinds of JSON number a datatype accepts (numpy's array kind of the parsed list).
 _ACCEPTED_KINDS = {"BOOL": "b"}
@@ -52,32 +52,20 @@ def decode_request(
 ) -> tuple[InferenceRequest, OutputFormat]:
     """Parse a V2 inference request body (JSON, or JSON + binary tensors). Tensors in shared
     memory are leased from `shared_memory`: the caller releases `OutputFormat.regions`."""
-    leases = _Leases(shared_memory)
+    leases = PendingLeases(shared_memory)
     try:
         return _decode_request(body, header_length, model_name, model_version, leases)
     except BaseException:
-        if leases.regions is not None:
-            leases.regions.release()
+        leases.release()
         raise
 
 
-@dataclass(slots=True)
-class _Leases:
-    """The request's leases, taken when its first tensor in shared memory is met."""
-
-    registry: SharedMemoryRegistry | None
-    regions: RegionLeases | None = None
-
-    def get(self) -> RegionLeases:
-        if self.regions is None:
-            if self.registry is None:
-                raise UnsupportedError("shared memory is not available here")
-            self.regions = self.registry.leases()
-        return self.regions
-
-
 def _decode_request(
-    body: bytes, header_length: int | None, model_name: str, model_version: str, leases: _Leases
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    leases: PendingLeases,
 ) -> tuple[InferenceRequest, OutputFormat]:
     if header_length is None:
         header_length = len(body)
@@ -143,9 +131,9 @@ def _decode_request(
     # binary_data_output is the protocol's business, not the model's (as in Triton)
     parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
     request = InferenceRequest(model_name, model_version, inputs, requested, request_id, parameters)
-    output_format.regions = leases.regions
-    if leases.regions is not None and leases.regions.outputs:
-        request.output_buffers = dict(leases.regions.outputs)
+    output_format.regions = leases.taken
+    if leases.taken is not None and leases.taken.outputs:
+        request.output_buffers = dict(leases.taken.outputs)
     return request, output_format
 
 
@@ -195,7 +183,9 @@ def _shared_memory(name: str, parameters: dict[str, Any]) -> tuple[str, int, int
     return region, parameters.get("shared_memory_offset", 0), byte_size
 
 
-def _decode_input(raw: Any, binary: memoryview, offset: int, leases: _Leases) -> tuple[Tensor, int]:
+def _decode_input(
+    raw: Any, binary: memoryview, offset: int, leases: PendingLeases
+) -> tuple[Tensor, int]:
     raw = _object(raw, "input")
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     if not isinstance(name, str):
