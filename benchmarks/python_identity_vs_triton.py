@@ -21,6 +21,10 @@ load tool shares the cores with the server: compare ratios measured in one run, 
 
     python benchmarks/python_identity_vs_triton.py [--rounds 2] [--measurement-interval 3000]
         [--json results.json] [--opserve-only | --triton-only] [--peers /tmp/peers]
+        [--shared-memory system]
+
+`--shared-memory system` measures the same cells with the tensors in system shared-memory
+regions that perf_analyzer registers with the server (Triton's shared-memory extension).
 
 A server that does not become ready is reported (with the end of its log) and skipped for the rest
 of the run; the other server is still measured, and the script exits with status 1.
@@ -211,6 +215,8 @@ def perf_analyzer(
         str(args.max_trials),
         "-f",
         str(report),
+        "--shared-memory",
+        args.shared_memory,
     ]
     # at most max_trials windows, plus a generous margin for connecting and warming up
     limit = args.max_trials * args.measurement_interval / 1000 * 3 + 60
@@ -303,11 +309,12 @@ def number(measurement: Measurement | None, field: str) -> str:
     return "—" if measurement is None else f"{getattr(measurement, field):,.0f}"
 
 
-def report(results: Results, rounds: int) -> list[dict[str, object]]:
+def report(results: Results, rounds: int, shared_memory: str) -> list[dict[str, object]]:
     """Prints the Markdown table; returns the same rows (with every round) for --json."""
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; perf_analyzer, --shape {SHAPE}, "
+        f"--shared-memory {shared_memory}, "
         f"median of {rounds} round(s) A B A B"
     )
     print(
@@ -382,6 +389,13 @@ def main() -> int:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--opserve-only", action="store_true", help="measure opserve alone")
     only.add_argument("--triton-only", action="store_true", help="measure Triton alone")
+    parser.add_argument(
+        "--shared-memory",
+        choices=("none", "system"),
+        default="none",
+        help="perf_analyzer's --shared-memory: tensors in the request and response (none, the "
+        "default) or in system shared-memory regions it registers (system)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -404,7 +418,7 @@ def main() -> int:
     prepare_repository(repository)
     results, failed, cell_errors = run_rounds(servers, repository, peers, args, workdir)
 
-    rows = report(results, args.rounds)
+    rows = report(results, args.rounds, args.shared_memory)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if not failed and not cell_errors:

@@ -32,6 +32,7 @@ from opserve.response_cache import cache_key
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
 from opserve.sequence_config import FLAG_SEQUENCE_END, FLAG_SEQUENCE_START
+from opserve.shared_memory import SharedMemoryRegistry
 from opserve.tracing import Tracer
 
 EXTENSIONS = (
@@ -41,6 +42,7 @@ EXTENSIONS = (
     "statistics",
     "logging",
     "trace",
+    "system_shared_memory",
 )
 
 
@@ -80,6 +82,7 @@ class DataPlane:
         self.log = log or ServerLog(LogSettings())
         self.tracer = tracer or Tracer()
         manager.step_runner = self  # an ensemble's steps are requests through the dataplane
+        self.shared_memory = SharedMemoryRegistry()  # regions clients registered
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:

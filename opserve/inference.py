@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -53,6 +53,14 @@ def _as_bytes(element: Any) -> bytes:
     return str(element).encode()
 
 
+class OutputBuffer(Protocol):
+    """Memory the client gave for one output (a registered shared-memory region)."""
+
+    def write(self, data: bytes | memoryview) -> memoryview:
+        """Copy an output's raw bytes there: the bytes written, as a view."""
+        ...
+
+
 @dataclass(slots=True)
 class InferenceRequest:
     model_name: str
@@ -75,6 +83,9 @@ class InferenceRequest:
     # told the compute durations (input, infer, output ns) of the request once it succeeded:
     # an ensemble adds up its steps' (Triton's secondary statistics aggregator)
     stats_sink: Callable[[int, int, int], None] | None = None
+    # outputs the client wants in its own memory: the server copies them there straight from
+    # the worker's response ring
+    output_buffers: dict[str, OutputBuffer] | None = None
 
 
 @dataclass(slots=True)

@@ -140,11 +140,13 @@ CASES = {
         501,
         "classification",
     ),
-    "shared memory": (
+    "data and shared memory": (
         "/v2/models/simple/infer",
         with_input(0, parameters={"shared_memory_region": "r", "shared_memory_byte_size": 64}),
-        501,
-        "shared memory",
+        400,
+        "Input must set only one of the following fields: 'data', 'binary_data_size' in "
+        "'parameters', 'shared_memory_region' in 'parameters'. But set 'data' "
+        "'shared_memory_region'",
     ),
     "unknown model": (
         "/v2/models/nope/infer",

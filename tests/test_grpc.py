@@ -149,12 +149,6 @@ def test_errors_are_grpc_status_codes(grpc_client, model, build, code, message) 
     assert grpc_client.is_model_ready("simple")
 
 
-def test_shared_memory_is_unimplemented(grpc_client) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        grpc_client.get_system_shared_memory_status()
-    assert raised.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
-
-
 def test_async_infer(grpc_client) -> None:
     a, b, inputs = simple_inputs()
     results: queue.Queue = queue.Queue()

@@ -22,6 +22,7 @@ def test_health_and_server_metadata(client: httpclient.InferenceServerClient) ->
         "statistics",
         "logging",
         "trace",
+        "system_shared_memory",
     }
 
 

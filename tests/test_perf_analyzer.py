@@ -30,8 +30,12 @@ def cuda_runtime_dir() -> str:
     return str(found)
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_perf_analyzer(server: RunningServer, protocol: str) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "shared_memory"),
+    [("http", "none"), ("grpc", "none"), ("http", "system"), ("grpc", "system")],
+)
+def test_perf_analyzer(server: RunningServer, protocol: str, shared_memory: str) -> None:
+    """`--shared-memory system`: inputs and outputs in regions perf_analyzer registers."""
     url = server.url if protocol == "http" else server.grpc_url
     env = {**os.environ, "LD_LIBRARY_PATH": cuda_runtime_dir()}
     result = subprocess.run(
@@ -55,6 +59,8 @@ def test_perf_analyzer(server: RunningServer, protocol: str) -> None:
             "50",
             "--max-trials",
             "20",
+            "--shared-memory",
+            shared_memory,
             "-v",
         ],
         capture_output=True,

@@ -2,7 +2,8 @@
 
 Executions are pipelined over a socket pair: each gets an id; the worker's answers find their
 requests by id and index. Input tensors are copied once into the request ring, outputs once out
-of the response ring; only small control messages cross the socket. The worker may also speak
+of the response ring (into the client's shared-memory region when the request names one there);
+only small control messages cross the socket. The worker may also speak
 first: a BLS request or a service call (logging, metrics) goes to the `WorkerHost`.
 """
 
@@ -18,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from opserve.errors import InternalError, OpserveError, UnavailableError, error_from_code
-from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
+from opserve.inference import (
+    Delivery,
+    InferenceRequest,
+    InferenceResponse,
+    OutputBuffer,
+    Tensor,
+)
 from opserve.workers.channel import FrameDecoder, encode
 from opserve.workers.launcher import Launcher
 from opserve.workers.messages import (
@@ -283,10 +290,14 @@ class WorkerProcess:
 
     def _responses_arrived(self, message: Responses) -> None:
         running = self._running.get(message.id)
-        deliveries = [(wire, self._delivery(wire)) for wire in message.responses]
-        self._responses.release(message.ring_end)  # type: ignore[union-attr]
         if running is None:
+            self._responses.release(message.ring_end)  # type: ignore[union-attr]
             return
+        deliveries = [
+            (wire, self._delivery(wire, running.batch[wire.index].request.output_buffers))
+            for wire in message.responses
+        ]
+        self._responses.release(message.ring_end)  # type: ignore[union-attr]
         for wire, item in deliveries:
             if wire.final:
                 running.open.discard(wire.index)
@@ -306,27 +317,39 @@ class WorkerProcess:
         if not running.returned.done():
             running.returned.set_result(Timings(*timings))
 
-    def _delivery(self, wire: WireResponse) -> Delivery:
+    def _delivery(
+        self, wire: WireResponse, destinations: dict[str, OutputBuffer] | None
+    ) -> Delivery:
         if wire.error is not None:
             return error_from_code(wire.error.code, wire.error.message)
         if wire.outputs is None:
             return None
-        outputs = self._read_tensors(wire.outputs)
+        try:
+            outputs = self._read_tensors(wire.outputs, destinations)
+        except OpserveError as exc:  # an output does not fit the client's region
+            return exc
         return InferenceResponse("", "", outputs, parameters=wire.parameters)
 
-    def _read_tensors(self, refs: list[TensorRef]) -> list[Tensor]:
+    def _read_tensors(
+        self, refs: list[TensorRef], destinations: dict[str, OutputBuffer] | None = None
+    ) -> list[Tensor]:
+        """The tensors out of the response ring: copied into the client's shared memory for
+        the outputs it asked there, else into bytes of their own."""
         buffer = self._responses.buffer  # type: ignore[union-attr]
-        return [
-            Tensor(
-                ref.name,
-                ref.datatype,
-                ref.shape,
-                ref.inline
-                if ref.inline is not None
-                else bytes(buffer[ref.offset : ref.offset + ref.nbytes]),
-            )
-            for ref in refs
-        ]
+        tensors = []
+        for ref in refs:
+            data: bytes | memoryview
+            if ref.inline is not None:
+                data = ref.inline
+            else:
+                data = buffer[ref.offset : ref.offset + ref.nbytes]
+            destination = destinations.get(ref.name) if destinations else None
+            if destination is not None:
+                data = destination.write(data)
+            elif not isinstance(data, bytes):
+                data = bytes(data)
+            tensors.append(Tensor(ref.name, ref.datatype, ref.shape, data))
+        return tensors
 
     # the model's own requests ------------------------------------------------------------------
     def _bls_request(self, message: BlsRequest) -> InferenceRequest:

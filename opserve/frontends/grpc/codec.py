@@ -1,11 +1,14 @@
 """ModelInfer messages <-> protocol-free requests and responses.
 
 Tensors arrive in `raw_input_contents` (one entry per input, the binary extension's layout) or in
-the typed `contents` fields; responses always use `raw_output_contents`, as Triton does.
+the typed `contents` fields, or in a registered shared-memory region (`shared_memory_region`,
+`shared_memory_offset`, `shared_memory_byte_size`; such an input has no raw entry). Responses
+always use `raw_output_contents`, as Triton does; an output in shared memory has an empty one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,7 @@ from opserve.datatypes import NUMPY_DTYPES, element_count, serialize_bytes
 from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import service_pb2
+from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
 # datatype -> the InferTensorContents field that carries it
 _CONTENTS_FIELD = {
@@ -38,32 +42,106 @@ def parameter_value(parameter: Any) -> Any:
     return getattr(parameter, which) if which else None
 
 
-def decode_infer_request(request: Any) -> InferenceRequest:
+def decode_infer_request(
+    request: Any, shared_memory: SharedMemoryRegistry | None = None
+) -> tuple[InferenceRequest, RegionLeases | None]:
+    """The request, and its leases when it has tensors in shared memory (the caller releases
+    them when the request is over)."""
+    leases = PendingLeases(shared_memory)
+    try:
+        return _decode_infer_request(request, leases), leases.taken
+    except BaseException:
+        leases.release()
+        raise
+
+
+def _decode_infer_request(request: Any, leases: PendingLeases) -> InferenceRequest:
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    placements = [_shared_memory(tensor) for tensor in request.inputs]
+    expected = sum(1 for p in placements if p is None)  # inputs in shared memory have no entry
+    if raw and len(raw) != expected:
         raise InvalidArgumentError(
-            f"expected {len(request.inputs)} raw input contents, one per input, but got {len(raw)}"
+            f"expected {expected} raw input contents, one per input not in shared memory, but "
+            f"got {len(raw)}"
         )
     inputs = []
-    for index, tensor in enumerate(request.inputs):
-        if "shared_memory_region" in tensor.parameters:
-            raise UnsupportedError("shared memory inputs are not supported by this server")
+    index = 0
+    for tensor, placement in zip(request.inputs, placements, strict=True):
         if tensor.datatype not in NUMPY_DTYPES:
             raise InvalidArgumentError(
                 f"input '{tensor.name}' has an unknown datatype: {tensor.datatype!r}"
             )
         shape = tuple(int(d) for d in tensor.shape)
-        data = raw[index] if raw else _typed_contents(tensor)
+        data: bytes | memoryview
+        if placement is not None:
+            if tensor.HasField("contents"):  # Triton's words
+                raise InvalidArgumentError(
+                    "unexpected 'content' provided when using shared memory for input tensor "
+                    f"'{tensor.name}' for model '{request.model_name}'"
+                )
+            data = leases.get().input(*placement)
+        elif raw:
+            data = raw[index]
+            index += 1
+        else:
+            data = _typed_contents(tensor)
         inputs.append(Tensor(tensor.name, tensor.datatype, shape, data))
+    buffers = {}
     for output in request.outputs:
-        if "shared_memory_region" in output.parameters:
-            raise UnsupportedError("shared memory outputs are not supported by this server")
+        placement = _shared_memory(output)
+        if placement is not None:
+            if "classification" in output.parameters:  # Triton's words
+                raise InvalidArgumentError(
+                    "output can't set both 'shared_memory_region' and 'classification'"
+                )
+            buffers[output.name] = leases.get().output(output.name, *placement)
         if "classification" in output.parameters:
             raise UnsupportedError("classification outputs are not supported by this server")
     requested = [o.name for o in request.outputs] or None
     parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
-    return InferenceRequest(
+    inference = InferenceRequest(
         request.model_name, request.model_version, inputs, requested, request.id, parameters
+    )
+    if buffers:
+        inference.output_buffers = dict(buffers)
+    return inference
+
+
+def _shared_memory(tensor: Any) -> tuple[str, int, int] | None:
+    """A tensor's region, offset and byte size when its parameters place it in shared memory
+    (checked with Triton's words)."""
+    parameters = tensor.parameters
+    has_region = "shared_memory_region" in parameters
+    values = {}
+    for key, kind in (
+        ("shared_memory_region", "string_param"),
+        ("shared_memory_offset", "int64_param"),
+        ("shared_memory_byte_size", "int64_param"),
+    ):
+        if key not in parameters:
+            continue
+        if not has_region:
+            raise InvalidArgumentError(
+                f"'{key}' can not be specified without 'shared_memory_region' parameter for "
+                f"tensor '{tensor.name}'"
+            )
+        if parameters[key].WhichOneof("parameter_choice") != kind:
+            raise InvalidArgumentError(
+                f"invalid value type for '{key}' parameter for tensor '{tensor.name}', "
+                f"expected {kind}."
+            )
+        values[key] = getattr(parameters[key], kind)
+    if not has_region:
+        return None
+    if "shared_memory_byte_size" not in values:
+        raise InvalidArgumentError(
+            "'shared_memory_byte_size' must be specified along with 'shared_memory_region' "
+            f"parameter for tensor '{tensor.name}'"
+        )
+    return (
+        values["shared_memory_region"],
+        values.get("shared_memory_offset", 0),
+        values["shared_memory_byte_size"],
     )
 
 
@@ -87,7 +165,10 @@ def _typed_contents(tensor: Any) -> bytes:
         ) from None
 
 
-def encode_infer_response(response: InferenceResponse) -> Any:
+def encode_infer_response(
+    response: InferenceResponse, in_shared_memory: Container[str] = ()
+) -> Any:
+    """The response; an output in shared memory has an empty raw entry, as in Triton."""
     message = service_pb2.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
@@ -96,5 +177,6 @@ def encode_infer_response(response: InferenceResponse) -> Any:
         output.name = tensor.name
         output.datatype = tensor.datatype
         output.shape.extend(tensor.shape)
-        message.raw_output_contents.append(bytes(tensor.data))
+        shared = tensor.name in in_shared_memory
+        message.raw_output_contents.append(b"" if shared else bytes(tensor.data))
     return message

@@ -11,7 +11,13 @@ import grpc
 from google.protobuf import json_format
 
 from opserve.dataplane import DataPlane, DecoupledModelError
-from opserve.errors import ErrorCode, OpserveError, UnsupportedError
+from opserve.errors import (
+    ErrorCode,
+    InvalidArgumentError,
+    NotFoundError,
+    OpserveError,
+    UnsupportedError,
+)
 from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
 from opserve.proto import service_pb2, service_pb2_grpc
 
@@ -101,13 +107,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def infer() -> Any:
+            inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
             try:
-                response = await self.dataplane.infer(decode_infer_request(request))
+                response = await self.dataplane.infer(inference)
+                if regions is None:
+                    return encode_infer_response(response)
+                regions.place_outputs(response)
+                return encode_infer_response(response, regions.outputs)
             except DecoupledModelError:  # Triton's words
                 raise UnsupportedError(
                     "ModelInfer RPC doesn't support models with decoupled transaction policy"
                 ) from None
-            return encode_infer_response(response)
+            finally:
+                if regions is not None:
+                    regions.release()
 
         return await _answer(context, infer)
 
@@ -120,13 +133,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def handle(request: Any) -> None:
             empty_final = _flag(request, "triton_enable_empty_final_response")
+            regions = None
             try:
-                inference = decode_infer_request(request)
+                inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
                 async for item, final in self.dataplane.stream(inference):
                     if isinstance(item, OpserveError):
                         await answers.put(_stream_error(request, item))
                     elif item is not None:  # every response says whether it is the last
-                        message = encode_infer_response(item)
+                        if regions is not None:
+                            regions.place_outputs(item)
+                        message = encode_infer_response(item, regions.outputs if regions else ())
                         message.parameters["triton_final_response"].bool_param = final
                         await answers.put(
                             service_pb2.ModelStreamInferResponse(infer_response=message)
@@ -143,6 +159,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
             except OpserveError as exc:
                 await answers.put(_stream_error(request, exc))
+            finally:
+                if regions is not None:
+                    regions.release()
 
         async def read() -> None:
             async for request in request_iterator:
@@ -172,6 +191,72 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _answer(context, lambda: _log_settings(self.dataplane, request))
+
+    # shared memory (Triton's extension; CUDA answered as Triton answers without GPUs) ------
+    async def SystemSharedMemoryStatus(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        def build() -> Any:
+            response = service_pb2.SystemSharedMemoryStatusResponse()
+            for region in self.dataplane.shared_memory.status(request.name):
+                response.regions[region["name"]].CopyFrom(
+                    service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+                )
+            return response
+
+        return await _answer(context, lambda: _value(build()))
+
+    async def SystemSharedMemoryRegister(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        def register() -> Any:
+            self.dataplane.shared_memory.register(
+                request.name, request.key, request.offset, request.byte_size
+            )
+            return service_pb2.SystemSharedMemoryRegisterResponse()
+
+        return await _answer(context, lambda: _value(register()))
+
+    async def SystemSharedMemoryUnregister(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        def unregister() -> Any:
+            if request.name:
+                self.dataplane.shared_memory.unregister(request.name)
+            else:
+                self.dataplane.shared_memory.unregister_all()
+            return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+        return await _answer(context, lambda: _value(unregister()))
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def build() -> Any:
+            if request.name:
+                if self.dataplane.shared_memory.has(request.name):
+                    raise NotFoundError(
+                        f"The region named '{request.name}' is registered as system shared "
+                        "memory, not CUDA shared memory"
+                    )
+                raise NotFoundError(f"Unable to find cuda shared memory region: '{request.name}'")
+            return service_pb2.CudaSharedMemoryStatusResponse()
+
+        return await _answer(context, lambda: _value(build()))
+
+    async def CudaSharedMemoryRegister(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        def refuse() -> Any:
+            raise InvalidArgumentError(
+                f"failed to register CUDA shared memory region: '{request.name}', GPUs not "
+                "supported"
+            )
+
+        return await _answer(context, lambda: _value(refuse()))
+
+    async def CudaSharedMemoryUnregister(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        return service_pb2.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         index = self.dataplane.repository_index(request.ready)

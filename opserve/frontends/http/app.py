@@ -23,6 +23,7 @@ from opserve.errors import (
     OpserveError,
     UnsupportedError,
 )
+from opserve.frontends.http import shared_memory as shm_routes
 from opserve.frontends.http.codec import decode_request, encode_response
 from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
 from opserve.inference import Delivery
@@ -77,6 +78,15 @@ class HttpApp:
             return await _send(send, 200 if ok else 400, b"")
         if parts[0] == "repository":
             return await self._repository_route(method, parts[1:], scope, receive, send)
+        shared_memory = shm_routes.route(parts)
+        if shared_memory is not None:
+            kind, region, action = shared_memory
+            _require(method, "GET" if action == "status" else "POST")
+            body = _json_object(await _read_body(receive)) if action == "register" else {}
+            answer = shm_routes.handle(self.dataplane.shared_memory, kind, region, action, body)
+            if answer is None:
+                return await _send(send, 200, b"", _JSON)
+            return await _send_json(send, answer)
         if parts == ["trace", "setting"]:
             return await self._trace_setting(method, "", receive, send)
         if parts == ["logging"]:
@@ -181,7 +191,10 @@ class HttpApp:
             raise InvalidArgumentError(
                 "Inference-Header-Content-Length must be an integer"
             ) from None
-        request, output_format = decode_request(body, length, name, version)
+        request, output_format = decode_request(
+            body, length, name, version, self.dataplane.shared_memory
+        )
+        regions = output_format.regions
         # A request whose client goes away while it waits is dropped before it runs. uvicorn
         # marks a request's cycle when its client leaves: the scheduler looks at the mark when
         # it picks requests, which costs nothing per request; without the mark, a request that
@@ -195,6 +208,8 @@ class HttpApp:
         )
         try:
             response = await self.dataplane.infer(request)
+            if regions is not None:
+                regions.place_outputs(response)
         except DecoupledModelError:  # Triton's words
             raise UnsupportedError(
                 "HTTP end point doesn't support models with decoupled transaction policy"
@@ -212,6 +227,8 @@ class HttpApp:
         finally:
             for watcher in watchers:
                 watcher.cancel()
+            if regions is not None:
+                regions.release()
         payload, json_length = encode_response(response, output_format)
         out_headers = [
             (

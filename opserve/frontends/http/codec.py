@@ -3,7 +3,9 @@
 A request body is a JSON header, optionally followed by binary tensor data; the header's length
 is given by `Inference-Header-Content-Length`. Inputs with `parameters.binary_data_size` take
 their data, in order, from what follows the header. Outputs come back in binary when asked
-(`parameters.binary_data` per output, or `binary_data_output` for the request).
+(`parameters.binary_data` per output, or `binary_data_output` for the request). Tensors with
+`shared_memory_region` (Triton's shared-memory extension) are views of a registered region; an
+output placed there comes back without data.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import orjson
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
 from opserve.errors import InvalidArgumentError, UnsupportedError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
+from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
 # Which kinds of JSON number a datatype accepts (numpy's array kind of the parsed list).
 _ACCEPTED_KINDS = {"BOOL": "b"}
@@ -28,19 +31,42 @@ _ACCEPTED_KINDS.update({t: "iuf" for t in ("FP16", "FP32", "FP64", "BF16")})
 
 @dataclass(slots=True)
 class OutputFormat:
-    """How the client wants each output: binary or JSON."""
+    """How the client wants each output: binary, JSON, or in a shared-memory region (then the
+    response holds no data for it). `regions`: the request's leases, when it uses shared memory."""
 
     default_binary: bool = False
     binary: dict[str, bool] = field(default_factory=dict)
+    shared_memory: set[str] = field(default_factory=set)
+    regions: RegionLeases | None = None
 
     def is_binary(self, name: str) -> bool:
         return self.binary.get(name, self.default_binary)
 
 
 def decode_request(
-    body: bytes, header_length: int | None, model_name: str, model_version: str
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    shared_memory: SharedMemoryRegistry | None = None,
 ) -> tuple[InferenceRequest, OutputFormat]:
-    """Parse a V2 inference request body (JSON, or JSON + binary tensors)."""
+    """Parse a V2 inference request body (JSON, or JSON + binary tensors). Tensors in shared
+    memory are leased from `shared_memory`: the caller releases `OutputFormat.regions`."""
+    leases = PendingLeases(shared_memory)
+    try:
+        return _decode_request(body, header_length, model_name, model_version, leases)
+    except BaseException:
+        leases.release()
+        raise
+
+
+def _decode_request(
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    leases: PendingLeases,
+) -> tuple[InferenceRequest, OutputFormat]:
     if header_length is None:
         header_length = len(body)
     elif not 0 <= header_length <= len(body):
@@ -61,7 +87,7 @@ def decode_request(
     offset = 0
     inputs: list[Tensor] = []
     for raw in raw_inputs:
-        tensor, used = _decode_input(raw, binary, offset)
+        tensor, used = _decode_input(raw, binary, offset, leases)
         inputs.append(tensor)
         offset += used
     if offset != len(binary):
@@ -82,8 +108,18 @@ def decode_request(
             if not isinstance(name, str):
                 raise InvalidArgumentError("every requested output needs a 'name'")
             out_parameters = _object(raw.get("parameters"), f"parameters of output '{name}'")
-            if "shared_memory_region" in out_parameters:
-                raise UnsupportedError("shared memory outputs are not supported by this server")
+            placement = _shared_memory(name, out_parameters)
+            if placement is not None:
+                if "classification" in out_parameters:  # Triton's words
+                    raise InvalidArgumentError(
+                        "Output can't set both 'shared_memory_region' and 'classification'"
+                    )
+                if _flag(out_parameters, "binary_data"):
+                    raise InvalidArgumentError(
+                        "Output can't set both 'shared_memory_region' and 'binary_data'"
+                    )
+                leases.get().output(name, *placement)
+                output_format.shared_memory.add(name)
             if out_parameters.get("classification"):
                 raise UnsupportedError("classification outputs are not supported by this server")
             if "binary_data" in out_parameters:
@@ -95,6 +131,9 @@ def decode_request(
     # binary_data_output is the protocol's business, not the model's (as in Triton)
     parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
     request = InferenceRequest(model_name, model_version, inputs, requested, request_id, parameters)
+    output_format.regions = leases.taken
+    if leases.taken is not None and leases.taken.outputs:
+        request.output_buffers = dict(leases.taken.outputs)
     return request, output_format
 
 
@@ -113,7 +152,40 @@ def _flag(parameters: dict[str, Any], key: str) -> bool:
     return value
 
 
-def _decode_input(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+def _shared_memory(name: str, parameters: dict[str, Any]) -> tuple[str, int, int] | None:
+    """A tensor's region, offset and byte size, when its parameters place it in shared memory."""
+    region = parameters.get("shared_memory_region")
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        value = parameters.get(key)
+        if value is None:
+            continue
+        if region is None:  # Triton's words (gRPC)
+            raise InvalidArgumentError(
+                f"'{key}' can not be specified without 'shared_memory_region' parameter for "
+                f"tensor '{name}'"
+            )
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgumentError(
+                f"Unable to parse '{key}' of tensor '{name}': expected a non-negative integer"
+            )
+    if region is None:
+        return None
+    if not isinstance(region, str):
+        raise InvalidArgumentError(
+            f"Unable to parse 'shared_memory_region' of tensor '{name}': expected a string"
+        )
+    byte_size = parameters.get("shared_memory_byte_size")
+    if byte_size is None:
+        raise InvalidArgumentError(
+            "'shared_memory_byte_size' must be specified along with 'shared_memory_region' "
+            f"parameter for tensor '{name}'"
+        )
+    return region, parameters.get("shared_memory_offset", 0), byte_size
+
+
+def _decode_input(
+    raw: Any, binary: memoryview, offset: int, leases: PendingLeases
+) -> tuple[Tensor, int]:
     raw = _object(raw, "input")
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     if not isinstance(name, str):
@@ -125,8 +197,17 @@ def _decode_input(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, in
     ):
         raise InvalidArgumentError(f"input '{name}' needs a 'shape' array of integers")
     parameters = _object(raw.get("parameters"), f"parameters of input '{name}'")
-    if "shared_memory_region" in parameters:
-        raise UnsupportedError("shared memory inputs are not supported by this server")
+    placement = _shared_memory(name, parameters)
+    if placement is not None:
+        if "data" in raw or "binary_data_size" in parameters:  # Triton's words
+            given = " 'data'" if "data" in raw else ""
+            given += " 'binary_data_size'" if "binary_data_size" in parameters else ""
+            raise InvalidArgumentError(
+                "Input must set only one of the following fields: 'data', 'binary_data_size' in "
+                f"'parameters', 'shared_memory_region' in 'parameters'. But set{given} "
+                "'shared_memory_region'"
+            )
+        return Tensor(name, datatype, tuple(shape), leases.get().input(*placement)), 0
     size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -209,7 +290,9 @@ def encode_response(
             "datatype": tensor.datatype,
             "shape": list(tensor.shape),
         }
-        if output_format.is_binary(tensor.name):
+        if tensor.name in output_format.shared_memory:
+            pass  # its data is in the client's region
+        elif output_format.is_binary(tensor.name):
             entry["parameters"] = {"binary_data_size": len(tensor.data)}
             binary_parts.append(tensor.data)
         else:
