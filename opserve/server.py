@@ -74,6 +74,8 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 None
                 if settings.grpc_tls is None
                 else (settings.grpc_tls.key, settings.grpc_tls.certificate, settings.grpc_tls.root),
+                settings.grpc_restrictions,
+                settings.grpc_forward,
             )
         if settings.allow_metrics:
             metrics = MetricsServer(
@@ -105,7 +107,7 @@ async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.http_address, settings.http_port))
     config = uvicorn.Config(
-        HttpApp(dataplane),
+        HttpApp(dataplane, settings.http_restrictions, settings.http_forward),
         http="httptools",
         lifespan="off",
         access_log=False,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from opserve.errors import OpserveError
+from opserve.frontends.access import Restriction, compile_pattern, parse_restrictions
 from opserve.ops import library_framework
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
@@ -54,6 +56,10 @@ class ServerSettings:
     grpc_options: tuple[tuple[str, int], ...] = ()
     grpc_compression: str = "none"
     grpc_tls: GrpcTls | None = None
+    http_restrictions: dict[str, Restriction] = field(default_factory=dict)
+    grpc_restrictions: dict[str, Restriction] = field(default_factory=dict)
+    http_forward: re.Pattern[str] | None = None  # --http-header-forward-pattern
+    grpc_forward: re.Pattern[str] | None = None
     counter_latencies: bool = True
     cpu_metrics: bool = True
     default_max_batch_size: dict[str, int] = field(default_factory=dict)  # backend ("" all) -> size
@@ -101,6 +107,18 @@ class ServerSettings:
             grpc_options=_grpc_options(triton),
             grpc_compression=triton["grpc_infer_response_compression_level"],
             grpc_tls=_grpc_tls(triton),
+            http_restrictions=parse_restrictions(
+                triton["http_restricted_api"], "--http-restricted-api"
+            ),
+            grpc_restrictions=parse_restrictions(
+                triton["grpc_restricted_protocol"], "--grpc-restricted-protocol"
+            ),
+            http_forward=compile_pattern(
+                triton["http_header_forward_pattern"], "--http-header-forward-pattern"
+            ),
+            grpc_forward=compile_pattern(
+                triton["grpc_header_forward_pattern"], "--grpc-header-forward-pattern"
+            ),
             counter_latencies=_metrics_config(triton["metrics_config"]),
             cpu_metrics=triton["allow_cpu_metrics"],
             default_max_batch_size=_backend_config(triton["backend_config"]),

@@ -144,9 +144,8 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--http-header-forward-pattern",
         _S,
         "",
-        "must be empty: forwarding HTTP headers as request parameters is not supported",
+        "HTTP headers of inference requests whose names match become request parameters",
         "REGEX",
-        refuse=_only("", "--http-header-forward-pattern is not supported"),
     ),
     TritonFlag(
         "--http-thread-count",
@@ -160,10 +159,10 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--http-restricted-api",
         _S,
         [],
-        "must not be given: restricting HTTP APIs by header is not supported",
-        "APIS,KEY=VALUE",
+        "APIS:KEY=VALUE: calls to these APIs (health, metadata, inference, shared-memory, "
+        "model-config, model-repository, statistics, trace, logging) need that header",
+        "APIS:KEY=VALUE",
         repeat=True,
-        refuse=_only([], "--http-restricted-api is not supported"),
     ),
     TritonFlag(
         "--reuse-grpc-port",
@@ -176,9 +175,8 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--grpc-header-forward-pattern",
         _S,
         "",
-        "must be empty: forwarding gRPC headers as request parameters is not supported",
+        "gRPC metadata of inference requests whose keys match become request parameters",
         "REGEX",
-        refuse=_only("", "--grpc-header-forward-pattern is not supported"),
     ),
     TritonFlag("--grpc-infer-allocation-pool-size", _I, 8, _POOLS, "N", effect=NO_EFFECT),
     TritonFlag(
@@ -238,10 +236,10 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--grpc-restricted-protocol",
         _S,
         [],
-        "must not be given: restricting gRPC protocols by header is not supported",
-        "PROTOCOLS,KEY=VALUE",
+        "PROTOCOLS:KEY=VALUE: calls of these protocols (as --http-restricted-api) need that "
+        "metadata",
+        "PROTOCOLS:KEY=VALUE",
         repeat=True,
-        refuse=_only([], "--grpc-restricted-protocol is not supported"),
     ),
     TritonFlag(
         "--allow-sagemaker",

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
@@ -362,3 +363,73 @@ def test_grpc_over_mutual_tls(repository: Path, tmp_path: Path) -> None:
         plain = grpcclient.InferenceServerClient(url)
         with pytest.raises(InferenceServerException):
             plain.is_server_live()
+
+
+# restricted APIs and forwarded headers ------------------------------------------------------------
+def test_restricted_apis_need_their_header_and_forwarded_headers_reach_the_model(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from tests.test_python_models import place_python_model
+
+    repo = tmp_path / "repository"
+    place_python_model(repo, "add_sub")
+    args = [
+        "--http-restricted-api=model-repository,statistics:admin-key=secret",
+        "--grpc-restricted-protocol=inference:token=t1",
+        "--http-header-forward-pattern=^x-fwd-",
+        "--grpc-header-forward-pattern=^x-fwd-",
+    ]
+    with RunningServer([repo], args) as server:
+        base = f"http://{server.url}/v2"
+        refused = requests.get(f"{base}/models/stats")
+        assert refused.status_code == 403
+        assert refused.json() == {"error": "This API is restricted, expecting header 'admin-key'"}
+        assert requests.get(f"{base}/models/stats", headers={"admin-key": "secret"}).ok
+        assert (
+            requests.post(f"{base}/repository/index", headers={"admin-key": "no"}).status_code
+            == 403
+        )
+        assert requests.get(f"{base}/health/ready").ok  # not restricted
+
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = httpclient.InferInput(name, [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+            inputs.append(tensor)
+        http = httpclient.InferenceServerClient(server.url)
+        result = http.infer("add_sub", inputs, headers={"X-Fwd-Tenant": "a", "X-Other": "b"})
+        parameters = json.loads(result.as_numpy("ARGS")[0, 0])["parameters"]
+        assert parameters == {"x-fwd-tenant": "a"}
+
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        grpc_inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = grpcclient.InferInput(name, [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+            grpc_inputs.append(tensor)
+        with pytest.raises(InferenceServerException) as denied:
+            grpc.infer("add_sub", grpc_inputs)
+        assert denied.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert "This protocol is restricted, expecting header 'token'" in denied.value.message()
+        result = grpc.infer("add_sub", grpc_inputs, headers={"token": "t1", "x-fwd-zone": "z"})
+        parameters = json.loads(result.as_numpy("ARGS")[0, 0])["parameters"]
+        assert parameters == {"x-fwd-zone": "z"}
+        assert grpc.is_server_live()  # health is not restricted
+        grpc.close()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--http-restricted-api=everything:k=v", "unknown API 'everything'"),
+        ("--grpc-restricted-protocol=inference", "must read <apis>:<key>=<value>"),
+        ("--http-header-forward-pattern=(", "is not a regular expression"),
+    ],
+)
+def test_bad_access_flags_are_refused(flag: str, message: str) -> None:
+    args, _ = parse(flag)
+    triton, _ = triton_values(args)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerSettings.from_flags(args, triton)

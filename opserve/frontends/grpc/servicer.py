@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from opserve.errors import (
     OpserveError,
     UnsupportedError,
 )
+from opserve.frontends.access import GRPC_CATEGORIES, Restriction, forwarded, refusal
 from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
 from opserve.proto import service_pb2, service_pb2_grpc
 
@@ -51,9 +53,33 @@ async def _value(value: T) -> T:
     return value
 
 
+class _Restricted(grpc.aio.ServerInterceptor):
+    """--grpc-restricted-protocol: calls of a restricted protocol need its metadata."""
+
+    def __init__(self, restrictions: dict[str, Restriction]) -> None:
+        self.restrictions = restrictions
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method = details.method.rsplit("/", 1)[-1]
+        category = GRPC_CATEGORIES.get(method, "metadata")
+        refused = refusal(
+            self.restrictions, category, details.invocation_metadata or (), "protocol"
+        )
+        if refused is None:
+            return await continuation(details)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
+
+        if method == "ModelStreamInfer":
+            return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, forward: re.Pattern[str] | None = None) -> None:
         self.dataplane = dataplane
+        self.forward = forward  # --grpc-header-forward-pattern
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
@@ -108,6 +134,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def infer() -> Any:
             inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+            if self.forward is not None:
+                metadata = context.invocation_metadata() or ()
+                inference.parameters.update(forwarded(self.forward, metadata))
             try:
                 response = await self.dataplane.infer(inference)
                 if regions is None:
@@ -136,6 +165,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             regions = None
             try:
                 inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+                if self.forward is not None:
+                    metadata = context.invocation_metadata() or ()
+                    inference.parameters.update(forwarded(self.forward, metadata))
                 async for item, final in self.dataplane.stream(inference):
                     if isinstance(item, OpserveError):
                         await answers.put(_stream_error(request, item))
@@ -360,6 +392,8 @@ async def start_grpc_server(
     options: tuple[tuple[str, int], ...] = (),
     compression: str = "none",
     tls: tuple[bytes, bytes, bytes | None] | None = None,
+    restrictions: dict[str, Restriction] | None = None,
+    forward: re.Pattern[str] | None = None,
 ) -> grpc.aio.Server:
     """Serve `inference.GRPCInferenceService`; `options` are gRPC core channel arguments
     (Triton's keepalive flags, SO_REUSEPORT); `tls` is (key, certificate, root certificate for
@@ -371,9 +405,10 @@ async def start_grpc_server(
             *options,
         ],
         compression=COMPRESSION[compression],
+        interceptors=[_Restricted(restrictions)] if restrictions else None,
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane), server
+        InferenceServicer(dataplane, forward), server
     )
     if tls is None:
         bound = server.add_insecure_port(f"{address}:{port}")

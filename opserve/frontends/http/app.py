@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import gzip
 import logging
+import re
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from opserve.errors import (
     OpserveError,
     UnsupportedError,
 )
+from opserve.frontends.access import Restriction, forwarded, http_category, refusal
 from opserve.frontends.http import shared_memory as shm_routes
 from opserve.frontends.http.codec import decode_request, encode_response
 from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
@@ -47,8 +49,15 @@ MAX_BODY_BYTES = 1 << 31
 
 
 class HttpApp:
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        restrictions: dict[str, Restriction] | None = None,
+        forward: re.Pattern[str] | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.restrictions = restrictions or {}  # --http-restricted-api
+        self.forward = forward  # --http-header-forward-pattern
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,6 +78,11 @@ class HttpApp:
         if not parts or parts[0] != "v2":
             raise NotFoundError(f"unknown path '{scope['path']}'")
         parts = parts[1:]
+        if self.restrictions:
+            headers = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
+            refused = refusal(self.restrictions, http_category(parts), headers, "API")
+            if refused is not None:
+                return await _send_error(send, OpserveError(refused), 403)
         if not parts:
             _require(method, "GET")
             return await _send_json(send, self.dataplane.server_metadata())
@@ -195,6 +209,9 @@ class HttpApp:
             body, length, name, version, self.dataplane.shared_memory
         )
         regions = output_format.regions
+        if self.forward is not None:
+            pairs = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
+            request.parameters.update(forwarded(self.forward, pairs))
         # A request whose client goes away while it waits is dropped before it runs. uvicorn
         # marks a request's cycle when its client leaves: the scheduler looks at the mark when
         # it picks requests, which costs nothing per request; without the mark, a request that
