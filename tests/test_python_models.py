@@ -493,6 +493,17 @@ def test_finalize_runs_at_unload(tmp_path: Path) -> None:
         assert running.log().count("add_sub finalized") == 2  # both instances
 
 
+def test_finalize_runs_when_the_server_stops(tmp_path: Path) -> None:
+    """SIGTERM unloads every model before the server exits, as Triton's shutdown does."""
+    repo = tmp_path / "repository"
+    place_python_model(repo, "add_sub")
+    running = RunningServer([repo])
+    with running:
+        assert httpclient.InferenceServerClient(running.url).is_model_ready("add_sub")
+    assert running.process is not None and running.process.returncode == 0
+    assert running.log().count("add_sub finalized") == 2
+
+
 # execution environments --------------------------------------------------------------------------
 def numpy_environment() -> Path:
     """A virtual environment with numpy and nothing of the server's (cached under .cache/)."""
