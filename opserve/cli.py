@@ -251,7 +251,21 @@ def _reexec_without_preload(argv: list[str]) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env[PRELOAD_HANDOFF] = preload
-    os.execve(sys.executable, [sys.executable, "-m", "opserve", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-c", _rerun_code(), *argv], env)
+
+
+def _rerun_code() -> str:
+    """Python code that runs this very `opserve` again, whatever the working directory holds
+    (`python -m opserve` would take a folder named `opserve` there, a clone, for the package):
+    this process's sys.path, then the folder that holds the running package."""
+    import opserve
+
+    package_root = str(Path(opserve.__file__).resolve().parent.parent)
+    path = [*sys.path, package_root]
+    return (
+        f"import sys; sys.path[:] = {path!r}; "
+        "from opserve.cli import main; raise SystemExit(main())"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
