@@ -16,11 +16,17 @@ from opserve.config import model_config_for
 from opserve.config.support import check_fields
 from opserve.ensemble import build_graph, check_steps, is_ensemble
 from opserve.errors import OpserveError
+from opserve.hints import missing_model_file
 from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
 from opserve.ops.resolve import resolve_model_libraries
 from opserve.proto import ModelConfig
-from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.repository.layout import (
+    find_models,
+    no_versions_reason,
+    select_versions,
+    version_folders,
+)
 from opserve.schema import ModelSchema
 from opserve.sequence_config import SequenceSettings
 from opserve.warmup import warmup_samples
@@ -110,11 +116,12 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
     except OpserveError as exc:
         report.problems.append(exc.message)
         return report
+    available = version_folders(folder)
     if is_ensemble(config):
         report.backend = config.platform
-        report.versions = select_versions(config, version_folders(folder))
+        report.versions = select_versions(config, available)
         if not report.versions:
-            report.problems.append(f"no version folders found in '{folder}'")
+            report.problems.append(no_versions_reason(config, folder, available))
         report.problems += ensemble_problems(config, folders)
         return report
     report.backend = config.backend
@@ -147,16 +154,15 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
             SequenceSettings.from_config(config, folder)
         except OpserveError as exc:
             report.problems.append(exc.message)
-    report.versions = select_versions(config, version_folders(folder))
+    report.versions = select_versions(config, available)
     if not report.versions:
-        report.problems.append(f"no version folders found in '{folder}'")
+        report.problems.append(no_versions_reason(config, folder, available))
     framework = BACKEND_FRAMEWORKS.get(config.backend)
     for version in report.versions:
         version_dir = folder / str(version)
-        if not (version_dir / config.default_model_filename).exists():
-            report.problems.append(
-                f"version {version}: model file '{version_dir / config.default_model_filename}' is missing"
-            )
+        model_file = version_dir / config.default_model_filename
+        if not model_file.exists():
+            report.problems.append(f"version {version}: {missing_model_file(model_file)}")
         try:
             own = resolve_model_libraries(config, folder, version_dir, roots)
         except OpserveError as exc:
@@ -205,7 +211,19 @@ def ensemble_problems(config: ModelConfig, folders: dict[str, Path]) -> list[str
     return []
 
 
-def format_report(report: RepositoryReport) -> str:
+SHOWN_OPS = 5  # ops of a library that `opserve check` names without --verbose
+
+
+def describe_ops(ops: list[str], verbose: bool = False) -> str:
+    """A library's ops: all of them when few or `verbose`, else a count and the first few."""
+    if not ops:
+        return "no ops found"
+    if verbose or len(ops) <= SHOWN_OPS:
+        return ", ".join(ops)
+    return f"{len(ops)} ops: {', '.join(ops[:SHOWN_OPS])}, ... (--verbose lists them all)"
+
+
+def format_report(report: RepositoryReport, verbose: bool = False) -> str:
     lines: list[str] = []
     for problem in report.problems:
         lines.append(f"error: {problem}")
@@ -217,7 +235,7 @@ def format_report(report: RepositoryReport) -> str:
         )
         for library in model.libraries:
             facts = report.libraries.get(library)
-            ops = ", ".join(facts.ops) if facts and facts.ops else "no ops found"
+            ops = describe_ops(facts.ops if facts else [], verbose)
             lines.append(f"         op library {library}: {ops}")
         for problem in model.problems:
             lines.append(f"         error: {problem}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from opserve import __version__
+from opserve.errors import OpserveError
 from opserve.triton_flags import add_triton_flags, parse_boolean, triton_values
 
 _boolean = parse_boolean
@@ -198,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder from which models may name op libraries by absolute path",
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument(
+        "--verbose",
+        action="store_true",
+        help="name every op of each op library (by default: a count and the first few)",
+    )
 
     ops = commands.add_parser("ops", help="custom-op library tools")
     ops_commands = ops.add_subparsers(dest="ops_command", metavar="COMMAND", required=True)
@@ -213,11 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _repository_error(command: str, repositories: list[Path]) -> bool:
+    """Print the one-line error of the first repository that cannot be served (it does not
+    exist, or it is one model's folder); `serve` and `check` say it alike."""
+    from opserve.repository.layout import repository_problem
+
+    for repository in repositories:
+        problem = repository_problem(repository)
+        if problem is not None:
+            print(f"opserve {command}: error: {problem}", file=sys.stderr)
+            return True
+    return False
+
+
 def _check(args: argparse.Namespace) -> int:
     from opserve.check import check_repository, format_report
 
+    if _repository_error("check", args.model_repository):
+        return 2
     report = check_repository(args.model_repository, args.op_library, args.op_library_root)
-    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    print(
+        json.dumps(report.to_json(), indent=2)
+        if args.json
+        else format_report(report, verbose=args.verbose)
+    )
     return 0 if report.ok else 1
 
 
@@ -251,7 +276,21 @@ def _reexec_without_preload(argv: list[str]) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env[PRELOAD_HANDOFF] = preload
-    os.execve(sys.executable, [sys.executable, "-m", "opserve", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-c", _rerun_code(), *argv], env)
+
+
+def _rerun_code() -> str:
+    """Python code that runs this very `opserve` again, whatever the working directory holds
+    (`python -m opserve` would take a folder named `opserve` there, a clone, for the package):
+    this process's sys.path, then the folder that holds the running package."""
+    import opserve
+
+    package_root = str(Path(opserve.__file__).resolve().parent.parent)
+    path = [*sys.path, package_root]
+    return (
+        f"import sys; sys.path[:] = {path!r}; "
+        "from opserve.cli import main; raise SystemExit(main())"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
+        if _repository_error("serve", [*args.model_repository, *(args.model_store or [])]):
+            return 2
         _reexec_without_preload(argv)
         return _serve(args)
     if args.command == "check":
@@ -301,3 +342,6 @@ def _serve(args: argparse.Namespace) -> int:
         return run(settings, server_log)
     except KeyboardInterrupt:
         return 0
+    except OpserveError as exc:  # the repositories as a whole (one model name in two of them)
+        print(f"opserve serve: error: {exc.message}", file=sys.stderr)
+        return 2

@@ -162,7 +162,16 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
         'name: "bad_syntax"\nmax_batch_size: 4\ninput [ { name: "X" \n',
     )
     models.write_model(repo, "wrong_name", models.identity(), 'name: "another_name"\n')
-    models.write_model(repo, "no_versions", None, 'backend: "onnxruntime"\n', versions=())
+    # a version folder with a name that is not a number
+    models.write_model(repo, "no_versions", None, 'backend: "onnxruntime"\n', versions=("v1",))
+    models.write_model(
+        repo, "misnamed_file", models.identity(), 'backend: "onnxruntime"\n', filename="my.onnx"
+    )
+    models.write_model(repo, "platform_typo", models.identity(), 'platform: "onnxruntime_onx"\n')
+    models.write_model(repo, "backend_typo", models.identity(), 'backend: "onxruntime"\n')
+    models.write_model(
+        repo, "policy_missing", models.identity(), "version_policy { specific { versions: [3] } }\n"
+    )
     models.write_model(
         repo,
         "unknown_tensor",

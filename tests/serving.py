@@ -41,8 +41,13 @@ class RunningServer:
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         startup_timeout: float = 120.0,
+        cwd: Path | None = None,
+        program: list[str] | None = None,
     ) -> None:
+        """`program` runs opserve (default: `python -m opserve`); `cwd` is its working directory."""
         self.repositories = repositories
+        self.cwd = cwd
+        self.program = program or [sys.executable, "-m", "opserve"]
         self.extra_args = extra_args or []
         self.env = env
         self.port = free_port()
@@ -71,9 +76,7 @@ class RunningServer:
 
     def __enter__(self) -> RunningServer:
         command = [
-            sys.executable,
-            "-m",
-            "opserve",
+            *self.program,
             "serve",
             "--http-address",
             "127.0.0.1",
@@ -98,7 +101,7 @@ class RunningServer:
         env.update(self.env or {})
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=self.cwd
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import models
 from tests.serving import children, mapped
 
 
@@ -73,3 +74,39 @@ def test_models_run_in_worker_processes_not_in_the_server(server) -> None:
     assert workers, "the server has no worker processes"
     assert not mapped(server.process.pid, "onnxruntime")
     assert any(mapped(worker, "onnxruntime") for worker in workers)
+
+
+def test_serve_and_check_say_alike_that_a_repository_does_not_exist(tmp_path) -> None:
+    missing = tmp_path / "nope"
+    for command in ("serve", "check"):
+        result = run(command, "--model-repository", str(missing))
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"opserve {command}: error: model repository '{missing}' does not exist\n"
+        )
+
+
+def test_a_model_folder_passed_as_the_repository_names_the_folder_to_pass(tmp_path) -> None:
+    repository = tmp_path / "repo"
+    folder = models.write_model(repository, "simple", models.identity(), 'name: "simple"\n')
+    for command in ("serve", "check"):
+        result = run(command, "--model-repository", str(folder))
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"opserve {command}: error: '{folder}' looks like a model folder, not a model "
+            f"repository: it holds config.pbtxt and the version folder 1/; pass the folder "
+            f"that contains it: --model-repository {repository}\n"
+        )
+
+
+def test_check_counts_the_ops_of_a_library_unless_verbose(example_repository: Path) -> None:
+    library = example_repository / "text_ops" / "libortextensions.so"
+    short = run("check", "--model-repository", str(example_repository))
+    assert short.returncode == 0, short.stdout + short.stderr
+    line = next(x for x in short.stdout.splitlines() if f"op library {library}" in x)
+    count = int(line.split(": ", 1)[1].split(" ops: ")[0])
+    assert count > 5 and line.endswith(", ... (--verbose lists them all)")
+    assert len(line.split(" ops: ")[1].split(", ")) == 6  # the first five, then "..."
+    verbose = run("check", "--model-repository", str(example_repository), "--verbose")
+    line = next(x for x in verbose.stdout.splitlines() if f"op library {library}" in x)
+    assert len(line.split(": ", 1)[1].split(", ")) == count

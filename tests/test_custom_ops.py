@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import requests
 import tritonclient.http as httpclient
 
 from tests import models
-from tests.conftest import SIMPLE_CONFIG, custom_op_config
+from tests.conftest import ROOT, SIMPLE_CONFIG, custom_op_config
 from tests.serving import RunningServer
 
 
@@ -73,11 +74,26 @@ def test_server_wide_op_library_flag(
         assert client.is_model_ready("simple")
 
 
-def test_ld_preload_keeps_working(
+def test_ld_preload_keeps_working_from_the_folder_that_holds_the_clone(
     plain_repository: Path, my_ops_library: Path, tmp_path: Path
 ) -> None:
-    env = {"LD_PRELOAD": str(my_ops_library)}
-    with RunningServer([plain_repository], env=env, log_path=tmp_path / "log") as server:
+    """With LD_PRELOAD set, `opserve serve` runs itself again without it. Started from the
+    folder that holds the clone (named `opserve`, as `git clone` names it), where
+    `python -m opserve` would take the clone for the package, it still runs the same opserve."""
+    (tmp_path / "opserve").symlink_to(ROOT, target_is_directory=True)
+    # the console script's code, with no PYTHONPATH: opserve is found as installed
+    console_script = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from opserve.cli import main; raise SystemExit(main())"
+    )
+    env = {"LD_PRELOAD": str(my_ops_library), "PYTHONPATH": ""}
+    with RunningServer(
+        [plain_repository.resolve()],
+        env=env,
+        log_path=tmp_path / "log",
+        cwd=tmp_path,
+        program=[sys.executable, "-c", console_script],
+    ) as server:
         client = httpclient.InferenceServerClient(server.url)
         np.testing.assert_array_equal(
             add_one(client, "uses_add_one"), np.ones((2, 4), dtype=np.float32)

@@ -114,7 +114,27 @@ def test_autocomplete_without_batching(client) -> None:
     [
         ("bad_syntax", "bad_syntax/config.pbtxt:3:17: invalid model configuration"),
         ("wrong_name", "model name 'another_name'"),
-        ("no_versions", "no version folders"),
+        (
+            "no_versions",
+            "no_versions': it holds config.pbtxt, v1/; version folders have numeric names such as 1/",
+        ),
+        (
+            "misnamed_file",
+            "misnamed_file/1' holds 'my.onnx': rename it to 'model.onnx' or set "
+            'default_model_filename: "my.onnx" in config.pbtxt',
+        ),
+        (
+            "platform_typo",
+            "unsupported platform 'onnxruntime_onx' for model 'platform_typo'; valid platforms: "
+            "ensemble, onnxruntime_onnx, pytorch_libtorch, tensorflow_graphdef, "
+            "tensorflow_savedmodel, tensorrt_plan (did you mean 'onnxruntime_onnx'?)",
+        ),
+        (
+            "backend_typo",
+            "unsupported backend 'onxruntime' for model 'backend_typo'; valid backends: "
+            "onnxruntime, python, pytorch, tensorflow, tensorrt (did you mean 'onnxruntime'?)",
+        ),
+        ("policy_missing", "policy_missing' has only version folder 1"),
         ("unknown_tensor", "unexpected input 'NOPE'"),
         (
             "gpu_instance",

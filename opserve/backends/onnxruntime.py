@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from opserve.backends.base import Backend, BackendContext, translated
 from opserve.errors import UnavailableError
+from opserve.hints import missing_model_file
 from opserve.signature import ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class OnnxRuntimeBackend(Backend):
         if path.is_dir():  # a folder holding model.onnx and its external data
             path = path / "model.onnx"
         if not path.exists():
-            raise UnavailableError(f"model file '{path}' does not exist")
+            raise UnavailableError(missing_model_file(path))
         try:
             self._session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]

@@ -24,6 +24,7 @@ from typing import Any
 from opserve.backends import pb_utils
 from opserve.backends.base import Backend, BackendContext, Description, Reply, Request
 from opserve.errors import InternalError, OpserveError, UnavailableError
+from opserve.hints import missing_model_file
 
 MODULE_NAME = "triton_python_backend_utils"
 _OURS = str(Path(__file__).resolve().parent)  # frames of the backend itself are not the model's
@@ -60,7 +61,7 @@ class PythonBackend(Backend):
             )
             path = self.context.model_path
             if not path.is_file():
-                raise UnavailableError(f"{self._label}: model file '{path}' does not exist")
+                raise UnavailableError(f"{self._label}: {missing_model_file(path)}")
             # as Triton: the version folder and the model folder are on the path, for the
             # model's own modules
             for folder in (self.context.version_dir, self.context.model_dir):

@@ -19,6 +19,7 @@ from opserve.errors import (
     UnavailableError,
     UnsupportedError,
 )
+from opserve.hints import missing_model_file
 from opserve.proto import model_config_pb2
 from opserve.sequence_config import sequence_input_names, sequence_output_names
 from opserve.signature import ModelSignature
@@ -47,7 +48,7 @@ class PyTorchBackend(Backend):
         self._device = self._choose_device()
         path = self.context.model_path
         if not path.exists():
-            raise UnavailableError(f"model file '{path}' does not exist")
+            raise UnavailableError(missing_model_file(path))
         try:
             module = torch.jit.load(str(path), map_location=self._device)
         except Exception as exc:

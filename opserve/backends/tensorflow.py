@@ -26,6 +26,7 @@ from opserve.backends.base import (  # noqa: E402
 )
 from opserve.datatypes import numpy_to_v2  # noqa: E402
 from opserve.errors import OpserveError, UnavailableError  # noqa: E402
+from opserve.hints import missing_model_file  # noqa: E402
 from opserve.signature import ModelSignature, TensorSpec  # noqa: E402
 
 
@@ -63,7 +64,7 @@ class TensorFlowBackend(Backend):
             self.loaded_op_libraries.append(library)
         path = self.context.model_path
         if not path.exists():
-            raise UnavailableError(f"model file '{path}' does not exist")
+            raise UnavailableError(missing_model_file(path))
         try:
             if self.context.config.platform == "tensorflow_graphdef":
                 self._load_graphdef(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from opserve.ensemble import ENSEMBLE_PLATFORM
 from opserve.errors import InvalidArgumentError
+from opserve.hints import is_version_name, no_version_folders, with_closest
 from opserve.proto import ModelConfig
 
 
@@ -48,7 +49,12 @@ def normalize_platform(config: ModelConfig, model_dir: Path) -> Platform:
         platform = next((p for p in PLATFORMS if p.platform == config.platform), None)
         if platform is None:
             raise InvalidArgumentError(
-                f"unsupported platform '{config.platform}' for model '{config.name}'"
+                with_closest(
+                    f"unsupported platform '{config.platform}' for model '{config.name}'",
+                    config.platform,
+                    [p.platform for p in PLATFORMS] + [ENSEMBLE_PLATFORM],
+                    "platforms",
+                )
             )
         if config.backend and config.backend != platform.backend:
             raise InvalidArgumentError(
@@ -59,11 +65,20 @@ def normalize_platform(config: ModelConfig, model_dir: Path) -> Platform:
         candidates = [p for p in PLATFORMS if p.backend == config.backend]
         if not candidates:
             raise InvalidArgumentError(
-                f"unsupported backend '{config.backend}' for model '{config.name}'"
+                with_closest(
+                    f"unsupported backend '{config.backend}' for model '{config.name}'",
+                    config.backend,
+                    [p.backend for p in PLATFORMS],
+                    "backends",
+                )
             )
         platform = _detect(model_dir, config.default_model_filename, candidates) or candidates[0]
     else:
         platform = _detect(model_dir, config.default_model_filename, PLATFORMS)
+        if platform is None and not any(
+            d.is_dir() and is_version_name(d.name) for d in model_dir.iterdir()
+        ):  # the model files are there, but not in a version folder
+            raise InvalidArgumentError(no_version_folders(model_dir))
         if platform is None:
             raise InvalidArgumentError(
                 f"unable to determine the backend of model '{config.name}': set 'backend' or "
@@ -82,7 +97,9 @@ def _detect(
     model_dir: Path, filename: str, candidates: tuple[Platform, ...] | list[Platform]
 ) -> Platform | None:
     """The platform whose model file exists in some version folder of `model_dir`."""
-    version_dirs = [d for d in sorted(model_dir.iterdir()) if d.is_dir() and d.name.isdigit()]
+    version_dirs = [
+        d for d in sorted(model_dir.iterdir()) if d.is_dir() and is_version_name(d.name)
+    ]
     for platform in candidates:
         for version_dir in version_dirs:
             if (version_dir / platform.default_filename).exists():

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from opserve.errors import InvalidArgumentError
+from opserve.hints import is_version_name, model_folder_instead, no_version_folders
 from opserve.proto import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,9 @@ def find_models(repositories: Iterable[Path]) -> dict[str, Path]:
     """Model name -> model folder, over every repository; a name in two repositories is an error."""
     models: dict[str, Path] = {}
     for repository in repositories:
-        if not repository.is_dir():
-            raise InvalidArgumentError(f"model repository '{repository}' is not a directory")
+        problem = repository_problem(repository)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         for entry in sorted(repository.iterdir()):
             if not entry.is_dir() or entry.name.startswith("."):
                 continue
@@ -30,15 +32,37 @@ def find_models(repositories: Iterable[Path]) -> dict[str, Path]:
     return models
 
 
+def repository_problem(repository: Path) -> str | None:
+    """Why `repository` cannot be served as a model repository (one line), or None: it does
+    not exist, is no directory, or is one model's folder (the message names the one to pass)."""
+    if not repository.exists():
+        return f"model repository '{repository}' does not exist"
+    if not repository.is_dir():
+        return f"model repository '{repository}' is not a directory"
+    return model_folder_instead(repository)
+
+
 def version_folders(model_dir: Path) -> dict[int, Path]:
     """Numeric version folders; other names and names with a leading zero are ignored, as in Triton."""
     versions: dict[int, Path] = {}
     for entry in model_dir.iterdir():
-        name = entry.name
-        if not entry.is_dir() or not name.isdigit() or (len(name) > 1 and name[0] == "0"):
-            continue
-        versions[int(name)] = entry
+        if entry.is_dir() and is_version_name(entry.name):
+            versions[int(entry.name)] = entry
     return versions
+
+
+def no_versions_reason(config: ModelConfig, model_dir: Path, available: Iterable[int]) -> str:
+    """Why no version of a model loads: no version folders at all (what the folder holds, and
+    the rule), or a `version_policy` that names only versions without a folder."""
+    existing = sorted(available)
+    if not existing:
+        return no_version_folders(model_dir)
+    wanted = sorted(config.version_policy.specific.versions)
+    return (
+        f"version_policy asks for version{'s' if len(wanted) > 1 else ''} "
+        f"{', '.join(map(str, wanted))}, but '{model_dir}' has only version folder"
+        f"{'s' if len(existing) > 1 else ''} {', '.join(map(str, existing))}"
+    )
 
 
 def select_versions(config: ModelConfig, available: Iterable[int]) -> list[int]:
@@ -51,12 +75,16 @@ def select_versions(config: ModelConfig, available: Iterable[int]) -> list[int]:
     if choice == "specific":
         wanted = set(policy.specific.versions)
         missing = sorted(wanted - set(versions))
-        if missing:
+        chosen = [v for v in versions if v in wanted]
+        if missing and chosen:  # with none chosen, `no_versions_reason` says it as an error
             log.warning(
-                "model '%s': version policy asks for versions %s that do not exist",
+                "model '%s': version_policy asks for versions %s, but the model has version "
+                "folders %s only: loading %s",
                 config.name,
-                ", ".join(map(str, missing)),
+                ", ".join(map(str, sorted(wanted))),
+                ", ".join(map(str, sorted(versions))),
+                ", ".join(map(str, sorted(chosen))),
             )
-        return [v for v in versions if v in wanted]
+        return chosen
     count = policy.latest.num_versions if choice == "latest" else 1
     return versions[: max(count, 1)]

@@ -40,7 +40,12 @@ from opserve.ops import (
 )
 from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
 from opserve.proto import ModelConfig
-from opserve.repository.layout import find_models, select_versions, version_folders
+from opserve.repository.layout import (
+    find_models,
+    no_versions_reason,
+    select_versions,
+    version_folders,
+)
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
@@ -438,13 +443,14 @@ class ModelManager:
                     "(--cache-config local,size=BYTES): its responses are not cached",
                     name,
                 )
-            versions = select_versions(model.config, version_folders(folder))
+            available = version_folders(folder)
+            versions = select_versions(model.config, available)
         except OpserveError as exc:
             model.reason = exc.message
             log.error("model '%s' is unavailable: %s", name, exc.message)
             return model
         if not versions:
-            model.reason = f"no version folders found in '{folder}'"
+            model.reason = no_versions_reason(model.config, folder, available)
             log.error("model '%s' is unavailable: %s", name, model.reason)
             return model
         for number in versions:
