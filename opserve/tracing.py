@@ -320,6 +320,9 @@ class Tracer:
             else:
                 minimum = {"trace_rate": 1, "trace_count": -1, "log_frequency": 0}[key]
                 parsed[key] = _integer(key, value, minimum)
+        turning_on = parsed.get("trace_level") == ["TIMESTAMPS"]
+        if turning_on and self._exporter is None:
+            self._exporter = self._make_exporter()  # may refuse: then nothing has changed
         if model:
             own = self.model_settings.setdefault(model, {})
             for key, value in parsed.items():
@@ -332,8 +335,6 @@ class Tracer:
                 setattr(self.global_settings, key, value)
         self._samplers.clear()
         self.active = self._any_on()
-        if self.active and self._exporter is None:
-            self._exporter = self._make_exporter()
         return self.settings(model)
 
     def _any_on(self) -> bool:

@@ -61,6 +61,13 @@ def test_bad_updates_are_refused_and_change_nothing(changes: dict, error: str) -
     assert settings.settings().trace_level == ["OFF"]
 
 
+def test_turning_tracing_on_without_a_trace_file_changes_nothing() -> None:
+    settings = tracer()  # mode triton, no file
+    with pytest.raises(InvalidArgumentError, match="needs --trace-config triton,file=PATH"):
+        settings.update("", {"trace_level": ["TIMESTAMPS"]})
+    assert settings.settings().trace_level == ["OFF"] and not settings.active
+
+
 def test_tensors_level_is_unsupported() -> None:
     with pytest.raises(UnsupportedError):
         tracer().update("", {"trace_level": ["TENSORS"]})
