@@ -4,7 +4,8 @@ A request travels whole (id, parameters, requested outputs, tensors) to a worker
 batching it goes straight to an instance with room, or waits in a bounded queue (full:
 UNAVAILABLE at once), where a request whose client went away is dropped before it runs. With
 `dynamic_batching`, queued requests with the same input shapes travel together as one batch (a
-list of requests) up to `max_batch_size` (or the largest preferred size); the first waits at most
+list of requests) up to `max_batch_size` (or the largest preferred size); a batch that fills a
+preferred size goes at once, otherwise the first request waits at most
 `max_queue_delay_microseconds` for company. The queue honours Triton's priority levels and queue
 policies (`queues.RequestQueue`). Framework backends merge a batch inside the worker; Python
 models get the list as it is.
@@ -126,6 +127,7 @@ class Scheduler:
         self.max_batch_size = max(config.max_batch_size, 1)
         policy = config.dynamic_batching
         preferred = [p for p in policy.preferred_batch_size if 0 < p <= self.max_batch_size]
+        self.preferred = sorted(preferred)
         self.target = max(preferred) if preferred else self.max_batch_size
         self.delay_ns = policy.max_queue_delay_microseconds * 1000
         # the queue policies bound each priority level; this bounds the whole queue
@@ -378,12 +380,12 @@ class Scheduler:
             if self._free_instance() is None:
                 await self._wait()
                 continue
-            await self._gather()
+            size = await self._gather()
             self._drop_cancelled()
             instance = self._free_instance()  # again: the wait may have cost one
             if not self._queue or instance is None:
                 continue
-            batch = self._take()
+            batch = self._take(size)
             self._busy[instance] += 1
             self._background(self._run(instance, batch))
 
@@ -392,23 +394,35 @@ class Scheduler:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _gather(self) -> None:
-        """Wait (up to the delay, counted from the first request's arrival) for a full batch."""
+    async def _gather(self) -> int:
+        """Wait (up to the delay, counted from the first request's arrival) for a batch worth
+        sending; the size to send. As Triton's dynamic batcher: the largest preferred size (or
+        `max_batch_size`) at once, or any preferred size the queued requests can fill, else
+        whatever is there when the delay ends."""
         first = self._queue.first()
         deadline = first.arrival_ns + self.delay_ns
-        while self._ready_size(first.key) < self.target:
+        while True:
+            size = self._sendable(self._ready_size(first.key))
+            if size:
+                return size
             remaining = deadline - time.monotonic_ns()
             if remaining <= 0 or not await self._wait(remaining):
-                return
+                return self.target
+
+    def _sendable(self, ready: int) -> int:
+        """The batch size to send now with `ready` queued (0: better to wait)."""
+        if ready >= self.target:
+            return self.target
+        return max((p for p in self.preferred if p <= ready), default=0)
 
     def _ready_size(self, key: tuple[object, ...]) -> int:
         return sum(p.batch_size for p in self._queue if p.key == key and p.waiting)
 
-    def _take(self) -> list[_Pending]:
+    def _take(self, limit: int) -> list[_Pending]:
         """The next batch, in serving order: the first waiting request and those after it with
-        its key, as many as fit."""
+        its key, as many as fit in `limit`."""
         key: tuple[object, ...] | None = None
-        size, limit = 0, min(self.target, self.max_batch_size)
+        size, limit = 0, min(limit, self.max_batch_size)
 
         def chosen(pending: _Pending) -> bool:
             nonlocal key, size

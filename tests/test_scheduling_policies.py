@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("policies") / "repository"
     place_python_model(repo, "ordered")
     place_warmup_models(repo)
+    models.write_model(repo, "preferred", models.identity(), PREFERRED)
     folder = place_python_model(repo, "cached", "ordered")
     with (folder / "config.pbtxt").open("a") as config:
         config.write("response_cache { enable: true }\n")
@@ -159,3 +161,38 @@ def test_identical_requests_are_answered_from_the_cache(server: RunningServer) -
     assert 'nv_cache_num_hits_per_model{model="cached",version="1"} 1' in metrics
     assert 'nv_cache_num_misses_per_model{model="cached",version="1"} 2' in metrics
     client.close()
+
+
+# the dynamic batcher's dispatch -------------------------------------------------------------------
+PREFERRED = """
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+dynamic_batching { preferred_batch_size: [ 2, 8 ] max_queue_delay_microseconds: 600000000 }
+"""
+
+
+def test_a_filled_preferred_size_is_sent_without_waiting_for_the_delay(
+    server: RunningServer,
+) -> None:
+    """Two requests fill the preferred size 2: they run at once as one batch, although the
+    largest preferred size is 8 and the delay ten minutes (Triton: dynamic_batch_scheduler.cc;
+    qa/L0_batcher checks it)."""
+    import tritonclient.http as httpclient
+
+    def one() -> None:
+        client = httpclient.InferenceServerClient(server.url, network_timeout=120)
+        tensor = httpclient.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), dtype=np.float32))
+        client.infer("preferred", [tensor])
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = requests.get(f"http://{server.url}/v2/models/preferred/stats").json()
+    batches = {
+        b["batch_size"]: b["compute_infer"]["count"] for b in stats["model_stats"][0]["batch_stats"]
+    }
+    assert batches == {2: 1}
