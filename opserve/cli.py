@@ -303,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
+        # first, before anything is imported beside a preloaded library (TensorFlow's crashes
+        # the process as soon as hashlib loads OpenSSL)
+        _reexec_without_preload(argv)
         if _repository_error("serve", [*args.model_repository, *(args.model_store or [])]):
             return 2
-        _reexec_without_preload(argv)
         return _serve(args)
     if args.command == "check":
         return _check(args)
