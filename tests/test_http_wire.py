@@ -1,12 +1,17 @@
 """HTTP/1.1 on the wire (opserve's own protocol): keep-alive, pipelining, chunked bodies,
-HTTP/1.0, Expect: 100-continue, HEAD and malformed requests, through raw sockets."""
+HTTP/1.0, Expect: 100-continue, HEAD and malformed requests, a graceful stop, through raw
+sockets."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
+from pathlib import Path
 
 from tests.serving import RunningServer
+from tests.test_python_models import place_python_model
+from tests.test_scheduling_policies import wait_for_log
 
 SIMPLE = json.dumps(
     {
@@ -141,3 +146,28 @@ def test_a_malformed_request_gets_400_and_the_connection_closes(server: RunningS
     assert response.status == 400
     assert wire.closed()
     wire.close()
+
+
+def test_a_stopping_server_finishes_the_response_in_progress_then_closes(tmp_path: Path) -> None:
+    """SIGTERM while a request runs: it is answered (with `connection: close`), the connection
+    closes, and the server exits without waiting out its graceful-shutdown timeout."""
+    repo = tmp_path / "repository"
+    place_python_model(repo, "ordered")
+    server = RunningServer([repo], ["--exit-timeout-secs", "5"], log_path=tmp_path / "server.log")
+    with server:
+        wire = Wire(server)
+        body = b'{"inputs":[{"name":"SLEEP","datatype":"FP32","shape":[1,1],"data":[1.0]}]}'
+        wire.send(
+            b"POST /v2/models/ordered/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        wait_for_log(server, "ordered executes 0")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        response = wire.read()
+        assert response.status == 200
+        assert response.headers["connection"] == "close"
+        assert wire.closed()
+        wire.close()
+        assert server.process.wait(timeout=60) == 0
+        assert "graceful shutdown exceeded" not in server.log()

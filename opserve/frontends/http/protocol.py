@@ -352,9 +352,9 @@ class HttpConnection(asyncio.Protocol):
         if exchange is not self.current:
             return
         self.current = None
-        if self.closing or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        if not exchange.keep_alive:
+        if self.closing or not exchange.keep_alive:  # the server stops, or the client asked
             self.transport.close()
             return
         self.idle_since = self.loop.time()
@@ -403,5 +403,6 @@ class HttpConnection(asyncio.Protocol):
         if self.current is None and idle >= self.keep_alive_timeout:
             self.transport.close()
             return
-        wait = max(self.keep_alive_timeout - idle, 1.0)
+        busy = self.current is not None  # idle time counts from its response
+        wait = self.keep_alive_timeout if busy else max(self.keep_alive_timeout - idle, 1.0)
         self.idle_timer = self.loop.call_later(wait, self._close_if_idle)
