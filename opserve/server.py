@@ -15,6 +15,7 @@ from opserve.custom_metrics import CustomMetrics
 from opserve.dataplane import DataPlane
 from opserve.frontends.grpc import start_grpc_server
 from opserve.frontends.http import HttpApp
+from opserve.frontends.http.protocol import HttpConnection
 from opserve.logs import ServerLog
 from opserve.metrics import MetricsServer
 from opserve.repository import ModelManager
@@ -98,7 +99,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
 
 
 async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
-    """HTTP on uvicorn, on a socket bound here (SO_REUSEPORT with --reuse-http-port; the real
+    """HTTP: uvicorn's server running our protocol, on a socket bound here (SO_REUSEPORT with --reuse-http-port; the real
     port in the log when the flag says 0)."""
     family = socket.AF_INET6 if ":" in settings.http_address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -108,7 +109,7 @@ async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
     sock.bind((settings.http_address, settings.http_port))
     config = uvicorn.Config(
         HttpApp(dataplane, settings.http_restrictions, settings.http_forward),
-        http="httptools",
+        http=HttpConnection,  # our HTTP/1.1 on httptools: one write per response
         lifespan="off",
         access_log=False,
         log_config=None,

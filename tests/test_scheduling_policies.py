@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -80,6 +81,36 @@ def test_priorities_and_queue_policies_decide_the_serving_order(server: RunningS
     )
     order = {tag: int(result.as_numpy("ORDER")[0, 0]) for tag, (result, _) in results.items()}
     assert order == {"blocker": 0, "urgent": 1, "punctual": 2, "delayed": 3}
+    client.close()
+
+
+def test_a_queued_http_request_whose_client_left_never_runs(server: RunningServer) -> None:
+    """The HTTP protocol marks a request whose connection closed; the scheduler drops it when
+    its turn comes instead of running it."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    executed = server.log().count("ordered executes")
+    client.async_infer(
+        "ordered", sleep_input(1.0), lambda result, error: answers.put(("blocker", result, error))
+    )
+    wait_for_log(server, f"ordered executes {executed}")  # the blocker runs: the rest queue
+    body = b'{"inputs":[{"name":"SLEEP","datatype":"FP32","shape":[1,1],"data":[0.0]}]}'
+    with socket.create_connection(("127.0.0.1", server.port)) as gone:
+        gone.sendall(
+            b"POST /v2/models/ordered/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        time.sleep(0.3)  # read and queued behind the blocker; then the client leaves
+    client.async_infer(
+        "ordered", sleep_input(0.0), lambda result, error: answers.put(("after", result, error))
+    )
+    results = {
+        tag: (result, error) for tag, result, error in (answers.get(timeout=60) for _ in range(2))
+    }
+    assert all(error is None for _, error in results.values())
+    order = {tag: int(result.as_numpy("ORDER")[0, 0]) for tag, (result, _) in results.items()}
+    assert order["after"] == order["blocker"] + 1  # nothing ran in between
+    assert server.log().count("ordered executes") == executed + 2
     client.close()
 
 

@@ -1,4 +1,5 @@
-"""The V2 HTTP frontend as a bare ASGI application (served by uvicorn with httptools).
+"""The V2 HTTP frontend as a bare ASGI application, served by our own HTTP/1.1 protocol
+(`protocol.py`, on httptools) inside uvicorn's server; any ASGI server can run it.
 
 Routing is a split of the path: the hot path (`POST .../infer`) passes through no framework.
 """
@@ -28,6 +29,7 @@ from opserve.frontends.access import Restriction, forwarded, http_category, refu
 from opserve.frontends.http import shared_memory as shm_routes
 from opserve.frontends.http.codec import decode_request, encode_response
 from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
+from opserve.frontends.http.protocol import Exchange
 from opserve.inference import Delivery
 
 log = logging.getLogger(__name__)
@@ -212,8 +214,8 @@ class HttpApp:
         if self.forward is not None:
             pairs = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
             request.parameters.update(forwarded(self.forward, pairs))
-        # A request whose client goes away while it waits is dropped before it runs. uvicorn
-        # marks a request's cycle when its client leaves: the scheduler looks at the mark when
+        # A request whose client goes away while it waits is dropped before it runs. The
+        # protocol marks a request's exchange (uvicorn: its cycle) when its client leaves: the scheduler looks at the mark when
         # it picks requests, which costs nothing per request; without the mark, a request that
         # has to wait is watched by a task of its own.
         watchers: list[asyncio.Task[bool]] = []
@@ -403,6 +405,10 @@ def _maybe_compress(
 async def _send(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
+    exchange = getattr(send, "__self__", None)
+    if type(exchange) is Exchange:  # our own protocol: the whole response in one write
+        exchange.respond(status, headers or [], body)
+        return
     headers = list(headers or [])
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -1,0 +1,408 @@
+"""HTTP/1.1 on httptools for the V2 frontend: each response leaves in one `transport.write`.
+
+uvicorn still runs the server (listening, signals, graceful shutdown); this is the protocol it
+starts per connection (`uvicorn.Config(http=HttpConnection)`). It parses with httptools, hands
+the application one `Exchange` per request once the whole body is in (the ASGI `receive` and
+`send`, plus `respond` for a complete answer without ASGI messages), keeps connections alive,
+answers pipelined requests in order, marks a request whose client went away (`disconnected`,
+which the scheduler looks at) and streams (server-sent events) with chunked transfer coding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+MAX_BODY_BYTES = 1 << 31
+COALESCE_BYTES = 1 << 16  # a larger body is written after its head rather than copied into it
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES = (204, 304)
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
+
+
+def _head(status: int, headers: Headers, extra: bytes) -> list[bytes]:
+    """The status line and headers (`extra`: framing headers and the blank line) as parts."""
+    parts = [STATUS_LINE.get(status) or _status_line(status)]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(extra)
+    return parts
+
+
+class Exchange:
+    """One request on a connection and its response: the ASGI `receive` and `send` the
+    application is given, and `respond` for a whole response at once."""
+
+    __slots__ = (
+        "scope",
+        "body",
+        "keep_alive",
+        "disconnected",
+        "complete",
+        "_connection",
+        "_head_only",
+        "_body_given",
+        "_waiter",
+        "_pending_head",
+        "_chunked",
+        "_head_written",
+    )
+
+    def __init__(
+        self, connection: HttpConnection, scope: dict[str, Any], body: bytes, keep_alive: bool
+    ) -> None:
+        self.scope = scope
+        self.body = body
+        self.keep_alive = keep_alive
+        self.disconnected = False  # the client went away before its response was complete
+        self.complete = False  # the whole response was written
+        self._connection = connection
+        self._head_only = scope["method"] == "HEAD"
+        self._body_given = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._pending_head: tuple[int, Headers] | None = None  # started, not yet written
+        self._chunked = False
+        self._head_written = False
+
+    @property
+    def started(self) -> bool:
+        return self._pending_head is not None or self._head_written or self.complete
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        """The whole response: status line, headers, a Content-Length and the body, in one write
+        (a large body in a second one, not copied)."""
+        if self.started:
+            raise RuntimeError("the response has already started")
+        if self.disconnected:
+            self._finish()
+            return
+        extra = b"content-length: %d\r\n" % len(body)
+        if not self.keep_alive:
+            extra += b"connection: close\r\n"
+        parts = _head(status, headers, extra + b"\r\n")
+        transport = self._connection.transport
+        if self._head_only:
+            transport.write(b"".join(parts))
+        elif len(body) <= COALESCE_BYTES:
+            parts.append(body)
+            transport.write(b"".join(parts))
+        else:
+            transport.write(b"".join(parts))
+            transport.write(body)
+        self._finish()
+
+    # ASGI
+
+    async def receive(self) -> dict[str, Any]:
+        """The body (all of it, in one message), then `http.disconnect` once the client has gone
+        or the response is complete."""
+        if not self._body_given:
+            self._body_given = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        if not (self.disconnected or self.complete):
+            if self._waiter is None or self._waiter.done():  # done: a watcher was cancelled
+                self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self._pending_head = (message["status"], list(message.get("headers", ())))
+            return
+        if kind != "http.response.body" or not self.started or self.complete:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if self.disconnected:
+            if not more:
+                self._finish()
+            return
+        parts: list[bytes] = []
+        if self._pending_head is not None:  # the head goes out with the first body
+            status, headers = self._pending_head
+            self._pending_head = None
+            self._head_written = True
+            if not self.keep_alive:
+                headers.append((b"connection", b"close"))
+            if self._head_only or status in _NO_BODY_STATUSES:
+                self._head_only = True
+                framing = b"\r\n"
+            elif any(name.lower() == b"content-length" for name, _ in headers):
+                framing = b"\r\n"
+            else:
+                self._chunked = True
+                framing = b"transfer-encoding: chunked\r\n\r\n"
+            parts = _head(status, headers, framing)
+        if self._head_only:
+            pass
+        elif self._chunked:
+            parts += _chunk(body, more)
+        elif body:
+            parts.append(body)
+        if parts:
+            self._connection.transport.write(b"".join(parts))
+        if more:
+            await self._connection.drain()
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.complete:
+            return
+        self.complete = True
+        self.wake()
+        self._connection.response_complete(self)
+
+    def wake(self) -> None:
+        """Answer a waiting `receive` (the client went away, or the response is complete)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _chunk(body: bytes, more: bool) -> list[bytes]:
+    parts = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+    if not more:
+        parts.append(b"0\r\n\r\n")
+    return parts
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: requests in, responses out in order (uvicorn's protocol interface:
+    constructed with its config and server state, `shutdown` for a graceful stop)."""
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any] | None = None,
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.app: App = config.app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.server_state = server_state
+        self.keep_alive_timeout: float = config.timeout_keep_alive
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.current: Exchange | None = None  # the request being answered
+        self.queue: deque[Exchange] = deque()  # pipelined requests behind it
+        self.closing = False
+        self.idle_since = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
+        self.drained: asyncio.Future[None] | None = None
+        # the request being parsed
+        self.url = b""
+        self.headers: Headers = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.keep_alive = True
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server_state.connections.add(self)
+        self.idle_since = self.loop.time()
+        self.idle_timer = self.loop.call_later(self.keep_alive_timeout, self._close_if_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades here: the request is answered as it is
+        except httptools.HttpParserError:
+            self._refuse(400, b"Invalid HTTP request received.")
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self.closing = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        current = self.current
+        if current is not None and not current.complete:
+            current.disconnected = True
+            current.wake()
+        self.queue.clear()
+        self._resume()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.chunks = []
+        self.size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive() and parser.get_http_version() != "1.0"
+        if self.current is None and not self.queue:
+            for name, value in self.headers:
+                if name == b"expect" and value.lower() == b"100-continue":
+                    self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size <= MAX_BODY_BYTES:
+            self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.size > MAX_BODY_BYTES:
+            self._refuse(400, b'{"error":"the request body is too large"}', b"application/json")
+            return
+        url = self.url
+        path_bytes, _, query = url.partition(b"?")
+        path = path_bytes.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        scope = {
+            "type": "http",
+            "http_version": self.parser.get_http_version(),
+            "method": self.parser.get_method().decode("ascii"),
+            "path": path,
+            "raw_path": path_bytes,
+            "query_string": query,
+            "headers": self.headers,
+        }
+        exchange = Exchange(self, scope, body, self.keep_alive)
+        if self.current is None:
+            self._start(exchange)
+        else:
+            self.queue.append(exchange)
+            self.transport.pause_reading()
+
+    # the connection's requests
+
+    def _start(self, exchange: Exchange) -> None:
+        self.current = exchange
+        task = self.loop.create_task(self._run(exchange))
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _run(self, exchange: Exchange) -> None:
+        try:
+            await self.app(exchange.scope, exchange.receive, exchange.send)
+        except BaseException:  # the application answers its own errors: this is a bug
+            log.exception("unhandled error in the HTTP application")
+            if not exchange.started:
+                exchange.keep_alive = False
+                exchange.respond(
+                    500, [(b"content-type", b"text/plain; charset=utf-8")], b"Internal Server Error"
+                )
+            elif not exchange.complete:
+                self.transport.close()
+        else:
+            if not exchange.complete and not exchange.disconnected:
+                log.error("the HTTP application returned without completing its response")
+                if not exchange.started:
+                    exchange.keep_alive = False
+                    exchange.respond(500, [], b"")
+                else:
+                    self.transport.close()
+
+    def response_complete(self, exchange: Exchange) -> None:
+        """After `exchange`'s last byte: the next pipelined request, or the wait for one."""
+        self.server_state.total_requests += 1
+        if exchange is not self.current:
+            return
+        self.current = None
+        if self.transport.is_closing():
+            return
+        if self.closing or not exchange.keep_alive:  # the server stops, or the client asked
+            self.transport.close()
+            return
+        self.idle_since = self.loop.time()
+        if self.queue:
+            self._start(self.queue.popleft())
+            if not self.queue:
+                self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        """The server stops: close now when idle, else after the response in progress."""
+        self.closing = True
+        self.queue.clear()
+        if self.current is None:
+            self.transport.close()
+        else:
+            self.current.keep_alive = False
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is over its high-water mark."""
+        if self.write_paused and not self.transport.is_closing():
+            if self.drained is None or self.drained.done():
+                self.drained = self.loop.create_future()
+            await self.drained
+
+    def _resume(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _refuse(self, status: int, message: bytes, content_type: bytes = b"text/plain") -> None:
+        """A request that cannot be answered in order: an error, and the connection closes."""
+        self.closing = True
+        self.queue.clear()
+        if self.current is None:
+            head = _head(
+                status,
+                [(b"content-type", content_type)],
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message),
+            )
+            self.transport.write(b"".join(head) + message)
+        self.transport.close()
+
+    def _close_if_idle(self) -> None:
+        if self.closing or self.transport.is_closing():
+            return
+        idle = self.loop.time() - self.idle_since
+        if self.current is None and idle >= self.keep_alive_timeout:
+            self.transport.close()
+            return
+        busy = self.current is not None  # idle time counts from its response
+        wait = self.keep_alive_timeout if busy else max(self.keep_alive_timeout - idle, 1.0)
+        self.idle_timer = self.loop.call_later(wait, self._close_if_idle)
