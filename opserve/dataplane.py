@@ -219,6 +219,13 @@ class DataPlane:
             request.priority = _natural(request.parameters.pop("priority"), "priority")
         take_sequence_parameters(request)
         if request.requested_outputs is not None:
+            if len(set(request.requested_outputs)) != len(request.requested_outputs):
+                twice = sorted(
+                    {n for n in request.requested_outputs if request.requested_outputs.count(n) > 1}
+                )
+                raise InvalidArgumentError(
+                    f"output(s) {twice} requested more than once for model '{model.name}'"
+                )
             for name in request.requested_outputs:
                 if name not in schema.outputs:
                     raise InvalidArgumentError(

@@ -173,6 +173,12 @@ CASES = {
         "libnot_there.so",
     ),
     "unknown route": ("/v2/models/simple/explode", "{}", 404, "unknown path"),
+    "an output requested twice": (
+        "/v2/models/simple/infer",
+        simple_body(outputs=[{"name": "OUTPUT0"}, {"name": "OUTPUT0"}]),
+        400,
+        "output(s) ['OUTPUT0'] requested more than once for model 'simple'",
+    ),
 }
 
 

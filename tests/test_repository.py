@@ -196,3 +196,12 @@ def test_version_folders_ignore_leading_zeros_and_names(tmp_path: Path) -> None:
 )
 def test_select_versions(policy: str, expected: list[int]) -> None:
     assert select_versions(parse_model_config(policy), [1, 5, 9]) == expected
+
+
+def test_one_repository_given_twice_is_one_repository(tmp_path: Path) -> None:
+    """Triton accepts a repeated --model-repository (issue 15; qa/L0_model_config does it)."""
+    from opserve.repository import find_models
+
+    (tmp_path / "repo" / "m" / "1").mkdir(parents=True)
+    repo = tmp_path / "repo"
+    assert find_models([repo, repo, tmp_path / "repo" / ".." / "repo"]) == {"m": repo / "m"}

@@ -14,9 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def find_models(repositories: Iterable[Path]) -> dict[str, Path]:
-    """Model name -> model folder, over every repository; a name in two repositories is an error."""
+    """Model name -> model folder, over every repository; a name in two repositories is an error.
+    One folder given twice is one repository (Triton accepts a repeated --model-repository)."""
     models: dict[str, Path] = {}
+    seen: set[Path] = set()
     for repository in repositories:
+        if repository.exists():
+            resolved = repository.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
         problem = repository_problem(repository)
         if problem is not None:
             raise InvalidArgumentError(problem)
