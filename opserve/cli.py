@@ -13,8 +13,6 @@ from opserve import __version__
 from opserve.errors import OpserveError
 from opserve.triton_flags import add_triton_flags, parse_boolean, triton_values
 
-_boolean = parse_boolean
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--allow-grpc",
-        type=_boolean,
+        type=parse_boolean,
         default=True,
         metavar="BOOL",
         help="serve gRPC (default: true)",
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--allow-metrics",
-        type=_boolean,
+        type=parse_boolean,
         default=True,
         metavar="BOOL",
         help="serve Prometheus metrics at /metrics (default: true)",

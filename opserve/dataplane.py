@@ -212,12 +212,8 @@ class DataPlane:
             )
         schema = self.schema(model)
         request.inputs = validate_inputs(model.name, schema, request)
-        # the server's business, as in Triton: not passed on to the model
-        if "timeout" in request.parameters:
-            request.timeout_us = _natural(request.parameters.pop("timeout"), "timeout")
-        if "priority" in request.parameters:
-            request.priority = _natural(request.parameters.pop("priority"), "priority")
-        take_sequence_parameters(request)
+        if request.parameters:
+            take_server_parameters(request)
         if request.requested_outputs is not None:
             if len(set(request.requested_outputs)) != len(request.requested_outputs):
                 twice = sorted(
@@ -410,6 +406,17 @@ def validate_inputs(
             f"'{model_name}'. Missing required input(s): {sorted(missing)}"
         )
     return prepared
+
+
+def take_server_parameters(request: InferenceRequest) -> None:
+    """The parameters that are the server's business, as in Triton (not passed on to the
+    model): `timeout`, `priority` and the sequence parameters."""
+    parameters = request.parameters
+    if "timeout" in parameters:
+        request.timeout_us = _natural(parameters.pop("timeout"), "timeout")
+    if "priority" in parameters:
+        request.priority = _natural(parameters.pop("priority"), "priority")
+    take_sequence_parameters(request)
 
 
 def take_sequence_parameters(request: InferenceRequest) -> None:

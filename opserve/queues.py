@@ -132,9 +132,8 @@ class RequestQueue(Generic[T]):
         return True
 
     def __iter__(self) -> Iterator[T]:
-        for level in self._on_time:
-            yield from self._on_time[level]
-            yield from self._delayed[level]
+        for queue in self._ordered_queues():
+            yield from queue
 
     def __len__(self) -> int:
         return self._size

@@ -14,6 +14,7 @@ from opserve.frontends.access import Restriction, compile_pattern, parse_restric
 from opserve.ops import library_framework
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
+from opserve.triton_flags import parse_boolean, split_setting
 from opserve.workers.process import DEFAULT_RING_CAPACITY
 
 log = logging.getLogger(__name__)
@@ -248,11 +249,7 @@ def _backend_config(values: list[str]) -> dict[str, int]:
     are named in the log."""
     sizes: dict[str, int] = {}
     for value in values:
-        head, _, tail = value.partition(",")
-        backend, setting = (head, tail) if tail else ("", head)
-        key, equals, setting_value = setting.partition("=")
-        if not equals:
-            raise ValueError(f"--backend-config '{value}' must read [<backend>,]<setting>=<value>")
+        backend, key, setting_value = split_setting(value, "--backend-config", "backend")
         if key == "default-max-batch-size":
             try:
                 sizes[backend] = int(setting_value)
@@ -270,9 +267,7 @@ def _backend_config(values: list[str]) -> dict[str, int]:
 
 
 def _flag_boolean(text: str, flag: str) -> bool:
-    from opserve.triton_flags import parse_boolean
-
     try:
         return parse_boolean(text)
-    except Exception:
+    except argparse.ArgumentTypeError:
         raise ValueError(f"'{flag}': expected true or false") from None

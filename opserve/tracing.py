@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from opserve.errors import InvalidArgumentError, UnsupportedError
+from opserve.triton_flags import split_setting
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("OFF", "TIMESTAMPS")
 MODES = ("triton", "opentelemetry")
+DEFAULT_OTEL_URL = "http://localhost:4318/v1/traces"
 _KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")
 
 
@@ -83,7 +85,7 @@ class TraceConfig:
     """What `--trace-config` (and Triton's deprecated trace flags) say."""
 
     settings: TraceSettings
-    otel_url: str = "http://localhost:4318/v1/traces"
+    otel_url: str = DEFAULT_OTEL_URL
     otel_resource: dict[str, str] = field(default_factory=dict)
 
 
@@ -97,13 +99,9 @@ def parse_trace_config(values: list[str], deprecated: dict[str, Any]) -> TraceCo
     settings.trace_rate = deprecated.get("trace_rate", settings.trace_rate)
     settings.trace_count = deprecated.get("trace_count", settings.trace_count)
     settings.log_frequency = deprecated.get("trace_log_frequency", settings.log_frequency)
-    url, resource = TraceConfig(TraceSettings()).otel_url, {}
+    url, resource = DEFAULT_OTEL_URL, {}
     for value in values:
-        head, _, tail = value.partition(",")
-        mode, setting = (head, tail) if tail else ("", head)
-        key, equals, text = setting.partition("=")
-        if not equals:
-            raise ValueError(f"--trace-config '{value}' must read [<mode>,]<setting>=<value>")
+        mode, key, text = split_setting(value, "--trace-config", "mode")
         try:
             if mode == "":
                 if key == "level":
@@ -271,13 +269,6 @@ class OpenTelemetryExporter:
         self._provider.shutdown()  # flushes what is batched
 
 
-class _Sampler:
-    """Every `rate`-th request, while the count lasts."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-
-
 class Tracer:
     """The trace settings (global and per model) and the sampling of requests."""
 
@@ -286,7 +277,7 @@ class Tracer:
         self.config = config
         self.global_settings = config.settings
         self.model_settings: dict[str, dict[str, Any]] = {}  # a model's own settings
-        self._samplers: dict[str, _Sampler] = {}
+        self._seen: dict[str, int] = {}  # requests per model since the settings last changed
         self._ids = itertools.count(1)
         self._exporter: TraceExporter | None = None
         self.active = self._any_on()
@@ -333,7 +324,7 @@ class Tracer:
         else:
             for key, value in parsed.items():
                 setattr(self.global_settings, key, value)
-        self._samplers.clear()
+        self._seen.clear()
         self.active = self._any_on()
         return self.settings(model)
 
@@ -362,9 +353,8 @@ class Tracer:
         settings = self.settings(model)
         if not settings.on or settings.trace_count == 0:
             return None
-        sampler = self._samplers.setdefault(model, _Sampler())
-        sampler.seen += 1
-        if sampler.seen % settings.trace_rate:
+        seen = self._seen[model] = self._seen.get(model, 0) + 1
+        if seen % settings.trace_rate:
             return None
         if settings.trace_count > 0:
             self._count_down(model, settings.trace_count - 1)

@@ -28,6 +28,17 @@ def parse_boolean(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
+def split_setting(value: str, flag: str, scope: str) -> tuple[str, str, str]:
+    """A `[<scope>,]<setting>=<value>` flag value (`--backend-config`, `--trace-config`) as
+    (scope, or "" for none; setting; value)."""
+    head, _, tail = value.partition(",")
+    named, setting = (head, tail) if tail else ("", head)
+    key, equals, text = setting.partition("=")
+    if not equals:
+        raise ValueError(f"{flag} '{value}' must read [<{scope}>,]<setting>=<value>")
+    return named, key, text
+
+
 @dataclass(frozen=True)
 class TritonFlag:
     name: str

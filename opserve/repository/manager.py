@@ -52,7 +52,7 @@ from opserve.schema import ModelSchema
 from opserve.sequence_config import SequenceSettings, fill_sequence_defaults
 from opserve.sequences import scheduler_for
 from opserve.stats import VersionStats
-from opserve.warmup import warmup_samples
+from opserve.warmup import WarmupSample, warmup_samples
 from opserve.workers.environments import environment_launcher, execution_environment
 from opserve.workers.launcher import Launcher
 from opserve.workers.messages import ModelLoaded
@@ -103,6 +103,7 @@ class Model:
     completed: list[str] = field(default_factory=list)  # what auto-complete filled in
     schema: ModelSchema | None = None  # set once the config is complete
     unloaded: bool = False  # unloaded on request: out of service, and not held against readiness
+    warmup: list[WarmupSample] = field(default_factory=list)  # model_warmup, ready to run
 
     def latest_ready(self) -> ModelVersion | None:
         """The highest ready version (every request without a version asks: no sorting)."""
@@ -466,6 +467,8 @@ class ModelManager:
             try:
                 self._complete(model, description)
                 model.schema = ModelSchema.from_config(model.config)
+                if model.config.model_warmup:  # built (and checked) once for every instance
+                    model.warmup = warmup_samples(model.config, model.schema, model.directory)
             except OpserveError as exc:
                 self._make_unavailable(model, exc.message)
         await asyncio.gather(
@@ -492,12 +495,9 @@ class ModelManager:
     async def _warm_up(self, model: Model, entry: ModelVersion, worker: WorkerProcess) -> None:
         """Run the config's `model_warmup` samples on one instance (not yet serving)."""
         scheduler = entry.scheduler
-        if not model.config.model_warmup or not isinstance(scheduler, Scheduler):
+        if not isinstance(scheduler, Scheduler):
             return
-        if model.schema is None:
-            return
-        samples = warmup_samples(model.config, model.schema, model.directory)
-        for sample in samples:
+        for sample in model.warmup:
             log.info("%s: warm-up sample '%s' (%d runs)", entry.label, sample.name, sample.count)
             for _ in range(sample.count):
                 requests = [replace(r, inputs=list(r.inputs)) for r in sample.requests]
