@@ -70,13 +70,14 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 dataplane,
                 settings.grpc_address,
                 settings.grpc_port,
-                settings.grpc_options,
+                settings.grpc_keepalive,
                 settings.grpc_compression,
                 None
                 if settings.grpc_tls is None
                 else (settings.grpc_tls.key, settings.grpc_tls.certificate, settings.grpc_tls.root),
                 settings.grpc_restrictions,
                 settings.grpc_forward,
+                settings.reuse_grpc_port,
             )
         if settings.allow_metrics:
             metrics = MetricsServer(

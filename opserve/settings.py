@@ -11,6 +11,7 @@ from typing import Any
 
 from opserve.errors import OpserveError
 from opserve.frontends.access import Restriction, compile_pattern, parse_restrictions
+from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.ops import library_framework
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
@@ -54,7 +55,7 @@ class ServerSettings:
     allow_http: bool = True
     reuse_http_port: bool = False
     reuse_grpc_port: bool = False
-    grpc_options: tuple[tuple[str, int], ...] = ()
+    grpc_keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     grpc_compression: str = "none"
     grpc_tls: GrpcTls | None = None
     http_restrictions: dict[str, Restriction] = field(default_factory=dict)
@@ -105,7 +106,7 @@ class ServerSettings:
             allow_http=triton["allow_http"],
             reuse_http_port=triton["reuse_http_port"],
             reuse_grpc_port=triton["reuse_grpc_port"],
-            grpc_options=_grpc_options(triton),
+            grpc_keepalive=_grpc_keepalive(triton),
             grpc_compression=triton["grpc_infer_response_compression_level"],
             grpc_tls=_grpc_tls(triton),
             http_restrictions=parse_restrictions(
@@ -204,27 +205,20 @@ def _deprecated_trace_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _grpc_options(triton: dict[str, Any]) -> tuple[tuple[str, int], ...]:
-    """Triton's gRPC keepalive and connection flags as gRPC core channel arguments."""
-    options = [
-        ("grpc.keepalive_time_ms", triton["grpc_keepalive_time"]),
-        ("grpc.keepalive_timeout_ms", triton["grpc_keepalive_timeout"]),
-        ("grpc.keepalive_permit_without_calls", int(triton["grpc_keepalive_permit_without_calls"])),
-        ("grpc.http2.max_pings_without_data", triton["grpc_http2_max_pings_without_data"]),
-        (
-            "grpc.http2.min_recv_ping_interval_without_data_ms",
-            triton["grpc_http2_min_recv_ping_interval_without_data"],
-        ),
-        ("grpc.http2.max_ping_strikes", triton["grpc_http2_max_ping_strikes"]),
-        ("grpc.so_reuseport", int(triton["reuse_grpc_port"])),
-    ]
-    if triton["grpc_max_connection_age"] is not None:
-        options.append(("grpc.max_connection_age_ms", triton["grpc_max_connection_age"]))
-    if triton["grpc_max_connection_age_grace"] is not None:
-        options.append(
-            ("grpc.max_connection_age_grace_ms", triton["grpc_max_connection_age_grace"])
-        )
-    return tuple(options)
+def _grpc_keepalive(triton: dict[str, Any]) -> KeepaliveSettings:
+    """Triton's gRPC keepalive and connection-age flags (gRPC core's meanings)."""
+    return KeepaliveSettings(
+        time_ms=triton["grpc_keepalive_time"],
+        timeout_ms=triton["grpc_keepalive_timeout"],
+        permit_without_calls=triton["grpc_keepalive_permit_without_calls"],
+        max_pings_without_data=triton["grpc_http2_max_pings_without_data"],
+        min_recv_ping_interval_without_data_ms=triton[
+            "grpc_http2_min_recv_ping_interval_without_data"
+        ],
+        max_ping_strikes=triton["grpc_http2_max_ping_strikes"],
+        max_connection_age_ms=triton["grpc_max_connection_age"],
+        max_connection_age_grace_ms=triton["grpc_max_connection_age_grace"],
+    )
 
 
 def _metrics_config(values: list[str]) -> bool:

@@ -229,3 +229,53 @@ def test_asyncio_client(server: RunningServer) -> None:
     a, b, _ = simple_inputs()
     for output in asyncio.run(run()):
         np.testing.assert_array_equal(output, a + b)
+
+
+def fp32_identity(client, values: np.ndarray, **options):
+    infer_input = grpcclient.InferInput("INPUT0", list(values.shape), "FP32")
+    infer_input.set_data_from_numpy(values)
+    return client.infer("vector_fp32", [infer_input], **options).as_numpy("OUTPUT0")
+
+
+def test_large_tensors_cross_flow_control(grpc_client) -> None:
+    """24 MiB each way: more than either side's flow-control windows and frame sizes allow at
+    once, so both directions wait for WINDOW_UPDATEs."""
+    values = np.random.default_rng(0).random(6 * 1024 * 1024, dtype=np.float32)
+    np.testing.assert_array_equal(fp32_identity(grpc_client, values), values)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(grpc_client, algorithm: str) -> None:
+    values = np.arange(4096, dtype=np.float32)
+    answer = fp32_identity(grpc_client, values, compression_algorithm=algorithm)
+    np.testing.assert_array_equal(answer, values)
+
+
+def test_unknown_method_and_bad_message(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        unknown = channel.unary_unary("/inference.GRPCInferenceService/Nope")
+        with pytest.raises(grpc.RpcError) as raised:
+            unknown(b"")
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as raised:
+            infer(b"\xff\xff\xff")  # not a ModelInferRequest
+        assert raised.value.code() == grpc.StatusCode.INTERNAL
+        assert "could not parse the request message" in raised.value.details()
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest()).live  # the connection still serves
+
+
+def test_binary_metadata_and_many_concurrent_calls(server: RunningServer) -> None:
+    """Calls interleave on one connection (HTTP/2 streams), each answered on its own stream."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        futures = [
+            stub.ModelReady.future(
+                service_pb2.ModelReadyRequest(name="simple" if i % 2 else "nope"),
+                metadata=(("trace-bin", bytes([i, 0, 255])),),
+            )
+            for i in range(64)
+        ]
+        answers = [future.result(timeout=30).ready for future in futures]
+    assert answers == [bool(i % 2) for i in range(64)]

@@ -117,8 +117,8 @@ def test_settings_from_triton_flags(tmp_path: Path) -> None:
     assert settings.model_repositories == [Path("repo"), tmp_path]
     assert not settings.auto_complete and settings.cache is not None and settings.cache.size == 4096
     assert settings.default_max_batch_size == {"onnxruntime": 16, "": 2}
-    assert ("grpc.keepalive_time_ms", 1000) in settings.grpc_options
-    assert ("grpc.so_reuseport", 1) in settings.grpc_options
+    assert settings.grpc_keepalive.time_ms == 1000 and settings.grpc_keepalive.timeout_ms == 20000
+    assert settings.reuse_grpc_port
     assert settings.counter_latencies is False
 
 

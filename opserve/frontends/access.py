@@ -83,12 +83,13 @@ def refusal(
 
 
 def forwarded(
-    pattern: re.Pattern[str] | None, headers: Iterable[tuple[str, str]]
+    pattern: re.Pattern[str] | None, headers: Iterable[tuple[str, str | bytes]]
 ) -> dict[str, str]:
-    """The headers an inference request passes on as parameters."""
+    """The headers an inference request passes on as parameters (text ones: gRPC's binary
+    `-bin` metadata is not)."""
     if pattern is None:
         return {}
-    return {key: value for key, value in headers if pattern.search(key)}
+    return {key: value for key, value in headers if isinstance(value, str) and pattern.search(key)}
 
 
 def http_category(parts: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""`inference.GRPCInferenceService` on grpc.aio, calling the same DataPlane as HTTP."""
+"""`inference.GRPCInferenceService`: its handlers, calling the same DataPlane as HTTP (the
+transport is opserve's own: `calls.py` on `http2.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf import json_format
 
 from opserve.dataplane import DataPlane, DecoupledModelError
@@ -19,9 +19,12 @@ from opserve.errors import (
     OpserveError,
     UnsupportedError,
 )
-from opserve.frontends.access import GRPC_CATEGORIES, Restriction, forwarded, refusal
+from opserve.frontends.access import Restriction, forwarded
+from opserve.frontends.grpc.calls import CallContext, GrpcCalls, Status
 from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
-from opserve.proto import service_pb2, service_pb2_grpc
+from opserve.frontends.grpc.http2 import KeepaliveSettings
+from opserve.frontends.grpc.server import GrpcServer, methods_of, tls_context
+from opserve.proto import service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -29,78 +32,54 @@ T = TypeVar("T")
 
 # The one place where opserve's error codes become gRPC status codes.
 GRPC_STATUS = {
-    ErrorCode.INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
-    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorCode.UNKNOWN: grpc.StatusCode.UNKNOWN,
+    ErrorCode.INVALID_ARG: Status.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: Status.NOT_FOUND,
+    ErrorCode.UNAVAILABLE: Status.UNAVAILABLE,
+    ErrorCode.UNSUPPORTED: Status.UNIMPLEMENTED,
+    ErrorCode.INTERNAL: Status.INTERNAL,
+    ErrorCode.ALREADY_EXISTS: Status.ALREADY_EXISTS,
+    ErrorCode.CANCELLED: Status.CANCELLED,
+    ErrorCode.UNKNOWN: Status.UNKNOWN,
 }
 
 
-async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+async def _answer(context: CallContext, call: Callable[[], Awaitable[T]]) -> T:
     """Run `call`; an opserve error becomes the matching gRPC status."""
     try:
         return await call()
     except OpserveError as exc:
-        await context.abort(GRPC_STATUS.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
-        raise  # abort raises; this keeps type checkers content
+        await context.abort(GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
 
 
 async def _value(value: T) -> T:
     return value
 
 
-class _Restricted(grpc.aio.ServerInterceptor):
-    """--grpc-restricted-protocol: calls of a restricted protocol need its metadata."""
-
-    def __init__(self, restrictions: dict[str, Restriction]) -> None:
-        self.restrictions = restrictions
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        method = details.method.rsplit("/", 1)[-1]
-        category = GRPC_CATEGORIES.get(method, "metadata")
-        refused = refusal(
-            self.restrictions, category, details.invocation_metadata or (), "protocol"
-        )
-        if refused is None:
-            return await continuation(details)
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
-
-        if method == "ModelStreamInfer":
-            return grpc.stream_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
-
-
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     def __init__(self, dataplane: DataPlane, forward: re.Pattern[str] | None = None) -> None:
         self.dataplane = dataplane
         self.forward = forward  # --grpc-header-forward-pattern
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ServerLive(self, request: Any, context: CallContext) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ServerReady(self, request: Any, context: CallContext) -> Any:
         return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelReady(self, request: Any, context: CallContext) -> Any:
         try:
             ready = self.dataplane.model_ready(request.name, request.version)
         except OpserveError:
             ready = False
         return service_pb2.ModelReadyResponse(ready=ready)
 
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ServerMetadata(self, request: Any, context: CallContext) -> Any:
         metadata = self.dataplane.server_metadata()
         return service_pb2.ServerMetadataResponse(
             name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
         )
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelMetadata(self, request: Any, context: CallContext) -> Any:
         def build() -> Any:
             metadata = self.dataplane.model_metadata(request.name, request.version)
             response = service_pb2.ModelMetadataResponse(
@@ -115,14 +94,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(build()))
 
-    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelConfig(self, request: Any, context: CallContext) -> Any:
         def build() -> Any:
             model, _ = self.dataplane.manager.version(request.name, request.version)
             return service_pb2.ModelConfigResponse(config=model.config)
 
         return await _answer(context, lambda: _value(build()))
 
-    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelStatistics(self, request: Any, context: CallContext) -> Any:
         def build() -> Any:
             stats = self.dataplane.model_statistics(request.name, request.version)
             return json_format.ParseDict(
@@ -131,7 +110,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(build()))
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfer(self, request: Any, context: CallContext) -> Any:
         async def infer() -> Any:
             inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
             if self.forward is not None:
@@ -154,7 +133,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await _answer(context, infer)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[Any], context: CallContext
     ) -> AsyncIterator[Any]:
         """Requests of one stream run concurrently; each answer (or error) is sent as it is ready."""
         answers: asyncio.Queue[Any] = asyncio.Queue()
@@ -218,16 +197,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             for task in running:
                 task.cancel()
 
-    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def TraceSetting(self, request: Any, context: CallContext) -> Any:
         return await _answer(context, lambda: _trace_setting(self.dataplane, request))
 
-    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def LogSettings(self, request: Any, context: CallContext) -> Any:
         return await _answer(context, lambda: _log_settings(self.dataplane, request))
 
     # shared memory (Triton's extension; CUDA answered as Triton answers without GPUs) ------
-    async def SystemSharedMemoryStatus(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    async def SystemSharedMemoryStatus(self, request: Any, context: CallContext) -> Any:
         def build() -> Any:
             response = service_pb2.SystemSharedMemoryStatusResponse()
             for region in self.dataplane.shared_memory.status(request.name):
@@ -238,9 +215,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(build()))
 
-    async def SystemSharedMemoryRegister(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    async def SystemSharedMemoryRegister(self, request: Any, context: CallContext) -> Any:
         def register() -> Any:
             self.dataplane.shared_memory.register(
                 request.name, request.key, request.offset, request.byte_size
@@ -249,9 +224,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(register()))
 
-    async def SystemSharedMemoryUnregister(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    async def SystemSharedMemoryUnregister(self, request: Any, context: CallContext) -> Any:
         def unregister() -> Any:
             if request.name:
                 self.dataplane.shared_memory.unregister(request.name)
@@ -261,7 +234,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(unregister()))
 
-    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def CudaSharedMemoryStatus(self, request: Any, context: CallContext) -> Any:
         def build() -> Any:
             if request.name:
                 if self.dataplane.shared_memory.has(request.name):
@@ -274,9 +247,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(build()))
 
-    async def CudaSharedMemoryRegister(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    async def CudaSharedMemoryRegister(self, request: Any, context: CallContext) -> Any:
         def refuse() -> Any:
             raise InvalidArgumentError(
                 f"failed to register CUDA shared memory region: '{request.name}', GPUs not "
@@ -285,19 +256,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, lambda: _value(refuse()))
 
-    async def CudaSharedMemoryUnregister(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    async def CudaSharedMemoryUnregister(self, request: Any, context: CallContext) -> Any:
         return service_pb2.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered
 
-    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RepositoryIndex(self, request: Any, context: CallContext) -> Any:
         index = self.dataplane.repository_index(request.ready)
         response = service_pb2.RepositoryIndexResponse()
         for entry in index:
             response.models.add(**entry)
         return response
 
-    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RepositoryModelLoad(self, request: Any, context: CallContext) -> Any:
         parameters = {
             key: getattr(value, value.WhichOneof("parameter_choice"))
             for key, value in request.parameters.items()
@@ -310,7 +279,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await _answer(context, load)
 
-    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RepositoryModelUnload(self, request: Any, context: CallContext) -> Any:
         async def unload() -> Any:
             await self.dataplane.unload_model(request.model_name)
             return service_pb2.RepositoryModelUnloadResponse()
@@ -376,48 +345,26 @@ def _stream_error(request: Any, error: OpserveError) -> Any:
     return answer
 
 
-# --grpc-infer-response-compression-level: gRPC core compresses with gzip at every level here
-COMPRESSION = {
-    "none": grpc.Compression.NoCompression,
-    "low": grpc.Compression.Gzip,
-    "medium": grpc.Compression.Gzip,
-    "high": grpc.Compression.Gzip,
-}
-
-
 async def start_grpc_server(
     dataplane: DataPlane,
     address: str,
     port: int,
-    options: tuple[tuple[str, int], ...] = (),
+    keepalive: KeepaliveSettings | None = None,
     compression: str = "none",
     tls: tuple[bytes, bytes, bytes | None] | None = None,
     restrictions: dict[str, Restriction] | None = None,
     forward: re.Pattern[str] | None = None,
-) -> grpc.aio.Server:
-    """Serve `inference.GRPCInferenceService`; `options` are gRPC core channel arguments
-    (Triton's keepalive flags, SO_REUSEPORT); `tls` is (key, certificate, root certificate for
-    client certificates or None), all PEM."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", -1),
-            ("grpc.max_receive_message_length", -1),
-            *options,
-        ],
-        compression=COMPRESSION[compression],
-        interceptors=[_Restricted(restrictions)] if restrictions else None,
+    reuse_port: bool = False,
+) -> GrpcServer:
+    """Serve `inference.GRPCInferenceService`. `keepalive` holds Triton's keepalive and
+    connection-age flags; `compression` is --grpc-infer-response-compression-level; `tls` is
+    (key, certificate, root certificate for client certificates or None), all PEM."""
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    calls = GrpcCalls(
+        methods_of(InferenceServicer(dataplane, forward), service), compression, restrictions
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane, forward), server
-    )
-    if tls is None:
-        bound = server.add_insecure_port(f"{address}:{port}")
-    else:
-        key, certificate, root = tls
-        credentials = grpc.ssl_server_credentials(
-            [(key, certificate)], root_certificates=root, require_client_auth=root is not None
-        )
-        bound = server.add_secure_port(f"{address}:{port}", credentials)
-    await server.start()
+    server = GrpcServer(calls, keepalive or KeepaliveSettings())
+    context = None if tls is None else tls_context(*tls)
+    bound = await server.start(address, port, context, reuse_port)
     log.info("serving gRPC on %s:%d", address, bound)
     return server

@@ -1,0 +1,429 @@
+"""gRPC over opserve's HTTP/2 (`http2.py`): calls, length-prefixed messages, statuses.
+
+The gRPC wire protocol (grpc/doc/PROTOCOL-HTTP2.md): a call is an HTTP/2 stream whose `:path`
+names the method; each message is a 5-byte prefix (compressed flag, length) and a serialized
+protobuf; the answer is response headers, messages and trailers carrying `grpc-status` and
+`grpc-message` (or, for an error before any message, the trailers alone). `grpc-timeout` sets
+the call's deadline; `grpc-encoding` says how the client compressed its messages (gzip and
+deflate are read), `grpc-accept-encoding` what it can read of ours.
+
+A `Method` is a handler of the servicer's shape: `async handler(request, context)` returning the
+response (unary), or an async generator of responses given an async iterator of requests
+(bidirectional streaming). `CallContext` is what a handler may ask: the call's metadata, and
+`abort` to end it with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import logging
+import struct
+import urllib.parse
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from opserve.frontends.access import GRPC_CATEGORIES, Restriction, refusal
+from opserve.frontends.grpc.http2 import STATUS_200, Stream, encode_literal
+
+log = logging.getLogger(__name__)
+
+
+class Status(enum.IntEnum):
+    """gRPC status codes."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class CallError(Exception):
+    """Ends a call with a status (what `CallContext.abort` raises)."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class CallContext:
+    """What a handler sees of its call."""
+
+    __slots__ = ("metadata",)
+
+    def __init__(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self.metadata
+
+    async def abort(self, status: Status, message: str) -> NoReturn:
+        raise CallError(status, message)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    request_type: Any  # a protobuf message class
+    handler: Callable[..., Any]
+    streaming: bool  # bidirectional streaming (ModelStreamInfer); else unary
+
+
+CONTENT_TYPE = encode_literal(b"content-type", b"application/grpc")
+RESPONSE_HEADERS = STATUS_200 + CONTENT_TYPE
+GZIP_HEADERS = RESPONSE_HEADERS + encode_literal(b"grpc-encoding", b"gzip")
+OK_TRAILERS = encode_literal(b"grpc-status", b"0")
+_PREFIX = struct.Struct(">BI")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# metadata that is the protocol's own, not the call's
+_RESERVED = frozenset(
+    ("te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding")
+)
+# --grpc-infer-response-compression-level: zlib levels of gzip
+COMPRESSION_LEVELS = {"none": None, "low": 1, "medium": 6, "high": 9}
+
+
+def status_block(status: Status, message: str) -> bytes:
+    block = encode_literal(b"grpc-status", str(int(status)).encode())
+    if message:
+        # percent-encoded as the protocol asks; grpc core decodes it for the client
+        encoded = urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        block += encode_literal(b"grpc-message", encoded.encode())
+    return block
+
+
+def parse_timeout(value: str) -> float | None:
+    """`grpc-timeout` (an integer of at most 8 digits and a unit) in seconds; None if malformed."""
+    digits, unit = value[:-1], value[-1:]
+    if not digits.isdigit() or len(digits) > 8 or unit not in _TIMEOUT_UNITS:
+        return None
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
+
+def _decompress(data: bytes, encoding: str, limit: int | None) -> bytes:
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    out = inflater.decompress(data, limit or 0)
+    if inflater.unconsumed_tail:
+        raise CallError(
+            Status.RESOURCE_EXHAUSTED,
+            f"Received message larger than max (more than {limit} bytes once decompressed)",
+        )
+    return out
+
+
+class Call:
+    """One call on one stream."""
+
+    __slots__ = (
+        "stream",
+        "method",
+        "context",
+        "encoding",
+        "gzip_level",
+        "body",
+        "requests",
+        "task",
+        "deadline",
+        "expired",
+        "started",
+    )
+
+    def __init__(
+        self,
+        stream: Stream,
+        method: Method,
+        context: CallContext,
+        encoding: str,
+        gzip_level: int | None,
+    ) -> None:
+        self.stream = stream
+        self.method = method
+        self.context = context
+        self.encoding = encoding
+        self.gzip_level = gzip_level  # compress responses at this level; None: do not
+        self.body = bytearray()
+        self.requests: asyncio.Queue[Any] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.expired = False
+        self.started = False  # response headers sent
+
+    def message(self, response: Any) -> bytes:
+        payload = response.SerializeToString()
+        if self.gzip_level is not None:
+            compressor = zlib.compressobj(self.gzip_level, zlib.DEFLATED, 31)
+            payload = compressor.compress(payload) + compressor.flush()
+            return _PREFIX.pack(1, len(payload)) + payload
+        return _PREFIX.pack(0, len(payload)) + payload
+
+    @property
+    def headers(self) -> bytes:
+        return GZIP_HEADERS if self.gzip_level is not None else RESPONSE_HEADERS
+
+    def finish(self, status: Status, message: str) -> None:
+        """Trailers; alone (trailers-only) when no response headers were sent."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+        block = status_block(status, message)
+        if not self.started:
+            block = RESPONSE_HEADERS + block
+        self.stream.send_headers(block, end=True)
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+class GrpcCalls:
+    """The `StreamHandler` of every gRPC connection: routes streams to methods."""
+
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        compression: str = "none",
+        restrictions: dict[str, Restriction] | None = None,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        self.methods = methods
+        self.gzip_level = COMPRESSION_LEVELS[compression]
+        self.restrictions = restrictions or {}
+        self.max_message_bytes = max_message_bytes
+        self.calls: set[Call] = set()
+
+    # StreamHandler ---------------------------------------------------------------------
+    def on_headers(self, stream: Stream, headers: list[tuple[str, str]], end: bool) -> None:
+        path = method_name = ""
+        content_type = encoding = accept = timeout = ""
+        metadata: list[tuple[str, str | bytes]] = []
+        for name, value in headers:
+            if name[0] == ":":
+                if name == ":path":
+                    path = value
+            elif name == "content-type":
+                content_type = value
+            elif name == "grpc-encoding":
+                encoding = value
+            elif name == "grpc-accept-encoding":
+                accept = value
+            elif name == "grpc-timeout":
+                timeout = value
+            elif name not in _RESERVED:
+                if name.endswith("-bin"):
+                    metadata.append((name, _unbase64(value)))
+                else:
+                    metadata.append((name, value))
+        if not content_type.startswith("application/grpc"):
+            stream.send_headers(
+                encode_literal(b":status", b"415")
+                + CONTENT_TYPE
+                + status_block(
+                    Status.INTERNAL, f"invalid gRPC request content-type '{content_type}'"
+                ),
+                end=True,
+            )
+            return
+        method = self.methods.get(path)
+        if method is None:
+            self._refuse(stream, Status.UNIMPLEMENTED, f"Method not found: {path}")
+            return
+        method_name = method.name
+        if self.restrictions:
+            refused = refusal(
+                self.restrictions,
+                GRPC_CATEGORIES.get(method_name, "metadata"),
+                ((k, v) for k, v in metadata if isinstance(v, str)),
+                "protocol",
+            )
+            if refused is not None:
+                self._refuse(stream, Status.PERMISSION_DENIED, refused)
+                return
+        if encoding not in ("", "identity", "gzip", "deflate"):
+            self._refuse(
+                stream, Status.UNIMPLEMENTED, f"Compression algorithm '{encoding}' not supported"
+            )
+            return
+        gzip_level = self.gzip_level if self.gzip_level is not None and "gzip" in accept else None
+        call = Call(stream, method, CallContext(tuple(metadata)), encoding, gzip_level)
+        stream.handler_state = call
+        self.calls.add(call)
+        if timeout:
+            seconds = parse_timeout(timeout)
+            if seconds is not None:
+                call.deadline = asyncio.get_running_loop().call_later(seconds, call.expire)
+        if method.streaming:
+            call.requests = asyncio.Queue()
+            call.task = asyncio.ensure_future(self._stream(call))
+            call.task.add_done_callback(lambda _: self.calls.discard(call))
+            if end:
+                call.requests.put_nowait(None)
+        elif end:
+            self._end_call(call, Status.INTERNAL, "the call ended without a request message")
+
+    def on_data(self, stream: Stream, data: memoryview, end: bool) -> None:
+        call = stream.handler_state
+        if not isinstance(call, Call):
+            return
+        body = call.body
+        try:
+            if body:
+                body += data
+                self._messages(call, memoryview(body), end)
+            else:
+                self._messages(call, data, end)
+        except CallError as exc:
+            self._end_call(call, exc.status, exc.message)
+
+    def on_reset(self, stream: Stream) -> None:
+        call = stream.handler_state
+        if isinstance(call, Call):
+            if call.task is not None:
+                call.task.cancel()
+            if call.deadline is not None:
+                call.deadline.cancel()
+            self.calls.discard(call)
+
+    # messages --------------------------------------------------------------------------
+    def _messages(self, call: Call, view: memoryview, end: bool) -> None:
+        """Take every complete message out of `view` (the call's body, or the frame's data);
+        keep the rest in the body."""
+        offset, size = 0, len(view)
+        limit = self.max_message_bytes
+        while size - offset >= 5:
+            compressed, length = _PREFIX.unpack_from(view, offset)
+            if limit is not None and length > limit:
+                raise CallError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"Received message larger than max ({length} vs. {limit})",
+                )
+            if size - offset - 5 < length:
+                break
+            payload = view[offset + 5 : offset + 5 + length]
+            offset += 5 + length
+            try:
+                self._message(call, payload, bool(compressed))
+            finally:
+                payload.release()  # the body may be resized below
+            if call.task is not None and not call.method.streaming:
+                break  # a unary call takes one message; more are ignored
+        body = call.body
+        if view.obj is body:
+            view.release()
+            del body[:offset]
+        elif offset < size:
+            body += view[offset:]
+        if end:
+            if call.method.streaming:
+                assert call.requests is not None
+                call.requests.put_nowait(None)
+            elif call.task is None:
+                if body:
+                    raise CallError(Status.INTERNAL, "the request message ended early")
+                raise CallError(Status.INTERNAL, "the call ended without a request message")
+
+    def _message(self, call: Call, payload: memoryview, compressed: bool) -> None:
+        data: bytes | memoryview = payload
+        if compressed:
+            if call.encoding in ("", "identity"):
+                raise CallError(
+                    Status.INTERNAL, "a compressed message without a grpc-encoding header"
+                )
+            data = _decompress(bytes(payload), call.encoding, self.max_message_bytes)
+        try:
+            request = call.method.request_type.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError
+            raise CallError(
+                Status.INTERNAL, f"could not parse the request message: {exc}"
+            ) from None
+        if call.method.streaming:
+            assert call.requests is not None
+            call.requests.put_nowait(request)
+        elif call.task is None:
+            call.task = asyncio.ensure_future(self._unary(call, request))
+
+    # running ---------------------------------------------------------------------------
+    async def _unary(self, call: Call, request: Any) -> None:
+        try:
+            response = await call.method.handler(request, call.context)
+        except CallError as exc:
+            self._end_call(call, exc.status, exc.message)
+        except asyncio.CancelledError:
+            if call.expired:
+                self._end_call(call, Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        except Exception as exc:  # a bug: the client gets its text, the log its traceback
+            log.exception("gRPC %s failed", call.method.name)
+            self._end_call(call, Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+        else:
+            if call.deadline is not None:
+                call.deadline.cancel()
+            call.stream.send_response(call.headers, call.message(response), OK_TRAILERS)
+            self.calls.discard(call)
+
+    async def _stream(self, call: Call) -> None:
+        status, message = Status.OK, ""
+        try:
+            async for response in call.method.handler(_requests(call), call.context):
+                if not call.started:
+                    call.started = True
+                    call.stream.send_headers(call.headers)
+                call.stream.send_data(call.message(response))
+        except CallError as exc:
+            status, message = exc.status, exc.message
+        except asyncio.CancelledError:
+            if not call.expired:
+                return
+            status, message = Status.DEADLINE_EXCEEDED, "Deadline Exceeded"
+        except Exception as exc:
+            log.exception("gRPC %s failed", call.method.name)
+            status, message = Status.INTERNAL, f"{type(exc).__name__}: {exc}"
+        call.finish(status, message)
+
+    def _end_call(self, call: Call, status: Status, message: str) -> None:
+        call.finish(status, message)
+        if (
+            call.task is not None
+            and not call.task.done()
+            and call.task is not asyncio.current_task()
+        ):
+            call.task.cancel()
+        self.calls.discard(call)
+
+    def _refuse(self, stream: Stream, status: Status, message: str) -> None:
+        stream.send_headers(RESPONSE_HEADERS + status_block(status, message), end=True)
+
+
+async def _requests(call: Call) -> AsyncIterator[Any]:
+    assert call.requests is not None
+    while True:
+        request = await call.requests.get()
+        if request is None:
+            return
+        yield request
+
+
+def _unbase64(value: str) -> bytes:
+    padded = value + "=" * (-len(value) % 4)
+    try:
+        return base64.b64decode(padded)
+    except ValueError:
+        return value.encode()
+
+
+Handler = Callable[[Any, CallContext], Awaitable[Any]]
