@@ -22,7 +22,8 @@ import requests
 import tritonclient.grpc as grpcclient
 
 from opserve.cli import build_parser
-from opserve.errors import NotFoundError
+from opserve.errors import ErrorCode, InvalidArgumentError, NotFoundError
+from opserve.frontends.grpc.servicer import as_opserve_error
 from opserve.repository import ModelManager
 from opserve.repository.locks import NamedLocks
 from opserve.settings import ServerSettings
@@ -412,3 +413,11 @@ def test_the_bounds_flags_and_their_defaults() -> None:
 def test_bounds_that_bound_nothing_are_refused(flag: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         bound_settings(flag)
+
+
+def test_a_bug_in_a_grpc_call_is_internal_with_its_message() -> None:
+    error = as_opserve_error(KeyError("x"), "ModelInfer")
+    assert error.code is ErrorCode.INTERNAL
+    assert error.message == "internal error: KeyError: 'x'"
+    refused = InvalidArgumentError("bad")
+    assert as_opserve_error(refused, "ModelInfer") is refused
