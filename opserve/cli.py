@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared memory per direction per worker for tensors (default: 16 MiB); "
         "larger tensors are sent through the worker's socket instead",
     )
+    _add_bound_flags(serve)
     add_triton_flags(serve)
     parser.set_defaults(serve_parser=serve)
     check = commands.add_parser(
@@ -215,6 +216,66 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", type=Path, metavar="PATH", help="the shared library")
     inspect.add_argument("--json", action="store_true", help="print the facts as JSON")
     return parser
+
+
+def _add_bound_flags(serve: argparse.ArgumentParser) -> None:
+    """What a client may cost the server (Triton has no flags for these; see also Triton's
+    --http-max-input-size)."""
+    group = serve.add_argument_group("bounds")
+    group.add_argument(
+        "--grpc-max-input-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the largest gRPC request message accepted (default: 2147483647, Triton's)",
+    )
+    group.add_argument(
+        "--http-header-timeout-secs",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a request's line and headers may take to arrive (default: 30); then 408 "
+        "and the connection closes",
+    )
+    group.add_argument(
+        "--http-body-timeout-secs",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the longest pause while a request body arrives (default: 60); then 408 and the "
+        "connection closes",
+    )
+    group.add_argument(
+        "--http-first-request-timeout-secs",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a new connection may wait before sending its first request (default: 30)",
+    )
+    group.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="open HTTP connections at most; past it a new connection is answered 503 and "
+        "closed (default 0: half the file-descriptor limit)",
+    )
+    group.add_argument(
+        "--max-instances-per-model",
+        type=int,
+        default=64,
+        metavar="N",
+        help="worker processes one model may start, all its versions together (default: 64); "
+        "a config (or a load request's override) asking for more is refused",
+    )
+    group.add_argument(
+        "--max-instances-total",
+        type=int,
+        default=512,
+        metavar="N",
+        help="worker processes of all models together (default: 512); a load that would pass "
+        "it is refused",
+    )
 
 
 def _repository_error(command: str, repositories: list[Path]) -> bool:

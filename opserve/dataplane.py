@@ -7,6 +7,7 @@ size of the data.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from opserve.schema import ModelSchema
 from opserve.sequence_config import FLAG_SEQUENCE_END, FLAG_SEQUENCE_START
 from opserve.shared_memory import SharedMemoryRegistry
 from opserve.tracing import Tracer
+
+OFFLOAD_BYTES = 1 << 20  # BYTES data larger than this is counted off the event loop
 
 EXTENSIONS = (
     "binary_tensor_data",
@@ -200,10 +203,11 @@ class DataPlane:
 
     # inference ---------------------------------------------------------------------------------
     def _prepare(
-        self, request: InferenceRequest, streaming: bool
+        self, request: InferenceRequest, streaming: bool, counted: dict[str, int]
     ) -> tuple[Model, ModelVersion, Scheduler | EnsembleScheduler, int]:
         """Find the version, validate the request against its config (inputs reshaped as the
-        model wants them, requested outputs checked)."""
+        model wants them, requested outputs checked; `counted`: the elements of large BYTES
+        inputs, counted off the event loop)."""
         model, entry = self.manager.version(request.model_name, request.model_version)
         if not streaming and model.config.model_transaction_policy.decoupled:
             raise DecoupledModelError(
@@ -211,7 +215,7 @@ class DataPlane:
                 "must be streamed (gRPC ModelStreamInfer, or HTTP generate_stream)"
             )
         schema = self.schema(model)
-        request.inputs = validate_inputs(model.name, schema, request)
+        request.inputs = validate_inputs(model.name, schema, request, counted)
         if request.parameters:
             take_server_parameters(request)
         if request.requested_outputs is not None:
@@ -235,7 +239,8 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """The one response to a request (a decoupled model must be streamed)."""
-        model, entry, scheduler, batch_size = self._prepare(request, streaming=False)
+        counted = await count_large_bytes(request.inputs)
+        model, entry, scheduler, batch_size = self._prepare(request, False, counted)
         if self.tracer.active:
             request.trace = self.tracer.sample(model.name, request.id)
         try:
@@ -277,7 +282,8 @@ class DataPlane:
         """Every response to a request, the last flagged final: one for most models, any
         number (even none: only the final flag) for a decoupled one. Errors after the request
         was accepted come as items; a request that is refused raises."""
-        model, entry, scheduler, batch_size = self._prepare(request, streaming=True)
+        counted = await count_large_bytes(request.inputs)
+        model, entry, scheduler, batch_size = self._prepare(request, True, counted)
         if self.tracer.active:
             request.trace = self.tracer.sample(model.name, request.id)
         try:
@@ -329,10 +335,24 @@ def _config_from_json(name: str, value: Any) -> ModelConfig:
     return config
 
 
+async def count_large_bytes(inputs: list[Tensor]) -> dict[str, int]:
+    """The element counts of BYTES inputs over `OFFLOAD_BYTES`, by name. Counting walks the
+    elements one by one in Python, so it runs in a thread: the walk lets go of the GIL between
+    its steps and the event loop keeps answering (health probes, other requests) meanwhile."""
+    large = [t for t in inputs if t.datatype == "BYTES" and len(t.data) > OFFLOAD_BYTES]
+    if not large:
+        return {}
+    return await asyncio.to_thread(lambda: {t.name: count_bytes_elements(t.data) for t in large})
+
+
 def validate_inputs(
-    model_name: str, schema: ModelSchema, request: InferenceRequest
+    model_name: str,
+    schema: ModelSchema,
+    request: InferenceRequest,
+    counted: dict[str, int] | None = None,
 ) -> list[Tensor]:
-    """Check every input against the config; the tensors to send, reshaped as the model wants."""
+    """Check every input against the config; the tensors to send, reshaped as the model wants.
+    `counted`: element counts of BYTES inputs already taken (`count_large_bytes`)."""
     seen: set[str] = set()
     batch_size = None
     prepared: list[Tensor] = []
@@ -382,7 +402,9 @@ def validate_inputs(
                 )
         count = element_count(shape)
         if spec.datatype == "BYTES":
-            got = count_bytes_elements(tensor.data)
+            got = counted.get(tensor.name) if counted else None
+            if got is None:
+                got = count_bytes_elements(tensor.data)
             if got != count:
                 raise InvalidArgumentError(
                     f"input '{tensor.name}' holds {got} BYTES elements, but its shape "

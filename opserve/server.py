@@ -41,6 +41,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         load_threads=settings.model_load_thread_count,
         load_retries=settings.model_load_retry_count,
         default_max_batch_size=settings.default_max_batch_size,
+        max_instances=(settings.max_instances_per_model, settings.max_instances_total),
     )
     if settings.cache is not None:
         manager.response_cache = ResponseCache(settings.cache.size)
@@ -78,6 +79,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 settings.grpc_restrictions,
                 settings.grpc_forward,
                 settings.reuse_grpc_port,
+                settings.grpc_max_input_size,
             )
         if settings.allow_metrics:
             metrics = MetricsServer(
@@ -108,13 +110,16 @@ async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
     if settings.reuse_http_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.http_address, settings.http_port))
+    limits = settings.http_limits
     config = uvicorn.Config(
-        HttpApp(dataplane, settings.http_restrictions, settings.http_forward),
-        http=HttpConnection,  # our HTTP/1.1 on httptools: one write per response
+        HttpApp(
+            dataplane, settings.http_restrictions, settings.http_forward, limits.max_input_size
+        ),
+        http=HttpConnection.bounded(limits),  # our HTTP/1.1 on httptools: one write per response
         lifespan="off",
         access_log=False,
         log_config=None,
-        timeout_keep_alive=300,
+        timeout_keep_alive=int(limits.keep_alive_timeout_s),
         timeout_graceful_shutdown=settings.exit_timeout_secs,
         proxy_headers=False,  # a layer per request that serves no purpose here
     )

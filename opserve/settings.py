@@ -12,6 +12,7 @@ from typing import Any
 from opserve.errors import OpserveError
 from opserve.frontends.access import Restriction, compile_pattern, parse_restrictions
 from opserve.frontends.grpc.http2 import KeepaliveSettings
+from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.ops import library_framework
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
@@ -66,6 +67,11 @@ class ServerSettings:
     cpu_metrics: bool = True
     default_max_batch_size: dict[str, int] = field(default_factory=dict)  # backend ("" all) -> size
     trace: TraceConfig = field(default_factory=lambda: TraceConfig(TraceSettings()))
+    # bounds: a body's size (--http-max-input-size), HTTP read timeouts and connections
+    http_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    grpc_max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE  # --grpc-max-input-size
+    max_instances_per_model: int = 64  # worker processes of one model, all versions
+    max_instances_total: int = 512  # worker processes of all models
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, triton: dict[str, Any]) -> ServerSettings:
@@ -125,6 +131,14 @@ class ServerSettings:
             cpu_metrics=triton["allow_cpu_metrics"],
             default_max_batch_size=_backend_config(triton["backend_config"]),
             trace=parse_trace_config(triton["trace_config"], _deprecated_trace_flags(args)),
+            http_limits=_http_limits(args, triton),
+            grpc_max_input_size=(
+                GRPC_DEFAULT_MAX_INPUT_SIZE
+                if args.grpc_max_input_size is None
+                else args.grpc_max_input_size
+            ),
+            max_instances_per_model=args.max_instances_per_model,
+            max_instances_total=args.max_instances_total,
         )
 
     def __post_init__(self) -> None:
@@ -144,6 +158,16 @@ class ServerSettings:
             raise ValueError("--model-load-timeout-secs must be positive")
         if self.repository_poll_secs <= 0:
             raise ValueError("--repository-poll-secs must be positive")
+        if not 0 < self.grpc_max_input_size <= GRPC_DEFAULT_MAX_INPUT_SIZE:
+            raise ValueError(
+                f"--grpc-max-input-size must be between 1 and {GRPC_DEFAULT_MAX_INPUT_SIZE}"
+            )
+        for flag, count in (
+            ("--max-instances-per-model", self.max_instances_per_model),
+            ("--max-instances-total", self.max_instances_total),
+        ):
+            if count < 1:
+                raise ValueError(f"{flag} must be at least 1")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")
         for root in self.op_library_roots:
@@ -178,6 +202,26 @@ class GrpcTls:
     key: bytes
     certificate: bytes
     root: bytes | None  # mutual TLS only
+
+
+def _http_limits(args: argparse.Namespace, triton: dict[str, Any]) -> ConnectionLimits:
+    """--http-max-input-size (Triton's) and opserve's HTTP timeouts and connection limit."""
+    for flag, seconds in (
+        ("--http-header-timeout-secs", args.http_header_timeout_secs),
+        ("--http-body-timeout-secs", args.http_body_timeout_secs),
+        ("--http-first-request-timeout-secs", args.http_first_request_timeout_secs),
+    ):
+        if not seconds > 0:
+            raise ValueError(f"{flag} must be positive")
+    if args.http_max_connections < 0:
+        raise ValueError("--http-max-connections must not be negative (0: the default)")
+    return ConnectionLimits(
+        max_input_size=triton["http_max_input_size"],
+        header_timeout_s=args.http_header_timeout_secs,
+        body_timeout_s=args.http_body_timeout_secs,
+        first_request_timeout_s=args.http_first_request_timeout_secs,
+        max_connections=args.http_max_connections,
+    )
 
 
 def _grpc_tls(triton: dict[str, Any]) -> GrpcTls | None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opserve.frontends.limits import HTTP_DEFAULT_MAX_INPUT_SIZE
+
 NO_EFFECT = "no effect"
 
 
@@ -165,6 +167,15 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         _POOLS + " (HTTP is served by one event loop)",
         "N",
         effect=NO_EFFECT,
+    ),
+    TritonFlag(
+        "--http-max-input-size",
+        _I,
+        HTTP_DEFAULT_MAX_INPUT_SIZE,
+        "the largest HTTP request body, after inflating a compressed one (default: 67108864, "
+        "64 MiB; Triton 2.59's flag)",
+        "BYTES",
+        refuse=lambda v: None if v > 0 else "--http-max-input-size must be greater than 0",
     ),
     TritonFlag(
         "--http-restricted-api",

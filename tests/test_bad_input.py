@@ -160,11 +160,36 @@ CASES = {
         404,
         "'simple' version 7 is not found",
     ),
-    "non-numeric version": (
+    "non-numeric version": (  # Triton's words
         "/v2/models/simple/versions/latest/infer",
         simple_body(),
-        404,
-        "is not found",
+        400,
+        "failed to get model version from specified version string 'latest' (details: stol), "
+        "version should be an integral value > 0",
+    ),
+    "non-ASCII digit as the version": (
+        "/v2/models/simple/versions/%C2%B2/infer",
+        simple_body(),
+        400,
+        "specified version string '²'",
+    ),
+    "version past int64": (
+        "/v2/models/simple/versions/" + "9" * 5000 + "/infer",
+        simple_body(),
+        400,
+        "version should be an integral value > 0",
+    ),
+    "negative version": (
+        "/v2/models/simple/versions/-1/infer",
+        simple_body(),
+        400,
+        "invalid model version specified '-1' , version should be an integral value > 0",
+    ),
+    "a datatype that is a list": (
+        "/v2/models/simple/infer",
+        with_input(0, datatype=["INT32"]),
+        400,
+        "input 'INPUT0' has an unknown datatype: ['INT32']",
     ),
     "unavailable model": (
         "/v2/models/ops_missing_library/infer",

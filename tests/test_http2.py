@@ -85,32 +85,46 @@ class Recorder:
 REQUEST = [(":method", "POST"), (":path", "/a/B"), (":scheme", "http"), ("x-key", "v")]
 
 
+class Peer:
+    """Runs the connection on an event loop of its own, one step at a time: what it writes
+    during a step leaves when the step's callbacks have run, as on a server."""
+
+    def __init__(self, connection: Http2Connection) -> None:
+        self.connection = connection
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, action) -> None:
+        async def step() -> None:
+            action()
+            await asyncio.sleep(0)  # the outbox is sent by a callback of the loop
+            await asyncio.sleep(0)
+
+        self.loop.run_until_complete(step())
+
+    def feed(self, data: bytes) -> None:
+        self.run(lambda: self.connection.data_received(data))
+
+
 @pytest.fixture
 def connected():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     recorder, transport = Recorder(), Transport()
     connection = Http2Connection(recorder, KeepaliveSettings(max_ping_strikes=1))
-
-    async def make() -> None:
-        connection.connection_made(transport)  # type: ignore[arg-type]
-
-    loop.run_until_complete(make())
-    connection.data_received(PREFACE + frame(SETTINGS, 0, 0))
+    peer = Peer(connection)
+    peer.run(lambda: connection.connection_made(transport))  # type: ignore[arg-type]
+    peer.feed(PREFACE + frame(SETTINGS, 0, 0))
     frames = transport.frames()
     assert [f[0] for f in frames] == [SETTINGS, WINDOW_UPDATE, SETTINGS]  # ours, then the ACK
     assert frames[2][1] == ACK
-    yield connection, recorder, transport
+    yield peer, recorder, transport
     connection.connection_lost(None)
-    loop.close()
-    asyncio.set_event_loop(None)
+    peer.loop.close()
 
 
 def test_a_request_split_over_continuation_and_padded_data(connected) -> None:
-    connection, recorder, transport = connected
+    peer, recorder, transport = connected
     block = hpack.Encoder().encode(REQUEST)
     padded = bytes([3]) + b"xyz" + b"\0\0\0"
-    connection.data_received(
+    peer.feed(
         frame(HEADERS, 0, 1, block[:5])
         + frame(CONTINUATION, END_HEADERS, 1, block[5:])
         + frame(DATA, PADDED | END_STREAM, 1, padded)
@@ -122,49 +136,50 @@ def test_a_request_split_over_continuation_and_padded_data(connected) -> None:
 
 
 def test_pings_are_answered_and_a_flood_is_refused(connected) -> None:
-    connection, _, transport = connected
-    connection.data_received(frame(PING, 0, 0, b"12345678"))
+    peer, _, transport = connected
+    peer.feed(frame(PING, 0, 0, b"12345678"))
     assert transport.frames() == [(PING, ACK, 0, b"12345678")]
-    connection.data_received(frame(PING, 0, 0, b"12345678") * 2)  # 2 strikes > 1 allowed
+    peer.feed(frame(PING, 0, 0, b"12345678") * 2)  # 2 strikes > 1 allowed
     kinds = [f[0] for f in transport.frames()]
     assert kinds[-1] == GOAWAY and transport.closed
 
 
 def test_a_response_waits_for_the_clients_window(connected) -> None:
-    connection, recorder, transport = connected
-    connection.data_received(
+    peer, recorder, transport = connected
+    peer.feed(
         frame(SETTINGS, 0, 0, struct.pack(">HI", http2.INITIAL_WINDOW_SIZE, 10))
         + frame(HEADERS, END_HEADERS | END_STREAM, 1, hpack.Encoder().encode(REQUEST))
     )
     transport.frames()
     stream = recorder.streams[1]
-    stream.send_response(b"\x88", b"0123456789abcdef", b"\x88")
+    peer.run(lambda: stream.send_response(b"\x88", b"0123456789abcdef", b"\x88"))
     sent = transport.frames()
     assert [(f[0], f[3]) for f in sent] == [(HEADERS, b"\x88"), (DATA, b"0123456789")]
-    connection.data_received(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 100)))
+    peer.feed(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 100)))
     sent = transport.frames()
     assert [(f[0], f[1] & END_STREAM, f[3]) for f in sent] == [
         (DATA, 0, b"abcdef"),
         (HEADERS, END_STREAM, b"\x88"),
     ]
-    assert 1 not in connection.streams  # both sides closed
+    assert 1 not in peer.connection.streams  # both sides closed
 
 
 def test_a_reset_stream_is_reported_and_forgotten(connected) -> None:
-    connection, recorder, transport = connected
-    connection.data_received(frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(REQUEST)))
-    connection.data_received(frame(RST_STREAM, 0, 1, struct.pack(">I", 8)))
-    assert recorder.events[-1] == ("reset", 1, None) and not connection.streams
+    peer, recorder, transport = connected
+    peer.feed(frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(REQUEST)))
+    peer.feed(frame(RST_STREAM, 0, 1, struct.pack(">I", 8)))
+    assert recorder.events[-1] == ("reset", 1, None) and not peer.connection.streams
 
 
 def test_a_bad_preface_ends_the_connection() -> None:
     transport = Transport()
-    connection = Http2Connection(Recorder(), KeepaliveSettings(time_ms=0))
-    connection.transport = transport  # type: ignore[assignment]
-    connection.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    peer = Peer(Http2Connection(Recorder(), KeepaliveSettings(time_ms=0)))
+    peer.connection.transport = transport  # type: ignore[assignment]
+    peer.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     (goaway,) = transport.frames()
     assert goaway[0] == GOAWAY and int.from_bytes(goaway[3][4:8], "big") == http2.PROTOCOL_ERROR
     assert transport.closed
+    peer.loop.close()
 
 
 def test_grpc_timeouts_and_statuses() -> None:
@@ -173,3 +188,21 @@ def test_grpc_timeouts_and_statuses() -> None:
     assert parse_timeout("123456789S") is None and parse_timeout("5x") is None
     decoded = hpack.Decoder().decode(status_block(3, "bad: 100% wrong\n"))
     assert decoded == [("grpc-status", "3"), ("grpc-message", "bad: 100%25 wrong%0A")]
+
+
+def test_indexed_header_blocks_follow_the_dynamic_table(connected) -> None:
+    """An indexed-only block is decoded once and remembered, until a block changes the table:
+    then the same bytes mean other headers."""
+    peer, recorder, _ = connected
+    encoder = hpack.Encoder()
+    first = encoder.encode([(":path", "/a/B"), ("x-key", "v1")])
+    peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 1, first))
+    indexed = encoder.encode([(":path", "/a/B"), ("x-key", "v1")])
+    assert min(indexed) >= 0x80  # indexed fields only
+    peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 3, indexed))
+    peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 5, indexed))
+    changed = encoder.encode([(":path", "/a/B"), ("x-key", "v2")])  # x-key: v2 now at index 62
+    peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 7, changed))
+    peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 9, indexed))
+    values = [headers["x-key"] for kind, _, headers in recorder.events if kind == "headers"]
+    assert values == ["v1", "v1", "v1", "v2", "v2"]

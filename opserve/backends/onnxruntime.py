@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from opserve.backends.base import Backend, BackendContext, translated
-from opserve.errors import UnavailableError
+from opserve.errors import InvalidArgumentError, UnavailableError
 from opserve.hints import missing_model_file
 from opserve.signature import ModelSignature, TensorSpec
 
@@ -93,7 +93,7 @@ class OnnxRuntimeBackend(Backend):
     ) -> dict[str, np.ndarray]:
         session = self._require_session()
         feeds = {
-            name: (_bytes_to_str(array) if array.dtype == np.object_ else array)
+            name: (_bytes_to_str(name, array) if array.dtype == np.object_ else array)
             for name, array in inputs.items()
         }
         names = outputs or [o.name for o in session.get_outputs()]
@@ -111,12 +111,18 @@ class OnnxRuntimeBackend(Backend):
         return self._session
 
 
-def _bytes_to_str(array: np.ndarray) -> np.ndarray:
-    """ONNX Runtime's string tensors want `str` elements."""
+def _bytes_to_str(name: str, array: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's string tensors want `str` elements: UTF-8 text, or a client error."""
     out = np.empty(array.shape, dtype=np.object_)
     flat_in, flat_out = array.reshape(-1), out.reshape(-1)
     for i, element in enumerate(flat_in):
-        flat_out[i] = (
-            element.decode("utf-8", "surrogateescape") if isinstance(element, bytes) else element
-        )
+        if isinstance(element, bytes):
+            try:
+                element = element.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgumentError(
+                    f"input '{name}': BYTES element {i} is not valid UTF-8, which ONNX Runtime's "
+                    f"string tensors need ({exc.reason} at byte {exc.start})"
+                ) from None
+        flat_out[i] = element
     return out

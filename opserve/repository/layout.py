@@ -95,3 +95,24 @@ def select_versions(config: ModelConfig, available: Iterable[int]) -> list[int]:
         return chosen
     count = policy.latest.num_versions if choice == "latest" else 1
     return versions[: max(count, 1)]
+
+
+_MAX_VERSION = (1 << 63) - 1
+
+
+def parse_version(text: str) -> int | None:
+    """A request's model version: None for "" (the latest ready one), else its number; a
+    string that is not one (a word, a non-ASCII digit, past int64) is refused in Triton's words."""
+    if not text:
+        return None
+    if text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= _MAX_VERSION:
+        return int(text)
+    shown = text if len(text) <= 100 else text[:100] + "..."
+    if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
+        raise InvalidArgumentError(
+            f"invalid model version specified '{shown}' , version should be an integral value > 0"
+        )
+    raise InvalidArgumentError(
+        f"failed to get model version from specified version string '{shown}' (details: stol), "
+        "version should be an integral value > 0"
+    )

@@ -43,9 +43,11 @@ from opserve.proto import ModelConfig
 from opserve.repository.layout import (
     find_models,
     no_versions_reason,
+    parse_version,
     select_versions,
     version_folders,
 )
+from opserve.repository.locks import NamedLocks
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
@@ -142,6 +144,7 @@ class ModelManager:
         load_threads: int = 4,
         load_retries: int = 0,
         default_max_batch_size: dict[str, int] | None = None,
+        max_instances: tuple[int, int] = (64, 512),
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
@@ -156,9 +159,11 @@ class ModelManager:
         self._loading = asyncio.Semaphore(load_threads)  # --model-load-thread-count
         # --backend-config [backend,]default-max-batch-size=N ("" for every backend)
         self.default_max_batch_size = default_max_batch_size or {}
+        # --max-instances-per-model, --max-instances-total: worker processes
+        self.max_instances_per_model, self.max_instances_total = max_instances
         self.control_mode = "none"
         self.models: dict[str, Model] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = NamedLocks()  # one per model name while a load or unload holds it
         self._tasks: set[asyncio.Task[None]] = set()
         self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self.host: WorkerHost | None = None  # what models may call (BLS, logging, metrics)
@@ -174,13 +179,14 @@ class ModelManager:
 
     def version(self, name: str, version: str = "") -> tuple[Model, ModelVersion]:
         """The model and the version a request addresses ("" = the latest ready one)."""
+        number = parse_version(version)
         model = self.model(name)
-        if version:
-            if not version.isdigit() or int(version) not in model.versions:
+        if number is not None:
+            if number not in model.versions:
                 raise NotFoundError(
                     f"Request for unknown model: '{name}' version {version} is not found"
                 )
-            entry = model.versions[int(version)]
+            entry = model.versions[number]
             if not entry.ready:
                 raise UnavailableError(
                     f"{entry.label} is not ready: {entry.reason or entry.state.value}"
@@ -308,12 +314,9 @@ class ModelManager:
 
     async def _remove(self, name: str) -> None:
         await self.unload(name)
-        async with self._lock(name):
+        async with self._locks.hold(name):
             self.models.pop(name, None)
             self._fingerprints.pop(name, None)
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
 
     async def load(
         self, name: str, config: ModelConfig | None = None, _chain: tuple[str, ...] = ()
@@ -330,7 +333,7 @@ class ModelManager:
             self._refresh_dependents(name)
 
     async def _load(self, name: str, config: ModelConfig | None) -> Model:
-        async with self._lock(name):
+        async with self._locks.hold(name):
             folder = find_models(self.repositories).get(name)
             if folder is None:
                 raise NotFoundError(f"failed to load '{name}', no version is available")
@@ -355,9 +358,10 @@ class ModelManager:
                 and previous.state is ModelState.READY
             ):
                 # a reload that fails loses nothing: the loaded model keeps serving
+                reason = self.reason(model)  # before retiring it overwrites a model's reason
                 await self._retire(model, "load failed")
                 raise InvalidArgumentError(
-                    f"load failed for model '{name}': {self.reason(model)}; "
+                    f"load failed for model '{name}': {reason}; "
                     "the model that was loaded keeps serving"
                 )
             self.models[name] = model
@@ -387,7 +391,7 @@ class ModelManager:
 
     async def unload(self, name: str) -> None:
         """Unload a model: its workers, and with them its op libraries, are gone afterwards."""
-        async with self._lock(name):
+        async with self._locks.hold(name):
             model = self.models.get(name)
             if model is None:
                 if name not in find_models(self.repositories):
@@ -446,6 +450,8 @@ class ModelManager:
                 )
             available = version_folders(folder)
             versions = select_versions(model.config, available)
+            if not is_ensemble(model.config):
+                self._check_instance_count(name, model.config, len(versions))
         except OpserveError as exc:
             model.reason = exc.message
             log.error("model '%s' is unavailable: %s", name, exc.message)
@@ -476,6 +482,30 @@ class ModelManager:
         )
         await asyncio.gather(*(self._open(model, v) for v in model.versions.values() if v.ready))
         return model
+
+    def _check_instance_count(self, name: str, config: ModelConfig, versions: int) -> None:
+        """Refuse a config whose instances (one worker process each, in every version) pass
+        --max-instances-per-model, or would pass --max-instances-total beside the workers of
+        the other models (a model being reloaded does not count against itself)."""
+        per_version = sum(g.count for g in config.instance_group) or 1
+        wanted = per_version * versions
+        if wanted > self.max_instances_per_model:
+            raise InvalidArgumentError(
+                f"model '{name}' asks for {wanted} instances ({per_version} per version, "
+                f"{versions} version(s)), more than --max-instances-per-model "
+                f"{self.max_instances_per_model} allows"
+            )
+        running = sum(
+            len(entry.workers)
+            for other in self.models.values()
+            if other.name != name
+            for entry in other.versions.values()
+        )
+        if running + wanted > self.max_instances_total:
+            raise InvalidArgumentError(
+                f"model '{name}' asks for {wanted} instances, but {running} of the "
+                f"--max-instances-total {self.max_instances_total} are in use by other models"
+            )
 
     async def _open(self, model: Model, entry: ModelVersion) -> None:
         """A version whose instances are loaded: each runs the warm-up samples, then serves."""

@@ -311,7 +311,8 @@ class GrpcCalls:
             if limit is not None and length > limit:
                 raise CallError(
                     Status.RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({length} vs. {limit})",
+                    f"Received message larger than max ({length} vs. {limit}); "
+                    "--grpc-max-input-size sets the limit",
                 )
             if size - offset - 5 < length:
                 break

@@ -216,6 +216,13 @@ class Http2Connection(asyncio.Protocol):
         self.pings_without_data = 0
         self.ping_outstanding = False
         self.keepalive_timer: asyncio.TimerHandle | None = None
+        # writes wait in the outbox until the loop's current callbacks have run, so that the
+        # answers of a batch (which wake their calls together) leave in one system call
+        self.outbox: list[bytes | memoryview] = []
+        # decoded header blocks made of indexed fields only: such a block leaves the dynamic
+        # table as it is, so while the table does not change, the same bytes mean the same
+        # headers (a gRPC client's block after its first call: 8 bytes, the same each time)
+        self.indexed_blocks: dict[bytes, list[tuple[str, str]]] = {}
         self.age_timer: asyncio.TimerHandle | None = None
 
     # connection life ---------------------------------------------------------------------
@@ -259,6 +266,7 @@ class Http2Connection(asyncio.Protocol):
         """GOAWAY and close at once (a connection error, or the server stopping hard)."""
         if self.transport is not None and not self.closed:
             self._goaway(code, reason)
+            self._send_outbox()
             self.transport.close()
             self.closed = True
 
@@ -271,12 +279,12 @@ class Http2Connection(asyncio.Protocol):
         self._close_if_done()
 
     def _goaway(self, code: int, reason: str) -> None:
-        assert self.transport is not None
         payload = struct.pack(">II", self.last_stream_id, code) + reason.encode()[:256]
-        self.transport.write(frame(GOAWAY, 0, 0, payload))
+        self._write(frame(GOAWAY, 0, 0, payload))
 
     def _close_if_done(self) -> None:
         if self.going_away and not self.streams and self.transport is not None:
+            self._send_outbox()
             self.transport.close()
             self.closed = True
 
@@ -405,10 +413,17 @@ class Http2Connection(asyncio.Protocol):
             self._header_block(block)
 
     def _header_block(self, block: bytes) -> None:
-        try:
-            headers = cast(list[tuple[str, str]], self.decoder.decode(block))
-        except Exception as exc:  # hpack's errors: the decoder's state is lost
-            raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        indexed = bool(block) and min(block) >= 0x80 and 0xFF not in block
+        headers = self.indexed_blocks.get(block) if indexed else None
+        if headers is None:
+            try:
+                headers = cast(list[tuple[str, str]], self.decoder.decode(block))
+            except Exception as exc:  # hpack's errors: the decoder's state is lost
+                raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+            if not indexed:
+                self.indexed_blocks.clear()  # the table may have changed
+            elif len(self.indexed_blocks) < 64:
+                self.indexed_blocks[block] = headers
         stream_id, end = self.header_stream, self.header_end_stream
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -493,9 +508,21 @@ class Http2Connection(asyncio.Protocol):
         self._flush_blocked()
 
     # writing -----------------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._send_outbox)
+        self.outbox.append(data)
+
+    def _send_outbox(self) -> None:
+        outbox = self.outbox
+        if not outbox:
+            return
+        self.outbox = []
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            if len(outbox) == 1:
+                self.transport.write(outbox[0])
+            else:
+                self.transport.writelines(outbox)
 
     def _header_frames(self, stream_id: int, block: bytes, end: bool) -> bytes:
         limit = self.peer_max_frame
@@ -599,8 +626,8 @@ class Http2Connection(asyncio.Protocol):
                 pending[0] = (kind, view)
                 break
             pending.pop(0)
-        if out and self.transport is not None and not self.closed:
-            self.transport.writelines(out)
+        for part in out:
+            self._write(part)
         if pending:
             self.blocked[stream.id] = stream
         else:

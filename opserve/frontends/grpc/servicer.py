@@ -1,9 +1,15 @@
 """`inference.GRPCInferenceService`: its handlers, calling the same DataPlane as HTTP (the
-transport is opserve's own: `calls.py` on `http2.py`)."""
+transport is opserve's own: `calls.py` on `http2.py`).
+
+One error boundary: every method answers an opserve error with its status code and a bug with
+INTERNAL and a message (`_answer`); on a `ModelStreamInfer` stream every request gets exactly
+one answer or one error, whatever its handling raised.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,16 +20,18 @@ from google.protobuf import json_format
 from opserve.dataplane import DataPlane, DecoupledModelError
 from opserve.errors import (
     ErrorCode,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     OpserveError,
     UnsupportedError,
 )
 from opserve.frontends.access import Restriction, forwarded
-from opserve.frontends.grpc.calls import CallContext, GrpcCalls, Status
+from opserve.frontends.grpc.calls import CallContext, CallError, GrpcCalls, Status
 from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.grpc.server import GrpcServer, methods_of, tls_context
+from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE
 from opserve.proto import service_pb2
 
 log = logging.getLogger(__name__)
@@ -43,29 +51,58 @@ GRPC_STATUS = {
 }
 
 
+def as_opserve_error(exc: Exception, method: str) -> OpserveError:
+    """What a call's exception tells the client: an opserve error as it is, anything else (a
+    bug) as INTERNAL with its type and message, logged with its traceback."""
+    if isinstance(exc, OpserveError):
+        return exc
+    log.error("unhandled error in gRPC %s", method, exc_info=exc)
+    return InternalError(f"internal error: {type(exc).__name__}: {exc}")
+
+
 async def _answer(context: CallContext, call: Callable[[], Awaitable[T]]) -> T:
-    """Run `call`; an opserve error becomes the matching gRPC status."""
+    """Run `call`; an opserve error becomes the matching gRPC status, a bug INTERNAL."""
     try:
         return await call()
-    except OpserveError as exc:
-        await context.abort(GRPC_STATUS.get(exc.code, Status.UNKNOWN), exc.message)
+    except CallError:
+        raise
+    except Exception as exc:
+        error = as_opserve_error(exc, getattr(call, "__name__", "call"))
+        await context.abort(GRPC_STATUS.get(error.code, Status.UNKNOWN), error.message)
 
 
-async def _value(value: T) -> T:
-    return value
+def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A unary method inside the error boundary."""
+
+    @functools.wraps(method)
+    async def guarded(self: Any, request: Any, context: CallContext) -> Any:
+        return await _answer(context, lambda: method(self, request, context))
+
+    return guarded
 
 
 class InferenceServicer:
-    def __init__(self, dataplane: DataPlane, forward: re.Pattern[str] | None = None) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        forward: re.Pattern[str] | None = None,
+        max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE,
+    ) -> None:
         self.dataplane = dataplane
         self.forward = forward  # --grpc-header-forward-pattern
+        # --grpc-max-input-size: a transport checks a message's length against it before
+        # reading it (`limits.check_message_size`); grpc.aio is given it as an option
+        self.max_input_size = max_input_size
 
+    @_unary
     async def ServerLive(self, request: Any, context: CallContext) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
 
+    @_unary
     async def ServerReady(self, request: Any, context: CallContext) -> Any:
         return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
 
+    @_unary
     async def ModelReady(self, request: Any, context: CallContext) -> Any:
         try:
             ready = self.dataplane.model_ready(request.name, request.version)
@@ -73,76 +110,69 @@ class InferenceServicer:
             ready = False
         return service_pb2.ModelReadyResponse(ready=ready)
 
+    @_unary
     async def ServerMetadata(self, request: Any, context: CallContext) -> Any:
         metadata = self.dataplane.server_metadata()
         return service_pb2.ServerMetadataResponse(
             name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
         )
 
+    @_unary
     async def ModelMetadata(self, request: Any, context: CallContext) -> Any:
-        def build() -> Any:
-            metadata = self.dataplane.model_metadata(request.name, request.version)
-            response = service_pb2.ModelMetadataResponse(
-                name=metadata.name, versions=metadata.versions, platform=metadata.platform
-            )
-            for kind, tensors in (("inputs", metadata.inputs), ("outputs", metadata.outputs)):
-                for tensor in tensors:
-                    getattr(response, kind).add(
-                        name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
-                    )
-            return response
+        metadata = self.dataplane.model_metadata(request.name, request.version)
+        response = service_pb2.ModelMetadataResponse(
+            name=metadata.name, versions=metadata.versions, platform=metadata.platform
+        )
+        for kind, tensors in (("inputs", metadata.inputs), ("outputs", metadata.outputs)):
+            for tensor in tensors:
+                getattr(response, kind).add(
+                    name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
+                )
+        return response
 
-        return await _answer(context, lambda: _value(build()))
-
+    @_unary
     async def ModelConfig(self, request: Any, context: CallContext) -> Any:
-        def build() -> Any:
-            model, _ = self.dataplane.manager.version(request.name, request.version)
-            return service_pb2.ModelConfigResponse(config=model.config)
+        model, _ = self.dataplane.manager.version(request.name, request.version)
+        return service_pb2.ModelConfigResponse(config=model.config)
 
-        return await _answer(context, lambda: _value(build()))
-
+    @_unary
     async def ModelStatistics(self, request: Any, context: CallContext) -> Any:
-        def build() -> Any:
-            stats = self.dataplane.model_statistics(request.name, request.version)
-            return json_format.ParseDict(
-                {"model_stats": stats}, service_pb2.ModelStatisticsResponse()
-            )
+        stats = self.dataplane.model_statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
 
-        return await _answer(context, lambda: _value(build()))
-
+    @_unary
     async def ModelInfer(self, request: Any, context: CallContext) -> Any:
-        async def infer() -> Any:
-            inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
-            if self.forward is not None:
-                metadata = context.invocation_metadata() or ()
-                inference.parameters.update(forwarded(self.forward, metadata))
-            try:
-                response = await self.dataplane.infer(inference)
-                if regions is None:
-                    return encode_infer_response(response)
-                regions.place_outputs(response)
-                return encode_infer_response(response, regions.outputs)
-            except DecoupledModelError:  # Triton's words
-                raise UnsupportedError(
-                    "ModelInfer RPC doesn't support models with decoupled transaction policy"
-                ) from None
-            finally:
-                if regions is not None:
-                    regions.release()
-
-        return await _answer(context, infer)
+        inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+        if self.forward is not None:
+            metadata = context.invocation_metadata() or ()
+            inference.parameters.update(forwarded(self.forward, metadata))
+        try:
+            response = await self.dataplane.infer(inference)
+            if regions is None:
+                return encode_infer_response(response)
+            regions.place_outputs(response)
+            return encode_infer_response(response, regions.outputs)
+        except DecoupledModelError:  # Triton's words
+            raise UnsupportedError(
+                "ModelInfer RPC doesn't support models with decoupled transaction policy"
+            ) from None
+        finally:
+            if regions is not None:
+                regions.release()
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: CallContext
     ) -> AsyncIterator[Any]:
-        """Requests of one stream run concurrently; each answer (or error) is sent as it is ready."""
+        """Requests of one stream run concurrently; each answer (or error) is sent as it is ready.
+        Every request gets its answers or one error (`error_message`), whatever its handling
+        raised."""
         answers: asyncio.Queue[Any] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def handle(request: Any) -> None:
-            empty_final = _flag(request, "triton_enable_empty_final_response")
             regions = None
             try:
+                empty_final = _flag(request, "triton_enable_empty_final_response")
                 inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
                 if self.forward is not None:
                     metadata = context.invocation_metadata() or ()
@@ -168,8 +198,8 @@ class InferenceServicer:
                         await answers.put(
                             service_pb2.ModelStreamInferResponse(infer_response=message)
                         )
-            except OpserveError as exc:
-                await answers.put(_stream_error(request, exc))
+            except Exception as exc:
+                await answers.put(_stream_error(request, as_opserve_error(exc, "ModelStreamInfer")))
             finally:
                 if regions is not None:
                     regions.release()
@@ -197,68 +227,61 @@ class InferenceServicer:
             for task in running:
                 task.cancel()
 
+    @_unary
     async def TraceSetting(self, request: Any, context: CallContext) -> Any:
-        return await _answer(context, lambda: _trace_setting(self.dataplane, request))
+        return await _trace_setting(self.dataplane, request)
 
+    @_unary
     async def LogSettings(self, request: Any, context: CallContext) -> Any:
-        return await _answer(context, lambda: _log_settings(self.dataplane, request))
+        return await _log_settings(self.dataplane, request)
 
     # shared memory (Triton's extension; CUDA answered as Triton answers without GPUs) ------
+    @_unary
     async def SystemSharedMemoryStatus(self, request: Any, context: CallContext) -> Any:
-        def build() -> Any:
-            response = service_pb2.SystemSharedMemoryStatusResponse()
-            for region in self.dataplane.shared_memory.status(request.name):
-                response.regions[region["name"]].CopyFrom(
-                    service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region)
-                )
-            return response
+        response = service_pb2.SystemSharedMemoryStatusResponse()
+        for region in self.dataplane.shared_memory.status(request.name):
+            response.regions[region["name"]].CopyFrom(
+                service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
 
-        return await _answer(context, lambda: _value(build()))
-
+    @_unary
     async def SystemSharedMemoryRegister(self, request: Any, context: CallContext) -> Any:
-        def register() -> Any:
-            self.dataplane.shared_memory.register(
-                request.name, request.key, request.offset, request.byte_size
-            )
-            return service_pb2.SystemSharedMemoryRegisterResponse()
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return service_pb2.SystemSharedMemoryRegisterResponse()
 
-        return await _answer(context, lambda: _value(register()))
-
+    @_unary
     async def SystemSharedMemoryUnregister(self, request: Any, context: CallContext) -> Any:
-        def unregister() -> Any:
-            if request.name:
-                self.dataplane.shared_memory.unregister(request.name)
-            else:
-                self.dataplane.shared_memory.unregister_all()
-            return service_pb2.SystemSharedMemoryUnregisterResponse()
+        if request.name:
+            self.dataplane.shared_memory.unregister(request.name)
+        else:
+            self.dataplane.shared_memory.unregister_all()
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
 
-        return await _answer(context, lambda: _value(unregister()))
-
+    @_unary
     async def CudaSharedMemoryStatus(self, request: Any, context: CallContext) -> Any:
-        def build() -> Any:
-            if request.name:
-                if self.dataplane.shared_memory.has(request.name):
-                    raise NotFoundError(
-                        f"The region named '{request.name}' is registered as system shared "
-                        "memory, not CUDA shared memory"
-                    )
-                raise NotFoundError(f"Unable to find cuda shared memory region: '{request.name}'")
-            return service_pb2.CudaSharedMemoryStatusResponse()
+        if request.name:
+            if self.dataplane.shared_memory.has(request.name):
+                raise NotFoundError(
+                    f"The region named '{request.name}' is registered as system shared "
+                    "memory, not CUDA shared memory"
+                )
+            raise NotFoundError(f"Unable to find cuda shared memory region: '{request.name}'")
+        return service_pb2.CudaSharedMemoryStatusResponse()
 
-        return await _answer(context, lambda: _value(build()))
-
+    @_unary
     async def CudaSharedMemoryRegister(self, request: Any, context: CallContext) -> Any:
-        def refuse() -> Any:
-            raise InvalidArgumentError(
-                f"failed to register CUDA shared memory region: '{request.name}', GPUs not "
-                "supported"
-            )
+        raise InvalidArgumentError(
+            f"failed to register CUDA shared memory region: '{request.name}', GPUs not supported"
+        )
 
-        return await _answer(context, lambda: _value(refuse()))
-
+    @_unary
     async def CudaSharedMemoryUnregister(self, request: Any, context: CallContext) -> Any:
         return service_pb2.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered
 
+    @_unary
     async def RepositoryIndex(self, request: Any, context: CallContext) -> Any:
         index = self.dataplane.repository_index(request.ready)
         response = service_pb2.RepositoryIndexResponse()
@@ -266,6 +289,7 @@ class InferenceServicer:
             response.models.add(**entry)
         return response
 
+    @_unary
     async def RepositoryModelLoad(self, request: Any, context: CallContext) -> Any:
         parameters = {
             key: getattr(value, value.WhichOneof("parameter_choice"))
@@ -273,18 +297,13 @@ class InferenceServicer:
             if value.WhichOneof("parameter_choice")
         }
 
-        async def load() -> Any:
-            await self.dataplane.load_model(request.model_name, parameters)
-            return service_pb2.RepositoryModelLoadResponse()
+        await self.dataplane.load_model(request.model_name, parameters)
+        return service_pb2.RepositoryModelLoadResponse()
 
-        return await _answer(context, load)
-
+    @_unary
     async def RepositoryModelUnload(self, request: Any, context: CallContext) -> Any:
-        async def unload() -> Any:
-            await self.dataplane.unload_model(request.model_name)
-            return service_pb2.RepositoryModelUnloadResponse()
-
-        return await _answer(context, unload)
+        await self.dataplane.unload_model(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
 
 
 async def _trace_setting(dataplane: DataPlane, request: Any) -> Any:
@@ -355,14 +374,15 @@ async def start_grpc_server(
     restrictions: dict[str, Restriction] | None = None,
     forward: re.Pattern[str] | None = None,
     reuse_port: bool = False,
+    max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE,
 ) -> GrpcServer:
     """Serve `inference.GRPCInferenceService`. `keepalive` holds Triton's keepalive and
     connection-age flags; `compression` is --grpc-infer-response-compression-level; `tls` is
-    (key, certificate, root certificate for client certificates or None), all PEM."""
+    (key, certificate, root certificate for client certificates or None), all PEM. A request
+    message over `max_input_size` is refused (RESOURCE_EXHAUSTED) before it is read whole."""
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    calls = GrpcCalls(
-        methods_of(InferenceServicer(dataplane, forward), service), compression, restrictions
-    )
+    servicer = InferenceServicer(dataplane, forward, max_input_size)
+    calls = GrpcCalls(methods_of(servicer, service), compression, restrictions, max_input_size)
     server = GrpcServer(calls, keepalive or KeepaliveSettings())
     context = None if tls is None else tls_context(*tls)
     bound = await server.start(address, port, context, reuse_port)

@@ -30,6 +30,7 @@ from opserve.frontends.http import shared_memory as shm_routes
 from opserve.frontends.http.codec import decode_request, encode_response
 from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
 from opserve.frontends.http.protocol import Exchange
+from opserve.frontends.limits import HTTP_DEFAULT_MAX_INPUT_SIZE, body_too_large, inflate
 from opserve.inference import Delivery
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ HTTP_STATUS = {
 }
 
 _JSON = [(b"content-type", b"application/json")]
-MAX_BODY_BYTES = 1 << 31
 
 
 class HttpApp:
@@ -56,10 +56,12 @@ class HttpApp:
         dataplane: DataPlane,
         restrictions: dict[str, Restriction] | None = None,
         forward: re.Pattern[str] | None = None,
+        max_input_size: int = HTTP_DEFAULT_MAX_INPUT_SIZE,
     ) -> None:
         self.dataplane = dataplane
         self.restrictions = restrictions or {}  # --http-restricted-api
         self.forward = forward  # --http-header-forward-pattern
+        self.max_input_size = max_input_size  # --http-max-input-size, inflated bodies too
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,7 +100,11 @@ class HttpApp:
         if shared_memory is not None:
             kind, region, action = shared_memory
             _require(method, "GET" if action == "status" else "POST")
-            body = _json_object(await _read_body(receive)) if action == "register" else {}
+            body = (
+                _json_object(await _read_body(receive, self.max_input_size))
+                if action == "register"
+                else {}
+            )
             answer = shm_routes.handle(self.dataplane.shared_memory, kind, region, action, body)
             if answer is None:
                 return await _send(send, 200, b"", _JSON)
@@ -107,7 +113,7 @@ class HttpApp:
             return await self._trace_setting(method, "", receive, send)
         if parts == ["logging"]:
             if method == "POST":
-                changes = _json_object(await _read_body(receive))
+                changes = _json_object(await _read_body(receive, self.max_input_size))
                 return await _send_json(send, self.dataplane.update_log_settings(changes))
             _require(method, "GET")
             return await _send_json(send, self.dataplane.log_settings())
@@ -165,7 +171,7 @@ class HttpApp:
         """`/v2[/models/<m>]/trace/setting`: read, or update (a null value clears a model's
         own setting)."""
         if method == "POST":
-            changes = _json_object(await _read_body(receive))
+            changes = _json_object(await _read_body(receive, self.max_input_size))
             return await _send_json(send, self.dataplane.update_trace_settings(model, changes))
         _require(method, "GET")
         return await _send_json(send, self.dataplane.trace_settings(model))
@@ -174,7 +180,7 @@ class HttpApp:
         self, method: str, parts: list[str], scope: Scope, receive: Receive, send: Send
     ) -> None:
         _require(method, "POST")
-        body = _json_object(await _read_body(receive))
+        body = _json_object(await _read_body(receive, self.max_input_size))
         if parts == ["index"]:
             ready = body.get("ready", False)
             if not isinstance(ready, bool):
@@ -196,10 +202,12 @@ class HttpApp:
         self, name: str, version: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
         headers = _headers(scope)
-        body = await _read_body(receive)
+        body = await _read_body(receive, self.max_input_size)
         encoding = headers.get(b"content-encoding")
-        if encoding:
-            body = _decompress(body, encoding)
+        if encoding:  # inflated off the event loop (zlib lets go of the GIL), within the limit
+            body = await asyncio.to_thread(
+                inflate, body, encoding.decode("latin-1"), self.max_input_size
+            )
         header_length = headers.get(b"inference-header-content-length")
         try:
             length = int(header_length) if header_length is not None else None
@@ -266,7 +274,9 @@ class HttpApp:
         """Triton's generate extension: one JSON answer, or server-sent events as they come."""
         model, _ = self.dataplane.manager.version(name, version)
         schema = self.dataplane.schema(model)
-        request = decode_generate(await _read_body(receive), schema, name, version)
+        request = decode_generate(
+            await _read_body(receive, self.max_input_size), schema, name, version
+        )
         stream = self.dataplane.stream(request)
         if not streaming:
             responses = []
@@ -357,7 +367,8 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in scope["headers"]}
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, limit: int = HTTP_DEFAULT_MAX_INPUT_SIZE) -> bytes:
+    """The whole body (our protocol has bounded it already; another ASGI server may not have)."""
     message = await receive()
     body = message.get("body", b"")
     if not message.get("more_body"):
@@ -368,23 +379,10 @@ async def _read_body(receive: Receive) -> bytes:
         message = await receive()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise InvalidArgumentError("the request body is too large")
+        if size > limit:
+            raise InvalidArgumentError(body_too_large(None, limit))
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _decompress(body: bytes, encoding: bytes) -> bytes:
-    try:
-        if encoding == b"gzip":
-            return gzip.decompress(body)
-        if encoding == b"deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error, EOFError) as exc:
-        raise InvalidArgumentError(
-            f"failed to decompress the {encoding.decode()} request body: {exc}"
-        ) from None
-    raise UnsupportedError(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'")
 
 
 def _maybe_compress(

@@ -190,7 +190,7 @@ def _decode_input(
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     if not isinstance(name, str):
         raise InvalidArgumentError("every input needs a 'name'")
-    if datatype not in NUMPY_DTYPES:
+    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
         raise InvalidArgumentError(f"input '{name}' has an unknown datatype: {datatype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape

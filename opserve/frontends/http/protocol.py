@@ -6,6 +6,12 @@ the application one `Exchange` per request once the whole body is in (the ASGI `
 `send`, plus `respond` for a complete answer without ASGI messages), keeps connections alive,
 answers pipelined requests in order, marks a request whose client went away (`disconnected`,
 which the scheduler looks at) and streams (server-sent events) with chunked transfer coding.
+
+It is bounded (`ConnectionLimits`): a body over the size limit is refused as soon as its
+Content-Length says so, or as soon as its chunks add up past the limit, without being read;
+headers that take too long, a body that stalls, a connection that never sends a request are
+closed (408 where a request had begun); past the connection limit, new connections are answered
+503 and closed while the others carry on.
 """
 
 from __future__ import annotations
@@ -15,18 +21,21 @@ import http
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote
 
 import httptools
+import orjson
+
+from opserve.frontends.limits import ConnectionLimits, body_too_large
 
 log = logging.getLogger(__name__)
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
-MAX_BODY_BYTES = 1 << 31
 COALESCE_BYTES = 1 << 16  # a larger body is written after its head rather than copied into it
+LINGER_S = 5.0  # after refusing a body: how long what the client still sends is read and dropped
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = (204, 304)
 
@@ -196,6 +205,14 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: requests in, responses out in order (uvicorn's protocol interface:
     constructed with its config and server state, `shutdown` for a graceful stop)."""
 
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    _refused_at: ClassVar[float] = -60.0  # when a connection over the limit was last logged
+
+    @classmethod
+    def bounded(cls, limits: ConnectionLimits) -> type[HttpConnection]:
+        """This protocol under `limits` (uvicorn constructs the protocol class it is given)."""
+        return type("BoundedHttpConnection", (cls,), {"limits": limits})
+
     def __init__(
         self,
         config: Any,
@@ -213,7 +230,14 @@ class HttpConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()  # pipelined requests behind it
         self.closing = False
         self.idle_since = 0.0
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.now = 0.0  # the loop's time at the last read
+        self.timer: asyncio.TimerHandle | None = None  # one per connection, re-armed lazily
+        self.timer_at = float("inf")
+        self.served = False  # a request has begun on this connection
+        self.reading = False  # a request is arriving (begun, not complete)
+        self.headers_done = False
+        self.began_at = 0.0
+        self.discarding = False  # a body was refused: what arrives is dropped until we close
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
         # the request being parsed
@@ -221,24 +245,39 @@ class HttpConnection(asyncio.Protocol):
         self.headers: Headers = []
         self.chunks: list[bytes] = []
         self.size = 0
+        self.declared_size = b""  # the request's Content-Length
         self.keep_alive = True
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server_state.connections.add(self)
-        self.idle_since = self.loop.time()
-        self.idle_timer = self.loop.call_later(self.keep_alive_timeout, self._close_if_idle)
+        connections = self.server_state.connections
+        if len(connections) >= self.limits.max_connections:
+            self._over_the_limit()
+            return
+        connections.add(self)
+        self.idle_since = self.now = self.loop.time()
+        self._arm(self.now + self.limits.first_request_timeout_s)
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = self.loop.time()
+        if self.discarding:
+            return
+        self.idle_since = self.now = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # no upgrades here: the request is answered as it is
         except httptools.HttpParserError:
-            self._refuse(400, b"Invalid HTTP request received.")
+            if not self.closing:  # else a callback refused the request and stopped the parser
+                self._refuse(400, b"Invalid HTTP request received.")
+            return
+        if self.reading:  # a request is partly in: it must go on arriving
+            limits = self.limits
+            if self.headers_done:
+                self._arm(self.now + limits.body_timeout_s)
+            else:
+                self._arm(self.began_at + limits.header_timeout_s)
 
     def eof_received(self) -> bool | None:
         return None
@@ -246,8 +285,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         self.closing = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         current = self.current
         if current is not None and not current.complete:
             current.disconnected = True
@@ -269,14 +308,27 @@ class HttpConnection(asyncio.Protocol):
         self.headers = []
         self.chunks = []
         self.size = 0
+        self.declared_size = b""
+        self.served = self.reading = True
+        self.headers_done = False
+        self.began_at = self.now
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length":
+            self.declared_size = value
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.headers_done = True
+        if self.declared_size:  # refused before a byte of the body is read
+            limit = self.limits.max_input_size
+            declared = int(self.declared_size)  # httptools has checked that it is a number
+            if declared > limit:
+                self._refuse_body(body_too_large(declared, limit))
         parser = self.parser
         self.keep_alive = parser.should_keep_alive() and parser.get_http_version() != "1.0"
         if self.current is None and not self.queue:
@@ -286,13 +338,12 @@ class HttpConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
-        if self.size <= MAX_BODY_BYTES:
-            self.chunks.append(body)
+        if self.size > self.limits.max_input_size:  # chunks, counted as they arrive
+            self._refuse_body(body_too_large(None, self.limits.max_input_size))
+        self.chunks.append(body)
 
     def on_message_complete(self) -> None:
-        if self.size > MAX_BODY_BYTES:
-            self._refuse(400, b'{"error":"the request body is too large"}', b"application/json")
-            return
+        self.reading = False
         url = self.url
         path_bytes, _, query = url.partition(b"?")
         path = path_bytes.decode("latin-1")
@@ -383,8 +434,15 @@ class HttpConnection(asyncio.Protocol):
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
-    def _refuse(self, status: int, message: bytes, content_type: bytes = b"text/plain") -> None:
-        """A request that cannot be answered in order: an error, and the connection closes."""
+    def _refuse(
+        self,
+        status: int,
+        message: bytes,
+        content_type: bytes = b"text/plain",
+        linger: bool = False,
+    ) -> None:
+        """A request that cannot be answered in order: an error, and the connection closes
+        (`linger`: once the client has had time to read the error while it sends)."""
         self.closing = True
         self.queue.clear()
         if self.current is None:
@@ -394,15 +452,77 @@ class HttpConnection(asyncio.Protocol):
                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message),
             )
             self.transport.write(b"".join(head) + message)
+            if linger and self.transport.can_write_eof():
+                self.discarding = True
+                self.transport.write_eof()
+                self.loop.call_later(LINGER_S, self.transport.close)
+                return
         self.transport.close()
 
-    def _close_if_idle(self) -> None:
+    def _refuse_body(self, message: str) -> None:
+        """A body over the limit: Triton's 400, and the parser stops. The client, which may still
+        be sending, gets the end of our side, and what it sends is read and dropped for a while
+        (a close with unread data would reset the connection, and the answer with it)."""
+        self._refuse(400, orjson.dumps({"error": message}), b"application/json", linger=True)
+        raise _Refused
+
+    def _over_the_limit(self) -> None:
+        """A connection past --http-max-connections: 503 and close; the others carry on."""
+        self.closing = True
+        message = b'{"error":"too many connections: the server is at --http-max-connections"}'
+        head = _head(
+            503,
+            [(b"content-type", b"application/json")],
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message),
+        )
+        self.transport.write(b"".join(head) + message)
+        self.transport.close()
+        now = self.loop.time()
+        if now - HttpConnection._refused_at >= 60.0:  # once a minute at most
+            HttpConnection._refused_at = now
+            log.warning(
+                "HTTP connection refused: %d connections are open (--http-max-connections)",
+                self.limits.max_connections,
+            )
+
+    # the connection's one timer
+
+    def _arm(self, deadline: float) -> None:
+        """Make sure the timer fires by `deadline` (it is moved only when earlier)."""
+        if deadline < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer, self.timer_at = None, float("inf")
         if self.closing or self.transport.is_closing():
             return
-        idle = self.loop.time() - self.idle_since
-        if self.current is None and idle >= self.keep_alive_timeout:
-            self.transport.close()
+        limits = self.limits
+        now = self.loop.time()
+        if self.current is not None or self.queue:  # busy: time counts from its response
+            self._arm(now + max(min(limits.header_timeout_s, self.keep_alive_timeout), 1.0))
             return
-        busy = self.current is not None  # idle time counts from its response
-        wait = self.keep_alive_timeout if busy else max(self.keep_alive_timeout - idle, 1.0)
-        self.idle_timer = self.loop.call_later(wait, self._close_if_idle)
+        if self.reading and not self.headers_done:
+            deadline, why = self.began_at + limits.header_timeout_s, "headers"
+        elif self.reading:
+            deadline, why = self.idle_since + limits.body_timeout_s, "body"
+        elif not self.served:
+            deadline, why = self.idle_since + limits.first_request_timeout_s, ""
+        else:
+            deadline, why = self.idle_since + self.keep_alive_timeout, ""
+        if now < deadline:
+            self._arm(deadline)
+        elif why:
+            self._refuse(
+                408,
+                orjson.dumps({"error": f"the request's {why} did not arrive in time"}),
+                b"application/json",
+            )
+        else:
+            self.transport.close()
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that was refused."""
