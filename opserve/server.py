@@ -80,6 +80,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 settings.grpc_forward,
                 settings.reuse_grpc_port,
                 settings.grpc_max_input_size,
+                settings.http_limits,
             )
         if settings.allow_metrics:
             metrics = MetricsServer(

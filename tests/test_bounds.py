@@ -231,6 +231,39 @@ def test_past_the_connection_limit_new_connections_are_refused_and_others_carry_
         pytest.fail("no new connection was served after the others closed")
 
 
+def test_grpc_connections_are_bounded_too(server: RunningServer) -> None:
+    """The same flags bound gRPC: a connection that never sends its preface is closed, one past
+    the limit is refused with GOAWAY, and gRPC serves again once they are gone."""
+    with socket.create_connection(("127.0.0.1", server.grpc_port)) as silent:
+        silent.settimeout(30)
+        received = b""
+        while chunk := silent.recv(4096):  # our SETTINGS, then GOAWAY and the close
+            received += chunk
+        assert received[3] == 4 and b"no connection preface in time" in received
+    crowd = [
+        socket.create_connection(("127.0.0.1", server.grpc_port)) for _ in range(CONNECTIONS + 1)
+    ]
+    try:
+        for sock in crowd:
+            sock.settimeout(30)
+        refused = crowd[-1].recv(4096)
+        assert refused[3] == 7 and b"too many connections" in refused  # a GOAWAY frame
+    finally:
+        for sock in crowd:
+            sock.close()
+    for _ in range(100):
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            if client.is_server_live():
+                break
+        except Exception:
+            time.sleep(0.1)
+        finally:
+            client.close()
+    else:
+        pytest.fail("gRPC did not serve again after the crowd left")
+
+
 # the event loop --------------------------------------------------------------------------------
 
 

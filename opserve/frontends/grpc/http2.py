@@ -187,9 +187,13 @@ class Http2Connection(asyncio.Protocol):
         handler: StreamHandler,
         keepalive: KeepaliveSettings,
         on_close: Callable[[Http2Connection], None] | None = None,
+        preface_timeout: float | None = None,
+        refuse: str = "",
     ) -> None:
         self.handler = handler
         self.keepalive = keepalive
+        self.preface_timeout = preface_timeout  # a client silent this long is dropped
+        self.refuse = refuse  # why the connection is refused at once (too many of them)
         self.on_close = on_close
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -228,6 +232,9 @@ class Http2Connection(asyncio.Protocol):
     # connection life ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        if self.refuse:
+            self.close(ENHANCE_YOUR_CALM, self.refuse)
+            return
         settings = b"".join(
             _SETTING.pack(key, value)
             for key, value in (
@@ -242,12 +249,24 @@ class Http2Connection(asyncio.Protocol):
             + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECEIVE_WINDOW - DEFAULT_WINDOW))
         )
         loop = asyncio.get_running_loop()
+        if self.preface_timeout is not None:
+            self.age_timer = loop.call_later(self.preface_timeout, self._silent)
         if self.keepalive.time_ms > 0:
             self.keepalive_timer = loop.call_later(self.keepalive.time_ms / 1000, self._keepalive)
+        self._age_limit()
+
+    def _age_limit(self) -> None:
         if self.keepalive.max_connection_age_ms is not None:
-            self.age_timer = loop.call_later(
+            self.age_timer = asyncio.get_running_loop().call_later(
                 self.keepalive.max_connection_age_ms / 1000, self._too_old
             )
+        else:
+            self.age_timer = None
+
+    def _silent(self) -> None:
+        """No connection preface in time (a slow or idle client holding a connection)."""
+        if not self.preface_seen:
+            self.close(PROTOCOL_ERROR, "no connection preface in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -302,6 +321,9 @@ class Http2Connection(asyncio.Protocol):
                     raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 self.preface_seen = True
                 del buffer[: len(PREFACE)]
+                if self.preface_timeout is not None and self.age_timer is not None:
+                    self.age_timer.cancel()
+                    self._age_limit()
             view = memoryview(buffer)
             offset = 0
             size = len(buffer)

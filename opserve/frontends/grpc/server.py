@@ -13,6 +13,7 @@ from typing import Any
 
 from opserve.frontends.grpc.calls import GrpcCalls, Method
 from opserve.frontends.grpc.http2 import Http2Connection, KeepaliveSettings
+from opserve.frontends.limits import ConnectionLimits
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,27 @@ def tls_context(key: bytes, certificate: bytes, root: bytes | None) -> ssl.SSLCo
 class GrpcServer:
     """Serves `calls` on one address; `stop` says GOAWAY and waits for calls to finish."""
 
-    def __init__(self, calls: GrpcCalls, keepalive: KeepaliveSettings) -> None:
+    def __init__(
+        self, calls: GrpcCalls, keepalive: KeepaliveSettings, limits: ConnectionLimits | None = None
+    ) -> None:
         self.calls = calls
         self.keepalive = keepalive
+        self.limits = limits or ConnectionLimits()
         self.connections: set[Http2Connection] = set()
         self.server: asyncio.Server | None = None
         self.port = 0
 
     def _connection(self) -> Http2Connection:
-        connection = Http2Connection(self.calls, self.keepalive, self.connections.discard)
+        """A connection for an accepted socket; past the connection limit, one that says
+        GOAWAY (ENHANCE_YOUR_CALM) at once and closes, so the server keeps accepting."""
+        limits = self.limits
+        if len(self.connections) >= limits.max_connections:
+            return Http2Connection(
+                self.calls, self.keepalive, refuse="too many connections; try again later"
+            )
+        connection = Http2Connection(
+            self.calls, self.keepalive, self.connections.discard, limits.first_request_timeout_s
+        )
         self.connections.add(connection)
         return connection
 

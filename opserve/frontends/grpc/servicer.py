@@ -31,7 +31,7 @@ from opserve.frontends.grpc.calls import CallContext, CallError, GrpcCalls, Stat
 from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.grpc.server import GrpcServer, methods_of, tls_context
-from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE
+from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.proto import service_pb2
 
 log = logging.getLogger(__name__)
@@ -375,15 +375,17 @@ async def start_grpc_server(
     forward: re.Pattern[str] | None = None,
     reuse_port: bool = False,
     max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE,
+    limits: ConnectionLimits | None = None,
 ) -> GrpcServer:
     """Serve `inference.GRPCInferenceService`. `keepalive` holds Triton's keepalive and
     connection-age flags; `compression` is --grpc-infer-response-compression-level; `tls` is
     (key, certificate, root certificate for client certificates or None), all PEM. A request
-    message over `max_input_size` is refused (RESOURCE_EXHAUSTED) before it is read whole."""
+    message over `max_input_size` is refused (RESOURCE_EXHAUSTED) before it is read whole;
+    `limits` bounds the connections and how long a new one may stay silent."""
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     servicer = InferenceServicer(dataplane, forward, max_input_size)
     calls = GrpcCalls(methods_of(servicer, service), compression, restrictions, max_input_size)
-    server = GrpcServer(calls, keepalive or KeepaliveSettings())
+    server = GrpcServer(calls, keepalive or KeepaliveSettings(), limits)
     context = None if tls is None else tls_context(*tls)
     bound = await server.start(address, port, context, reuse_port)
     log.info("serving gRPC on %s:%d", address, bound)
