@@ -72,6 +72,7 @@ class Endpoints:
 
     http: str
     grpc: str
+    pid: int  # the server's process: its tree (workers, Triton's stubs) is charged its CPU
 
     def url(self, transport: str) -> str:
         return self.http if transport == "http" else self.grpc
@@ -82,6 +83,9 @@ class Measurement:
     infer_per_s: float
     p50_us: float
     p99_us: float
+    # CPU time of the server's whole process tree per inference over the cell's run (user and
+    # system): unlike throughput, barely moved by other work on the machine
+    cpu_us: float
 
 
 Cell = tuple[str, int]  # (transport, concurrency)
@@ -157,7 +161,7 @@ def running_triton(repository: Path, peers: Path, log: Path, timeout: float) -> 
     with log.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            endpoints = Endpoints(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}")
+            endpoints = Endpoints(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", process.pid)
             wait_ready("Triton", endpoints.http, process, log, timeout)
             yield endpoints
         finally:
@@ -179,20 +183,54 @@ def running_opserve(repository: Path, log: Path, timeout: float) -> Iterator[End
         assert server.process is not None
         remaining = max(timeout - (time.monotonic() - started), 1.0)
         wait_ready("opserve", server.url, server.process, log, remaining)
-        yield Endpoints(server.url, server.grpc_url)
+        yield Endpoints(server.url, server.grpc_url, server.process.pid)
     finally:
         server.__exit__(None, None, None)
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User and system CPU seconds of `root` and every process below it (from /proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, seconds in times.items():
+        ancestor = pid
+        while ancestor not in (0, 1) and ancestor != root:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == root:
+            total += seconds
+    return total
+
+
+def inference_count(http: str) -> int:
+    """The model's inference count from the statistics extension (both servers have it)."""
+    with urllib.request.urlopen(f"http://{http}/v2/models/{MODEL}/stats", timeout=10) as reply:
+        stats = json.load(reply)["model_stats"]
+    return sum(int(entry.get("inference_count", 0)) for entry in stats)
+
+
 def perf_analyzer(
     peers: Path,
-    url: str,
+    endpoints: Endpoints,
     transport: str,
     concurrency: int,
     args: argparse.Namespace,
     workdir: Path,
 ) -> Measurement:
-    """One perf_analyzer run at one concurrency; its CSV report's single row."""
+    """One perf_analyzer run at one concurrency; its CSV report's single row, and the server's
+    CPU per inference over the run."""
+    url = endpoints.url(transport)
     report = workdir / f"perf-{transport}-{concurrency}.csv"
     report.unlink(missing_ok=True)
     command = [
@@ -220,10 +258,13 @@ def perf_analyzer(
     ]
     # at most max_trials windows, plus a generous margin for connecting and warming up
     limit = args.max_trials * args.measurement_interval / 1000 * 3 + 60
+    cpu_before, count_before = tree_cpu_seconds(endpoints.pid), inference_count(endpoints.http)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
         raise BenchmarkError(f"perf_analyzer ran past {limit:.0f}s: {' '.join(command)}") from None
+    cpu = tree_cpu_seconds(endpoints.pid) - cpu_before
+    count = inference_count(endpoints.http) - count_before
     rows = list(csv.DictReader(report.open())) if report.exists() else []
     if result.returncode != 0 or len(rows) != 1:
         output = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
@@ -235,6 +276,7 @@ def perf_analyzer(
         infer_per_s=float(row["Inferences/Second"]),
         p50_us=float(row["p50 latency"]),
         p99_us=float(row["p99 latency"]),
+        cpu_us=cpu / max(count, 1) * 1e6,
     )
 
 
@@ -250,9 +292,8 @@ def measure_server(
     ok = True
     for transport in TRANSPORTS:
         for concurrency in CONCURRENCIES:
-            url = endpoints.url(transport)
             try:
-                result = perf_analyzer(peers, url, transport, concurrency, args, workdir)
+                result = perf_analyzer(peers, endpoints, transport, concurrency, args, workdir)
             except BenchmarkError as exc:
                 print(f"error: {name} {transport} c={concurrency}: {exc}", file=sys.stderr)
                 ok = False
@@ -260,7 +301,8 @@ def measure_server(
             results[name].setdefault((transport, concurrency), []).append(result)
             print(
                 f"  {name:7} {transport:4} c={concurrency}: {result.infer_per_s:9,.0f} infer/s, "
-                f"p50 {result.p50_us:7,.0f} µs, p99 {result.p99_us:7,.0f} µs",
+                f"p50 {result.p50_us:7,.0f} µs, p99 {result.p99_us:7,.0f} µs, "
+                f"server CPU {result.cpu_us:5,.0f} µs/inference",
                 file=sys.stderr,
             )
     return ok
@@ -302,6 +344,7 @@ def median(measurements: list[Measurement]) -> Measurement | None:
         infer_per_s=statistics.median(m.infer_per_s for m in measurements),
         p50_us=statistics.median(m.p50_us for m in measurements),
         p99_us=statistics.median(m.p99_us for m in measurements),
+        cpu_us=statistics.median(m.cpu_us for m in measurements),
     )
 
 
@@ -319,9 +362,10 @@ def report(results: Results, rounds: int, shared_memory: str) -> list[dict[str, 
     )
     print(
         "| transport | concurrency | Triton infer/s | opserve infer/s | opserve/Triton "
-        "| Triton p50 µs | opserve p50 µs | Triton p99 µs | opserve p99 µs |"
+        "| Triton p50 µs | opserve p50 µs | Triton p99 µs | opserve p99 µs "
+        "| Triton CPU µs/inf | opserve CPU µs/inf |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, object]] = []
     for transport in TRANSPORTS:
         for concurrency in CONCURRENCIES:
@@ -334,7 +378,8 @@ def report(results: Results, rounds: int, shared_memory: str) -> list[dict[str, 
                 f"| {number(triton, 'infer_per_s')} | {number(ours, 'infer_per_s')} "
                 f"| {'—' if ratio is None else f'{ratio:.2f}x'} "
                 f"| {number(triton, 'p50_us')} | {number(ours, 'p50_us')} "
-                f"| {number(triton, 'p99_us')} | {number(ours, 'p99_us')} |"
+                f"| {number(triton, 'p99_us')} | {number(ours, 'p99_us')} "
+                f"| {number(triton, 'cpu_us')} | {number(ours, 'cpu_us')} |"
             )
             rows.append(
                 {

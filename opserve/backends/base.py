@@ -33,6 +33,9 @@ class ModelServices(Protocol):
 
     def respond(self, request: Request, reply: Reply | None, final: bool) -> None: ...
 
+    def poll(self) -> None:
+        """Take in what the server has sent meanwhile (cancellations), without waiting."""
+
 
 @dataclass(slots=True)
 class Request:

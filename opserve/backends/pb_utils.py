@@ -249,6 +249,8 @@ class InferenceResponseSender:
             raise TritonModelException(exc.message) from None
 
     def is_cancelled(self) -> bool:
+        if not self._request.cancelled and _services is not None:
+            _services.poll()
         return self._request.cancelled
 
 
@@ -342,7 +344,11 @@ class InferenceRequest:
         return self._sender
 
     def is_cancelled(self) -> bool:
-        return self._received is not None and self._received.cancelled
+        if self._received is None:
+            return False
+        if not self._received.cancelled and _services is not None:
+            _services.poll()
+        return self._received.cancelled
 
     def set_release_flags(self, flags: int) -> None:
         if flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:

@@ -152,6 +152,19 @@ class BlockingChannel:
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
 
+    def receive_ready(self) -> Message | None:
+        """The next message if it has arrived whole, without waiting; else None. An
+        `OSError` when the other side has gone."""
+        while not self._ready:
+            try:
+                data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            if not data:
+                raise ConnectionResetError("the server has gone")
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.popleft()
+
     def send(self, message: Message) -> None:
         with self.lock:
             self._sock.sendall(encode(message))

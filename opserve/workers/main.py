@@ -4,11 +4,16 @@ Started by the server (see `launcher`) as `python -m opserve.workers.main SOCKET
 REQUEST_RING_FD RESPONSE_RING_FD RING_CAPACITY`. The server never imports a framework; this
 process does.
 
-Two threads: a reader receives every message; loads and executions go, in order, to the main
-thread, while answers to the model's own calls (BLS results, metric values) and cancellations are
-handed straight to whoever waits for them, so a model may call the server from inside `execute`.
-Anything may send (a decoupled model answers from its own threads): a message and the ring
-writes it refers to are made under the channel's lock, so ring positions follow message order.
+Whoever waits reads (leader and followers): one thread at a time reads the socket, the thread
+that needs a message next. An idle main thread reads, so an execution that arrives runs on the
+thread that read it, without a hand-over between threads (two context switches per request, and
+most of a worker's system calls, before). A thread waiting for the answer to a call of its own
+(a BLS request, a metric value) reads while no one else does; what it reads for others it hands
+over: loads and executions, in order, to the main thread; answers to whoever waits for them;
+cancellations into their requests. While an execution runs and no one waits, no one reads: a
+model asking `is_cancelled` reads what has arrived without waiting (`poll`). Anything may send
+(a decoupled model answers from its own threads): a message and the ring writes it refers to
+are made under the channel's lock, so ring positions follow message order.
 
 This module and what it imports need only the standard library and numpy (protobuf only for a
 framework backend), so a Python model may run under another interpreter.
@@ -19,12 +24,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,19 +85,19 @@ class Worker:
         self.releases = Releases(requests)
         self.backend: Backend | None = None
         self.bf16_outputs: set[str] = set()  # outputs whose 16-bit words are BF16
-        self._tasks: queue.SimpleQueue[tuple[Message, list[int | bool] | None] | None] = (
-            queue.SimpleQueue()
-        )
-        self._waiting: dict[int, queue.SimpleQueue[tuple[Message, list[int | bool]]]] = {}
+        # reading: who reads, and what was read for others; guarded by `_changed`'s lock
+        self._changed = threading.Condition()
+        self._reading = False  # a thread is reading the socket
+        self._gone = False  # the server has gone
+        self._tasks: deque[tuple[Message, list[int | bool] | None]] = deque()
+        self._waiting: dict[int, deque[tuple[Message, list[int | bool]]]] = {}
         self._executions: dict[int, _Execution] = {}
         self._lock = threading.Lock()  # guards _executions
         self._ids = itertools.count(1)
 
     # threads -----------------------------------------------------------------------------------
     def serve(self) -> None:
-        reader = threading.Thread(target=self._read, name="opserve-reader", daemon=True)
-        reader.start()
-        while (task := self._tasks.get()) is not None:
+        while (task := self._next_task()) is not None:
             message, release = task
             if isinstance(message, Execute):
                 assert release is not None
@@ -106,36 +111,108 @@ class Worker:
                 self.channel.send(Done(message.id))
                 return
 
-    def _read(self) -> None:
+    def _next_task(self) -> tuple[Message, list[int | bool] | None] | None:
+        """The main thread's next load, execution or unload: one read for it by another
+        thread, or the next one it reads itself; None once the server has gone."""
+        with self._changed:
+            while not self._tasks:
+                if self._gone:
+                    return None
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._changed.wait()
+            else:
+                return self._tasks.popleft()
+        return self._read_until(lambda: self._tasks.popleft() if self._tasks else None)
+
+    def _await(
+        self, answers: deque[tuple[Message, list[int | bool]]]
+    ) -> tuple[Message, list[int | bool]]:
+        """The next answer to one of this thread's calls: handed over, or read by itself."""
+        with self._changed:
+            while not answers:
+                if self._gone:
+                    return _GONE, [0, True]
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._changed.wait()
+            else:
+                return answers.popleft()
+        found = self._read_until(lambda: answers.popleft() if answers else None)
+        return found if found is not None else (_GONE, [0, True])
+
+    def _read_until(self, take: Any) -> Any:
+        """Read as the one reader, handing out what is read, until `take` (called under the
+        lock) finds something; the reader's role then passes on. None if the server went."""
         try:
-            while (message := self.channel.receive()) is not None:
-                if isinstance(message, (Execute, BlsResult)):
-                    release = self.releases.register(message.ring_end)
-                    if isinstance(message, BlsResult):
-                        self._deliver(message.id, message, release)
-                    else:
-                        self._tasks.put((message, release))
-                elif isinstance(message, CallResult):
-                    self._deliver(message.id, message, [0, True])
-                elif isinstance(message, Cancel):
-                    with self._lock:
-                        execution = self._executions.get(message.id)
-                    if execution is not None and message.index < len(execution.requests):
-                        execution.requests[message.index].cancelled = True
-                else:
-                    self._tasks.put((message, None))
-        except OSError:
-            pass
-        self._tasks.put(None)  # the server has gone: end
-        for waiting in list(self._waiting.values()):
-            waiting.put(
-                (CallResult(0, error=WireError("UNAVAILABLE", "the server has gone")), [0, True])
-            )
+            while True:
+                try:
+                    message = self.channel.receive()
+                except OSError:
+                    message = None
+                with self._changed:
+                    if message is None:
+                        self._gone = True
+                        return None
+                    self._hand_out(message)
+                    found = take()
+                    if found is not None:
+                        return found
+        finally:
+            with self._changed:
+                self._reading = False
+                self._changed.notify_all()
+
+    def poll(self) -> None:
+        """Read what has arrived, without waiting, when no one is reading (a model asking
+        whether its request was cancelled while it executes)."""
+        with self._changed:
+            if self._reading or self._gone:
+                return
+            self._reading = True
+        try:
+            while True:
+                try:
+                    message = self.channel.receive_ready()
+                except OSError:
+                    message = None
+                    with self._changed:
+                        self._gone = True
+                if message is None:
+                    return
+                with self._changed:
+                    self._hand_out(message)
+        finally:
+            with self._changed:
+                self._reading = False
+                self._changed.notify_all()
+
+    def _hand_out(self, message: Message) -> None:
+        """Where a message read goes (the caller holds `_changed`'s lock)."""
+        if isinstance(message, (Execute, BlsResult)):
+            release = self.releases.register(message.ring_end)
+            if isinstance(message, BlsResult):
+                self._deliver(message.id, message, release)
+            else:
+                self._tasks.append((message, release))
+        elif isinstance(message, CallResult):
+            self._deliver(message.id, message, [0, True])
+        elif isinstance(message, Cancel):
+            with self._lock:
+                execution = self._executions.get(message.id)
+            if execution is not None and message.index < len(execution.requests):
+                execution.requests[message.index].cancelled = True
+            return
+        else:
+            self._tasks.append((message, None))
+        self._changed.notify_all()
 
     def _deliver(self, call: int, message: Message, release: list[int | bool]) -> None:
         waiting = self._waiting.get(call)
         if waiting is not None:
-            waiting.put((message, release))
+            waiting.append((message, release))
         elif isinstance(message, BlsResult):
             self.releases.finish(release)
 
@@ -332,8 +409,9 @@ class Worker:
         """Run a request on any model the server has (BLS); replies as they come, the last one
         final. Output arrays are the worker's own copies."""
         call = next(self._ids)
-        answers: queue.SimpleQueue[tuple[Message, list[int | bool]]] = queue.SimpleQueue()
-        self._waiting[call] = answers
+        answers: deque[tuple[Message, list[int | bool]]] = deque()
+        with self._changed:
+            self._waiting[call] = answers
         try:
             with self.channel.lock:
                 request.inputs = [self.write_tensor(n, a) for n, a in inputs.items()]
@@ -341,7 +419,7 @@ class Worker:
                     BlsRequest(call, request, decoupled, timeout_us, self.responses.head)
                 )
             while True:
-                message, release = answers.get()
+                message, release = self._await(answers)
                 if isinstance(message, CallResult):  # the server went away
                     assert message.error is not None
                     yield Reply(error=error_from_code(message.error.code, message.error.message))
@@ -355,7 +433,8 @@ class Worker:
                 if message.response.final:
                     return
         finally:
-            del self._waiting[call]
+            with self._changed:
+                del self._waiting[call]
 
     def _reply(self, wire: WireResponse) -> Reply:
         if wire.error is not None:
@@ -371,17 +450,22 @@ class Worker:
             self.channel.send(Call(0, service, arguments))
             return None
         call = next(self._ids)
-        answers: queue.SimpleQueue[tuple[Message, list[int | bool]]] = queue.SimpleQueue()
-        self._waiting[call] = answers
+        answers: deque[tuple[Message, list[int | bool]]] = deque()
+        with self._changed:
+            self._waiting[call] = answers
         try:
             self.channel.send(Call(call, service, arguments))
-            message, _ = answers.get()
+            message, _ = self._await(answers)
         finally:
-            del self._waiting[call]
+            with self._changed:
+                del self._waiting[call]
         assert isinstance(message, CallResult)
         if message.error is not None:
             raise error_from_code(message.error.code, message.error.message)
         return message.value
+
+
+_GONE = CallResult(0, error=WireError("UNAVAILABLE", "the server has gone"))
 
 
 def _wire_error(exc: BaseException) -> WireError:
