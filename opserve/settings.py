@@ -141,8 +141,8 @@ class ServerSettings:
             raise ValueError("--model-config-name must not contain spaces")
         if self.model_load_timeout_secs <= 0:
             raise ValueError("--model-load-timeout-secs must be positive")
-        if self.repository_poll_secs <= 0:
-            raise ValueError("--repository-poll-secs must be positive")
+        if self.repository_poll_secs < 0:  # 0: no polling, as in Triton
+            raise ValueError("--repository-poll-secs must not be negative")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")
         for root in self.op_library_roots:

@@ -284,8 +284,14 @@ class ModelManager:
         self._background(self._poll_forever(interval_s))
 
     async def _poll_forever(self, interval_s: float) -> None:
+        """A poll every `interval_s` from the start of the last one: the time a poll spends
+        loading, and stopping the workers a reload replaced, is not added to the wait (a change
+        is READY within the interval plus its load time, Triton's test windows)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(max(0.0, started + interval_s - loop.time()))
+            started = loop.time()
             try:
                 await self.poll_once()
             except Exception:  # a bad scan must not end polling
@@ -838,13 +844,16 @@ def _refuse_unsupported_fields(config: ModelConfig, warn: bool = True) -> None:
 
 
 def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    """What a model folder holds: every file's path, size and modification time."""
+    """What a model folder holds: every file's path, size and time of change (the later of its
+    modification and status change, as Triton reads it: a file copied over another with its
+    modification time kept is a change)."""
     entries = []
     for path in sorted(folder.rglob("*")):
         try:
             if path.is_file():
                 stat = path.stat()
-                entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+                changed = max(stat.st_mtime_ns, stat.st_ctime_ns)
+                entries.append((str(path.relative_to(folder)), stat.st_size, changed))
         except OSError:
             continue
     return tuple(entries)
