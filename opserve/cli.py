@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=15.0,
         metavar="SECONDS",
-        help="with --model-control-mode poll: how often to look at the repositories (default: 15)",
+        help="with --model-control-mode poll: how often to look at the repositories (default: "
+        "15; 0: not at all, as in Triton)",
     )
     serve.add_argument(
         "--load-model",

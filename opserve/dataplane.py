@@ -16,8 +16,15 @@ from typing import Any
 from google.protobuf import json_format
 
 from opserve import __version__
+from opserve.classification import classify
 from opserve.config import config_to_json
-from opserve.datatypes import ITEM_SIZES, count_bytes_elements, element_count
+from opserve.datatypes import (
+    ITEM_SIZES,
+    config_to_v2,
+    count_bytes_elements,
+    element_count,
+    serialize_bytes,
+)
 from opserve.ensemble_scheduler import EnsembleScheduler
 from opserve.errors import (
     InvalidArgumentError,
@@ -27,7 +34,7 @@ from opserve.errors import (
 )
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.logs import LogSettings, ServerLog
-from opserve.proto import ModelConfig
+from opserve.proto import ModelConfig, model_config_pb2
 from opserve.repository.manager import Model, ModelManager, ModelState, ModelVersion
 from opserve.response_cache import cache_key
 from opserve.scheduler import Scheduler
@@ -39,6 +46,7 @@ from opserve.tracing import Tracer
 OFFLOAD_BYTES = 1 << 20  # BYTES data larger than this is counted off the event loop
 
 EXTENSIONS = (
+    "classification",
     "binary_tensor_data",
     "model_configuration",
     "model_repository",
@@ -215,16 +223,18 @@ class DataPlane:
                 "must be streamed (gRPC ModelStreamInfer, or HTTP generate_stream)"
             )
         schema = self.schema(model)
+        if request.raw_input:
+            request.inputs = deduce_raw_input(model.name, model.config, request.inputs)
         request.inputs = validate_inputs(model.name, schema, request, counted)
         if request.parameters:
             take_server_parameters(request)
         if request.requested_outputs is not None:
             if len(set(request.requested_outputs)) != len(request.requested_outputs):
-                twice = sorted(
-                    {n for n in request.requested_outputs if request.requested_outputs.count(n) > 1}
+                twice = next(
+                    n for n in request.requested_outputs if request.requested_outputs.count(n) > 1
                 )
-                raise InvalidArgumentError(
-                    f"output(s) {twice} requested more than once for model '{model.name}'"
+                raise InvalidArgumentError(  # Triton's words
+                    f"output '{twice}' already exists in request for model '{model.name}'"
                 )
             for name in request.requested_outputs:
                 if name not in schema.outputs:
@@ -313,7 +323,15 @@ class DataPlane:
         response.model_name = model.name
         response.model_version = str(entry.version)
         response.id = request.id
-        response.outputs = _client_shapes(self.schema(model), response.outputs)
+        schema = self.schema(model)
+        response.outputs = _client_shapes(schema, response.outputs)
+        if request.classification:
+            response.outputs = [
+                classify(t, count, schema.batching, model.labels.get(t.name, []))
+                if (count := request.classification.get(t.name))
+                else t
+                for t in response.outputs
+            ]
         return response
 
 
@@ -362,9 +380,9 @@ def validate_inputs(
             raise InvalidArgumentError(
                 f"unexpected inference input '{tensor.name}' for model '{model_name}'"
             )
-        if tensor.name in seen:
+        if tensor.name in seen:  # Triton's words
             raise InvalidArgumentError(
-                f"input '{tensor.name}' is given twice for model '{model_name}'"
+                f"input '{tensor.name}' already exists in request for model '{model_name}'"
             )
         seen.add(tensor.name)
         if tensor.datatype != spec.datatype:
@@ -428,6 +446,43 @@ def validate_inputs(
             f"'{model_name}'. Missing required input(s): {sorted(missing)}"
         )
     return prepared
+
+
+def deduce_raw_input(model_name: str, config: ModelConfig, inputs: list[Tensor]) -> list[Tensor]:
+    """A raw binary request's one tensor as the model's one input: its datatype from the config,
+    its shape from the config's dims and the data's size (batch 1 for a batching model). Triton's
+    rules and words (core `InferenceRequest::Normalize`)."""
+    if len(inputs) != 1 or len(config.input) != 1:
+        raise InvalidArgumentError(
+            f"Raw request must only have 1 input (found {len(inputs)}) to be deduced but got "
+            f"{len(config.input)} inputs in '{model_name}' model configuration"
+        )
+    spec = config.input[0]
+    datatype = config_to_v2(model_config_pb2.DataType.Name(spec.data_type))
+    shape = [1] if config.max_batch_size > 0 else []
+    variable: int | None = None
+    fixed = 1
+    for dim in spec.dims:
+        if dim == -1:
+            if variable is not None:
+                raise InvalidArgumentError(
+                    f"The shape of the raw input '{spec.name}' can not be deduced because there "
+                    "are more than one variable-sized dimension"
+                )
+            variable = len(shape)
+        else:
+            fixed *= dim
+        shape.append(dim)
+    data = inputs[0].data
+    if datatype == "BYTES":
+        if variable is not None or fixed != 1:
+            raise InvalidArgumentError(
+                f"For BYTE datatype raw input '{spec.name}', the model must have input shape [1]"
+            )
+        data = serialize_bytes([bytes(data)])
+    elif variable is not None:
+        shape[variable] = len(data) // max(fixed * ITEM_SIZES[datatype], 1)
+    return [Tensor(spec.name, datatype, tuple(shape), data)]
 
 
 def take_server_parameters(request: InferenceRequest) -> None:

@@ -86,6 +86,11 @@ class InferenceRequest:
     # outputs the client wants in its own memory: the server copies them there straight from
     # the worker's response ring
     output_buffers: dict[str, OutputBuffer] | None = None
+    # outputs asked for as their top classes (Triton's classification extension): name -> count
+    classification: dict[str, int] | None = None
+    # the body was one tensor without a header (HTTP's raw binary request): the model's one
+    # input, its datatype and shape deduced from the config
+    raw_input: bool = False
 
 
 @dataclass(slots=True)

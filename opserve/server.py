@@ -64,7 +64,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 "; ".join(f"'{name}': {reason}" for name, reason in failed.items()),
             )
             return 1
-        if settings.model_control_mode == "poll":
+        if settings.model_control_mode == "poll" and settings.repository_poll_secs > 0:
             manager.start_polling(settings.repository_poll_secs)
         if settings.allow_grpc:
             grpc_server = await start_grpc_server(

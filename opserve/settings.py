@@ -156,8 +156,8 @@ class ServerSettings:
             raise ValueError("--model-config-name must not contain spaces")
         if self.model_load_timeout_secs <= 0:
             raise ValueError("--model-load-timeout-secs must be positive")
-        if self.repository_poll_secs <= 0:
-            raise ValueError("--repository-poll-secs must be positive")
+        if self.repository_poll_secs < 0:  # 0: no polling, as in Triton
+            raise ValueError("--repository-poll-secs must not be negative")
         if not 0 < self.grpc_max_input_size <= GRPC_DEFAULT_MAX_INPUT_SIZE:
             raise ValueError(
                 f"--grpc-max-input-size must be between 1 and {GRPC_DEFAULT_MAX_INPUT_SIZE}"

@@ -154,6 +154,36 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
     models.write_model(
         repo, "ops_not_registered", models.custom_op(), custom_op_config("ops_not_registered", None)
     )
+    # the classification extension: labels from the output's label_filename (the second
+    # line left empty: that class has no label)
+    folder = models.write_model(
+        repo,
+        "classifier",
+        models.identity("FP32", [None, 4]),
+        'max_batch_size: 4\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] '
+        'label_filename: "labels.txt" } ]\n',
+    )
+    (folder / "labels.txt").write_text("cat\n\nbird\nfish\n")
+    models.write_model(
+        repo,
+        "labels_missing",
+        models.identity("FP32", [None, 4]),
+        'max_batch_size: 4\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] '
+        'label_filename: "nowhere.txt" } ]\n',
+    )
+    models.write_model(
+        repo,
+        "small_ints",
+        models.small_ints_identity(),
+        "max_batch_size: 0\n"
+        + "".join(
+            f'input {{ name: "IN_{t}" data_type: TYPE_{t} dims: [ -1 ] }}\n'
+            f'output {{ name: "OUT_{t}" data_type: TYPE_{t} dims: [ -1 ] }}\n'
+            for t in ("INT8", "INT16", "UINT8", "UINT16")
+        ),
+    )
     # broken configurations
     models.write_model(
         repo,

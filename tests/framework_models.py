@@ -97,6 +97,28 @@ def torch_accumulator(output: Path, library: str | None = None) -> None:
     torch.jit.save(torch.jit.script(Accumulator()), str(output))
 
 
+def torch_strings(output: Path, library: str | None = None) -> None:
+    """Strings both ways: the words in upper case (a List[str]) and their lengths."""
+    import torch
+
+    class Strings(torch.nn.Module):
+        def forward(self, WORDS__0: list[str]) -> tuple[list[str], torch.Tensor]:
+            return [w.upper() for w in WORDS__0], torch.tensor([len(w) for w in WORDS__0])
+
+    torch.jit.save(torch.jit.script(Strings()), str(output))
+
+
+def torch_dict_input(output: Path, library: str | None = None) -> None:
+    """One Dict[str, Tensor] argument: the inputs by name."""
+    import torch
+
+    class Difference(torch.nn.Module):
+        def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return inputs["minuend"] - inputs["subtrahend"]
+
+    torch.jit.save(torch.jit.script(Difference()), str(output))
+
+
 def tf_zero_out_savedmodel(output: Path, library: str) -> None:
     import tensorflow as tf
 
@@ -155,6 +177,8 @@ GENERATORS = {
     "torch_add_sub": torch_add_sub,
     "torch_double": torch_double,
     "torch_accumulator": torch_accumulator,
+    "torch_strings": torch_strings,
+    "torch_dict_input": torch_dict_input,
     "tf_zero_out_savedmodel": tf_zero_out_savedmodel,
     "tf_zero_out_graphdef": tf_zero_out_graphdef,
     "tf_add_sub_savedmodel": tf_add_sub_savedmodel,

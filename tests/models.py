@@ -54,6 +54,16 @@ def all_types_identity():
     return onnx_model(nodes, inputs, outputs)
 
 
+def small_ints_identity():
+    """IN_<T> -> OUT_<T> of shape [-1] for the integers gRPC carries in 32-bit contents."""
+    names = ("INT8", "INT16", "UINT8", "UINT16")
+    return onnx_model(
+        [helper.make_node("Identity", [f"IN_{t}"], [f"OUT_{t}"]) for t in names],
+        [tensor(f"IN_{t}", t, [None]) for t in names],
+        [tensor(f"OUT_{t}", t, [None]) for t in names],
+    )
+
+
 def add_sub(datatype: str = "INT32", dims: int = 16):
     """Triton's `simple`: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
     return onnx_model(

@@ -126,7 +126,7 @@ CASES = {
         "/v2/models/simple/infer",
         {"inputs": simple_body()["inputs"] * 2},
         400,
-        "given twice",
+        "input 'INPUT0' already exists in request",  # Triton's words
     ),
     "unknown output": (
         "/v2/models/simple/infer",
@@ -134,11 +134,11 @@ CASES = {
         400,
         "unexpected inference output 'OUTPUT7' for model 'simple'",
     ),
-    "classification": (
+    "classification of a count that is not a number": (
         "/v2/models/simple/infer",
-        simple_body(outputs=[{"name": "OUTPUT0", "parameters": {"classification": 2}}]),
-        501,
-        "classification",
+        simple_body(outputs=[{"name": "OUTPUT0", "parameters": {"classification": "2"}}]),
+        400,
+        "Unable to set 'classification'",
     ),
     "data and shared memory": (
         "/v2/models/simple/infer",
@@ -202,7 +202,7 @@ CASES = {
         "/v2/models/simple/infer",
         simple_body(outputs=[{"name": "OUTPUT0"}, {"name": "OUTPUT0"}]),
         400,
-        "output(s) ['OUTPUT0'] requested more than once for model 'simple'",
+        "output 'OUTPUT0' already exists in request",  # Triton's words (L0_http)
     ),
 }
 

@@ -16,6 +16,7 @@ def test_health_and_server_metadata(client: httpclient.InferenceServerClient) ->
     metadata = client.get_server_metadata()
     assert metadata["name"] == "triton"
     assert set(metadata["extensions"]) == {
+        "classification",
         "binary_tensor_data",
         "model_configuration",
         "model_repository",

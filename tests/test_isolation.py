@@ -231,7 +231,12 @@ def test_loading_a_model_that_fails_reports_why(tmp_path: Path) -> None:
         assert raised.value.status() == "400" and "libnone.so" in raised.value.message()
         with pytest.raises(InferenceServerException) as raised:
             client.load_model("no_such_model")
-        assert raised.value.status() == "404"
+        # Triton's code and words (L0_lifecycle test_model_control checks them)
+        assert raised.value.status() == "500"
+        assert (
+            "failed to load 'no_such_model', failed to poll from model repository"
+            in raised.value.message()
+        )
 
 
 def test_mode_none_refuses_load_and_unload(client) -> None:

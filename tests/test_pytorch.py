@@ -40,6 +40,39 @@ output [ { name: "DIFFERENCE__1" data_type: TYPE_FP32 dims: [ 4 ] },
 """
 
 
+STRINGS_CONFIG = """
+backend: "pytorch"
+max_batch_size: 4
+input [ { name: "WORDS__0" data_type: TYPE_STRING dims: [ 1 ] reshape { shape: [ ] } } ]
+output [ { name: "UPPER__0" data_type: TYPE_STRING dims: [ 1 ] reshape { shape: [ ] } },
+         { name: "LENGTH__1" data_type: TYPE_INT64 dims: [ 1 ] reshape { shape: [ ] } } ]
+"""
+
+# names that are neither forward's arguments (a, b) nor <name>__<index>: the config's order
+STRICT_ORDER_CONFIG = """
+backend: "pytorch"
+max_batch_size: 0
+input [ { name: "first" data_type: TYPE_FP32 dims: [ 4 ] },
+        { name: "second" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4 ] },
+         { name: "difference" data_type: TYPE_INT32 dims: [ 4 ] } ]
+"""
+
+DICT_INPUT_CONFIG = """
+backend: "pytorch"
+max_batch_size: 0
+input [ { name: "subtrahend" data_type: TYPE_FP32 dims: [ 2 ] },
+        { name: "minuend" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+
+TOO_FEW_INPUTS_CONFIG = """
+backend: "pytorch"
+max_batch_size: 0
+input [ { name: "a" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+
 BF16_CONFIG = """
 platform: "pytorch_libtorch"
 input [ { name: "INPUT__0" data_type: TYPE_BF16 dims: [ 4 ] } ]
@@ -79,6 +112,13 @@ def torch_server(tmp_path_factory, torch_ops: Path, modulo_model: Path):
     write(repo, "torch_missing_op", modulo_config("torch_missing_op", None), modulo_model)
     write(repo, "torch_add_sub", ADD_SUB_CONFIG, framework_model("torch_add_sub", "model.pt"))
     write(repo, "torch_bf16", BF16_CONFIG, framework_model("torch_double", "model.pt"))
+    add_sub = framework_model("torch_add_sub", "model.pt")
+    write(repo, "torch_strings", STRINGS_CONFIG, framework_model("torch_strings", "model.pt"))
+    write(repo, "torch_strict_order", STRICT_ORDER_CONFIG, add_sub)
+    write(
+        repo, "torch_dict_input", DICT_INPUT_CONFIG, framework_model("torch_dict_input", "model.pt")
+    )
+    write(repo, "torch_too_few_inputs", TOO_FEW_INPUTS_CONFIG, add_sub)
     with RunningServer([repo], log_path=repo.parent / "server.log") as server:
         yield server
 
@@ -172,3 +212,57 @@ def test_bf16_over_grpc(torch_server: RunningServer) -> None:
     result = client.infer("torch_bf16", [tensor])
     assert result.get_response().outputs[0].datatype == "BF16"
     assert result.as_numpy("OUTPUT__0").astype(np.float32).tolist() == [3.0, -4.0, 0.5, 6.0]
+
+
+def test_strings_in_and_out_as_lists(torch_server: RunningServer) -> None:
+    """Triton's PyTorch backend passes a BYTES input as a List[str] and returns a List[str]
+    result as BYTES (pytorch_backend `SetInputTensors`, `ReadOutputTensors`)."""
+    client = httpclient.InferenceServerClient(torch_server.url)
+    words = np.array([[b"tea"], [b"caf\xc3\xa9"], [b""]], dtype=np.object_)
+    result = client.infer("torch_strings", [infer_input("WORDS__0", words, "BYTES")])
+    # TorchScript's str is C++'s std::string: upper case for ASCII, a length in bytes
+    assert result.as_numpy("UPPER__0").tolist() == [[b"TEA"], [b"CAF\xc3\xa9"], [b""]]
+    assert result.as_numpy("LENGTH__1").tolist() == [[3], [5], [0]]
+    assert result.get_output("UPPER__0")["datatype"] == "BYTES"
+
+
+def test_input_and_output_names_in_config_order(torch_server: RunningServer) -> None:
+    """Names that follow neither rule are taken in the config's order (pytorch_backend
+    `GetNamingConvention`: strict config ordering); an output of another type than the config's
+    is refused with Triton's words (`ReadOutputTensors`)."""
+    client = httpclient.InferenceServerClient(torch_server.url)
+    first = np.arange(4, dtype=np.float32)
+    second = np.full(4, 10.0, dtype=np.float32)
+    inputs = [infer_input("second", second, "FP32"), infer_input("first", first, "FP32")]
+    result = client.infer(
+        "torch_strict_order", inputs, outputs=[httpclient.InferRequestedOutput("sum")]
+    )
+    np.testing.assert_array_equal(result.as_numpy("sum"), first + second)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(
+            "torch_strict_order", inputs, outputs=[httpclient.InferRequestedOutput("difference")]
+        )
+    assert (
+        "configuration expects datatype TYPE_INT32 for output 'difference', model provides "
+        "TYPE_FP32" in raised.value.message()
+    )
+
+
+def test_dict_input_gets_inputs_by_name(torch_server: RunningServer) -> None:
+    client = httpclient.InferenceServerClient(torch_server.url)
+    minuend = np.array([5.0, 1.0], dtype=np.float32)
+    subtrahend = np.array([2.0, 3.0], dtype=np.float32)
+    result = client.infer(
+        "torch_dict_input",
+        [infer_input("minuend", minuend, "FP32"), infer_input("subtrahend", subtrahend, "FP32")],
+    )
+    assert result.as_numpy("OUTPUT__0").tolist() == [3.0, -2.0]
+
+
+def test_fewer_config_inputs_than_forward_takes(torch_server: RunningServer) -> None:
+    response = requests.get(f"http://{torch_server.url}/v2/models/torch_too_few_inputs/ready")
+    assert response.status_code == 400
+    assert (
+        "unable to load model 'torch_too_few_inputs', configuration expects 1 inputs, model "
+        "provides 2" in response.json()["error"]
+    )

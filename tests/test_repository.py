@@ -205,3 +205,38 @@ def test_one_repository_given_twice_is_one_repository(tmp_path: Path) -> None:
     (tmp_path / "repo" / "m" / "1").mkdir(parents=True)
     repo = tmp_path / "repo"
     assert find_models([repo, repo, tmp_path / "repo" / ".." / "repo"]) == {"m": repo / "m"}
+
+
+def test_a_file_copied_over_with_its_time_kept_is_a_change(tmp_path: Path) -> None:
+    """Polling sees what Triton sees: the later of a file's modification and status change
+    (core filesystem `FileModificationTime`), so a model file replaced by `cp -p` or
+    `shutil.copy2` (same size, an older modification time kept) is reloaded."""
+    import os
+    import shutil
+    import time
+
+    from opserve.repository.manager import fingerprint
+
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    model = folder / "1" / "model.onnx"
+    model.write_bytes(b"first")
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(b"other")
+    stat = model.stat()
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    before = fingerprint(folder)
+    time.sleep(0.05)  # past the file system clock's tick (a few ms), so the status change shows
+    shutil.copy2(replacement, model)
+    assert model.stat().st_mtime_ns == stat.st_mtime_ns  # what the copy kept
+    assert fingerprint(folder) != before
+
+
+def test_poll_interval_zero_means_no_polling() -> None:
+    """As in Triton (main.cc: polling only while --repository-poll-secs > 0)."""
+    from opserve.settings import ServerSettings
+
+    settings = ServerSettings([Path(".")], model_control_mode="poll", repository_poll_secs=0)
+    assert settings.repository_poll_secs == 0
+    with pytest.raises(ValueError, match="must not be negative"):
+        ServerSettings([Path(".")], model_control_mode="poll", repository_poll_secs=-1)

@@ -122,8 +122,8 @@ RULES: tuple[FieldRule, ...] = (
     FieldRule("output.reshape", H, whole=True),
     FieldRule(
         "output.label_filename",
-        W,
-        "the classification extension is not offered: requests asking for it are refused",
+        H,
+        "the labels of the classification extension (a file in the model folder)",
     ),
     FieldRule("output.is_shape_tensor", R, "shape tensors are a TensorRT feature", _true),
     FieldRule("output.is_non_linear_format_io", R, "a TensorRT feature", _true),

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from opserve.classification import output_labels
 from opserve.config import (
     ModelSignature,
     autocomplete,
@@ -30,7 +31,13 @@ from opserve.config.autocomplete import DEFAULT_MAX_BATCH_SIZE
 from opserve.config.support import check_fields
 from opserve.ensemble import EnsembleGraph, build_graph, check_steps, is_ensemble
 from opserve.ensemble_scheduler import EnsembleScheduler, StepRunner
-from opserve.errors import InvalidArgumentError, NotFoundError, OpserveError, UnavailableError
+from opserve.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OpserveError,
+    UnavailableError,
+)
 from opserve.ops import (
     BACKEND_FRAMEWORKS,
     PRELOAD_HANDOFF,
@@ -106,6 +113,7 @@ class Model:
     schema: ModelSchema | None = None  # set once the config is complete
     unloaded: bool = False  # unloaded on request: out of service, and not held against readiness
     warmup: list[WarmupSample] = field(default_factory=list)  # model_warmup, ready to run
+    labels: dict[str, list[bytes]] = field(default_factory=dict)  # output -> label_filename's
 
     def latest_ready(self) -> ModelVersion | None:
         """The highest ready version (every request without a version asks: no sorting)."""
@@ -282,8 +290,14 @@ class ModelManager:
         self._background(self._poll_forever(interval_s))
 
     async def _poll_forever(self, interval_s: float) -> None:
+        """A poll every `interval_s` from the start of the last one: the time a poll spends
+        loading, and stopping the workers a reload replaced, is not added to the wait (a change
+        is READY within the interval plus its load time, Triton's test windows)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(max(0.0, started + interval_s - loop.time()))
+            started = loop.time()
             try:
                 await self.poll_once()
             except Exception:  # a bad scan must not end polling
@@ -334,9 +348,16 @@ class ModelManager:
 
     async def _load(self, name: str, config: ModelConfig | None) -> Model:
         async with self._locks.hold(name):
-            folder = find_models(self.repositories).get(name)
-            if folder is None:
-                raise NotFoundError(f"failed to load '{name}', no version is available")
+            try:
+                folder = find_models(self.repositories).get(name)
+            except OpserveError as exc:
+                raise InternalError(
+                    f"failed to load '{name}', failed to poll from model repository: {exc.message}"
+                ) from None
+            if folder is None:  # Triton's words and code
+                raise InternalError(
+                    f"failed to load '{name}', failed to poll from model repository"
+                )
             # taken before reading: a change made while loading shows at the next poll
             self._fingerprints[name] = fingerprint(folder)
             async with self._loading:
@@ -442,6 +463,7 @@ class ModelManager:
                 name, folder, override, self.config_name, self.auto_complete
             )
             _refuse_unsupported_fields(model.config)
+            model.labels = output_labels(model.config, folder)
             if model.config.response_cache.enable and self.response_cache is None:
                 log.warning(
                     "model '%s' enables response_cache, but the server has no cache "
@@ -852,13 +874,16 @@ def _refuse_unsupported_fields(config: ModelConfig, warn: bool = True) -> None:
 
 
 def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    """What a model folder holds: every file's path, size and modification time."""
+    """What a model folder holds: every file's path, size and time of change (the later of its
+    modification and status change, as Triton reads it: a file copied over another with its
+    modification time kept is a change)."""
     entries = []
     for path in sorted(folder.rglob("*")):
         try:
             if path.is_file():
                 stat = path.stat()
-                entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+                changed = max(stat.st_mtime_ns, stat.st_ctime_ns)
+                entries.append((str(path.relative_to(folder)), stat.st_size, changed))
         except OSError:
             continue
     return tuple(entries)

@@ -14,26 +14,24 @@ from typing import Any
 import numpy as np
 
 from opserve.datatypes import NUMPY_DTYPES, element_count, serialize_bytes
-from opserve.errors import InvalidArgumentError, UnsupportedError
+from opserve.errors import InvalidArgumentError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import service_pb2
 from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
-# datatype -> the InferTensorContents field that carries it
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+# each InferTensorContents field, the datatype it carries, and the narrower datatypes it also
+# carries (Triton keeps the low bytes of each 32-bit value for those)
+_CONTENTS_FIELDS = (
+    ("bool_contents", "BOOL", ()),
+    ("int_contents", "INT32", ("INT8", "INT16")),
+    ("int64_contents", "INT64", ()),
+    ("uint_contents", "UINT32", ("UINT8", "UINT16")),
+    ("uint64_contents", "UINT64", ()),
+    ("fp32_contents", "FP32", ()),
+    ("fp64_contents", "FP64", ()),
+    ("bytes_contents", "BYTES", ()),
+)
+_CARRIED = frozenset(t for _, carried, narrower in _CONTENTS_FIELDS for t in (carried, *narrower))
 
 
 def parameter_value(parameter: Any) -> Any:
@@ -58,6 +56,12 @@ def decode_infer_request(
 def _decode_infer_request(request: Any, leases: PendingLeases) -> InferenceRequest:
     raw = request.raw_input_contents
     placements = [_shared_memory(tensor) for tensor in request.inputs]
+    for tensor, placement in zip(request.inputs, placements, strict=True):
+        if raw and placement is None and tensor.HasField("contents"):  # Triton's words
+            raise InvalidArgumentError(
+                "contents field must not be specified when using raw_input_contents for "
+                f"'{tensor.name}' for model '{request.model_name}'"
+            )
     expected = sum(1 for p in placements if p is None)  # inputs in shared memory have no entry
     if raw and len(raw) != expected:
         raise InvalidArgumentError(
@@ -84,19 +88,20 @@ def _decode_infer_request(request: Any, leases: PendingLeases) -> InferenceReque
             data = raw[index]
             index += 1
         else:
-            data = _typed_contents(tensor)
+            data = _typed_contents(tensor, request.model_name)
         inputs.append(Tensor(tensor.name, tensor.datatype, shape, data))
     buffers = {}
+    classification = {}
     for output in request.outputs:
         placement = _shared_memory(output)
+        if "classification" in output.parameters:
+            classification[output.name] = _classification(output.parameters["classification"])
         if placement is not None:
             if "classification" in output.parameters:  # Triton's words
                 raise InvalidArgumentError(
                     "output can't set both 'shared_memory_region' and 'classification'"
                 )
             buffers[output.name] = leases.get().output(output.name, *placement)
-        if "classification" in output.parameters:
-            raise UnsupportedError("classification outputs are not supported by this server")
     requested = [o.name for o in request.outputs] or None
     parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
     inference = InferenceRequest(
@@ -104,7 +109,20 @@ def _decode_infer_request(request: Any, leases: PendingLeases) -> InferenceReque
     )
     if buffers:
         inference.output_buffers = dict(buffers)
+    if classification:
+        inference.classification = classification
     return inference
+
+
+def _classification(parameter: Any) -> int:
+    """A requested output's class count, checked with Triton's words."""
+    if parameter.WhichOneof("parameter_choice") != "int64_param":
+        raise InvalidArgumentError(
+            "invalid value type for 'classification' parameter, expected int64_param"
+        )
+    if parameter.int64_param <= 0:
+        raise InvalidArgumentError("invalid value for 'classification' parameter, expected >= 0")
+    return int(parameter.int64_param)
 
 
 def _shared_memory(tensor: Any) -> tuple[str, int, int] | None:
@@ -145,24 +163,38 @@ def _shared_memory(tensor: Any) -> tuple[str, int, int] | None:
     )
 
 
-def _typed_contents(tensor: Any) -> bytes:
-    field = _CONTENTS_FIELD.get(tensor.datatype)
-    if field is None and element_count(tensor.shape) == 0:
-        return b""
-    if field is None:
+def _typed_contents(tensor: Any, model: str) -> bytes:
+    """An input's data from the typed `contents` fields, read as Triton reads them: one field
+    only, the one of the input's datatype (`int_contents` / `uint_contents` also carry the 8- and
+    16-bit integers, each value cut to its low bytes)."""
+    data = b""
+    supplied = False
+    for field, carried, narrower in _CONTENTS_FIELDS:
+        values = getattr(tensor.contents, field)
+        if not values:
+            continue
+        if supplied:  # Triton's words
+            raise InvalidArgumentError(
+                f"unexpected explicit tensor data for input tensor '{tensor.name}' for model "
+                f"'{model}', binary data was already supplied."
+            )
+        datatype = tensor.datatype if tensor.datatype in narrower else carried
+        if datatype != tensor.datatype:
+            raise InvalidArgumentError(
+                f"unexpected explicit tensor data for input tensor '{tensor.name}' for model "
+                f"'{model}' of type '{carried}', expected datatype '{tensor.datatype}'"
+            )
+        if datatype == "BYTES":
+            data = serialize_bytes(values)
+        else:
+            wide = np.array(values, dtype=NUMPY_DTYPES[carried])
+            data = wide.astype(NUMPY_DTYPES[datatype]).tobytes()  # C's cast: the low bytes
+        supplied = True
+    if not supplied and tensor.datatype not in _CARRIED and element_count(tensor.shape):
         raise InvalidArgumentError(
             f"input '{tensor.name}': {tensor.datatype} data must be sent in raw_input_contents"
         )
-    values = getattr(tensor.contents, field)
-    if tensor.datatype == "BYTES":
-        return serialize_bytes(values)
-    dtype = NUMPY_DTYPES[tensor.datatype]
-    try:
-        return np.array(values, dtype=dtype).tobytes()
-    except OverflowError as exc:
-        raise InvalidArgumentError(
-            f"input '{tensor.name}': a value is out of range: {exc}"
-        ) from None
+    return data
 
 
 def encode_infer_response(

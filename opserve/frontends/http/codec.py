@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
-from opserve.errors import InvalidArgumentError, UnsupportedError
+from opserve.errors import InvalidArgumentError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
@@ -27,6 +27,11 @@ _ACCEPTED_KINDS.update(
     {t: "iu" for t in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")}
 )
 _ACCEPTED_KINDS.update({t: "iuf" for t in ("FP16", "FP32", "FP64", "BF16")})
+
+# Triton's limit on how deep a tensor's `data` nests (its HTTP_MAX_JSON_NESTING_DEPTH: a value
+# nested in 100 arrays is refused)
+MAX_JSON_NESTING = 100
+_NUMPY_DIMS = 32  # numpy 1's limit on an array's dimensions (numpy 2: 64)
 
 
 @dataclass(slots=True)
@@ -73,6 +78,10 @@ def _decode_request(
         raise InvalidArgumentError(
             f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
         )
+    elif header_length == 0:  # the binary extension's raw request: the body is the one input
+        whole = Tensor("raw_input", "", (), memoryview(body))
+        request = InferenceRequest(model_name, model_version, [whole], raw_input=True)
+        return request, OutputFormat(default_binary=True)
     try:
         header = orjson.loads(memoryview(body)[:header_length])
     except orjson.JSONDecodeError as exc:
@@ -102,6 +111,7 @@ def _decode_request(
         if not isinstance(raw_outputs, list):
             raise InvalidArgumentError("'outputs' must be an array")
         requested = []
+        classification: dict[str, int] = {}
         for raw in raw_outputs:
             raw = _object(raw, "output")
             name = raw.get("name")
@@ -120,10 +130,12 @@ def _decode_request(
                     )
                 leases.get().output(name, *placement)
                 output_format.shared_memory.add(name)
-            if out_parameters.get("classification"):
-                raise UnsupportedError("classification outputs are not supported by this server")
-            if "binary_data" in out_parameters:
-                output_format.binary[name] = _flag(out_parameters, "binary_data")
+            count = _classification(out_parameters)
+            if count:
+                classification[name] = count
+            # a requested output is binary only when it says so (Triton: binary_data_output
+            # sets the kind of the outputs that are not requested)
+            output_format.binary[name] = _flag(out_parameters, "binary_data")
             requested.append(name)
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
@@ -131,6 +143,8 @@ def _decode_request(
     # binary_data_output is the protocol's business, not the model's (as in Triton)
     parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
     request = InferenceRequest(model_name, model_version, inputs, requested, request_id, parameters)
+    if requested and classification:
+        request.classification = classification
     output_format.regions = leases.taken
     if leases.taken is not None and leases.taken.outputs:
         request.output_buffers = dict(leases.taken.outputs)
@@ -143,6 +157,17 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgumentError(f"'{what}' must be a JSON object")
     return value
+
+
+def _classification(parameters: dict[str, Any]) -> int:
+    """An output's class count (0: its data, as it is)."""
+    count = parameters.get("classification", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:  # Triton's words
+        raise InvalidArgumentError(
+            "Unable to set 'classification': attempt to access JSON non-unsigned-integer as "
+            "unsigned-integer"
+        )
+    return count
 
 
 def _flag(parameters: dict[str, Any], key: str) -> bool:
@@ -229,6 +254,8 @@ def _decode_input(
 def _json_data(name: str, datatype: str, data: Any) -> bytes:
     if not isinstance(data, list):
         data = [data]
+    elif _nesting(data) > _NUMPY_DIMS:  # deeper than numpy's arrays go: flattened first
+        data = _flatten(data)
     if datatype == "BYTES":
         flat = _flatten(data)
         if not all(isinstance(e, str) for e in flat):
@@ -264,11 +291,26 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
     return converted.tobytes()
 
 
+def _nesting(data: list[Any]) -> int:
+    """How deep the first element lies (the depth of a regular array; a ragged one is refused
+    when parsed)."""
+    depth = 0
+    while isinstance(data, list) and data:
+        data = data[0]
+        depth += 1
+    if depth >= MAX_JSON_NESTING:
+        raise _too_deep()
+    return depth
+
+
 def _flatten(data: list[Any]) -> list[Any]:
+    """Every element, in order, at any depth below Triton's limit."""
     flat: list[Any] = []
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
+            if len(stack) >= MAX_JSON_NESTING:  # the item's depth
+                raise _too_deep()
             if isinstance(item, list):
                 stack.append(iter(item))
                 break
@@ -276,6 +318,12 @@ def _flatten(data: list[Any]) -> list[Any]:
         else:
             stack.pop()
     return flat
+
+
+def _too_deep() -> InvalidArgumentError:  # Triton's words
+    return InvalidArgumentError(
+        f"JSON nesting depth exceeds maximum allowed limit ({MAX_JSON_NESTING})"
+    )
 
 
 def encode_response(
