@@ -15,11 +15,16 @@ rules are read from core's `src/model_config_utils.cc` and the onnxruntime backe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from onnx import helper
 
-from opserve.config import model_config_for, parse_model_config
+from opserve.config import config_to_json, model_config_for, parse_model_config
 from opserve.config.autocomplete import autocomplete
 from opserve.config.validate import (
     check_against_signature,
@@ -27,10 +32,13 @@ from opserve.config.validate import (
     validate_config,
 )
 from opserve.errors import OpserveError
-from opserve.proto import ModelConfig
+from opserve.proto import ModelConfig, model_config_pb2
 from opserve.signature import ModelSignature, TensorSpec
+from tests import models
+from tests.serving import RunningServer
 
 CASES = Path(__file__).parent / "data" / "l0_model_config"
+KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
 def read_case(path: Path) -> tuple[str, dict[str, str], str]:
@@ -117,3 +125,108 @@ def test_a_tensor_named_twice_is_refused() -> None:
         config.input.add(name="X", data_type=1, dims=[1])
     with pytest.raises(OpserveError, match="model input 'X' is specified more than once"):
         validate_config(config)
+
+
+# --- a real server: what a client sees ---------------------------------------------------------
+
+# Triton 2.51's answer for `qa/L0_model_config/autofill_noplatform_success/onnx/no_config`
+# (its `expected`, a GPU machine's) on a machine without GPUs: one group named after the model,
+# KIND_CPU with the onnxruntime backend's two instances (core's NormalizeInstanceGroup and
+# SetDefaultInstanceCount); the dynamic batcher the backend's AutoCompleteMaxBatch turns on, with
+# max_batch_size as its preferred size, and pinned memory on (core's NormalizeModelConfig).
+TRITON_NO_CONFIG = """
+name: "no_config"
+platform: "onnxruntime_onnx"
+version_policy { latest { num_versions: 1 } }
+max_batch_size: 4
+input { name: "INPUT0" data_type: TYPE_INT32 dims: 16 }
+input { name: "INPUT1" data_type: TYPE_INT32 dims: 16 }
+output { name: "OUTPUT0" data_type: TYPE_INT32 dims: 16 }
+output { name: "OUTPUT1" data_type: TYPE_INT32 dims: 16 }
+instance_group { name: "no_config" count: 2 kind: KIND_CPU }
+dynamic_batching { preferred_batch_size: 4 }
+default_model_filename: "model.onnx"
+optimization { input_pinned_memory { enable: true } output_pinned_memory { enable: true } }
+backend: "onnxruntime"
+runtime: ""
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    repo = tmp_path_factory.mktemp("l0_model_config")
+    # refused before the model is looked at (Triton's noautofill_platform/zerodims_input0)
+    zero = (CASES / "zerodims_input0.pbtxt").read_text().replace("zerodims_input0", "zero_dims")
+    models.write_model(repo, "zero_dims", models.add_sub(), zero)
+    # refused once the model is described (autofill_noplatform/onnx/bad_input_dims)
+    bad = (CASES / "onnx_bad_input_dims.pbtxt").read_text().replace("bad_input_dims", "bad_dims")
+    models.write_model(repo, "bad_dims", models.add_sub(), bad)
+    models.write_model(repo, "no_config", models.add_sub())
+    models.write_model(  # autofill_noplatform_success/onnx/no_config_no_batch
+        repo, "no_batch", fixed_add_sub(), "instance_group [ { kind: KIND_CPU } ]"
+    )
+    with RunningServer([repo]) as server:
+        yield server
+
+
+def fixed_add_sub():
+    """Triton's onnx_nobatch_int32_int8_int8 shape: INT32 [16] in, [16] out (no batching)."""
+    return models.onnx_model(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        [models.tensor("INPUT0", "INT32", [16]), models.tensor("INPUT1", "INT32", [16])],
+        [models.tensor("OUTPUT0", "INT32", [16]), models.tensor("OUTPUT1", "INT32", [16])],
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (
+            "zero_dims",
+            "model input 'input' dimension must be integer >= 1, or -1 to indicate a "
+            "variable-size dimension for zero_dims",
+        ),
+        (
+            "bad_dims",
+            "model 'bad_dims', tensor 'INPUT0': the model expects 2 dimensions (shape [-1,16]) "
+            "but the model configuration specifies 3 dimensions",
+        ),
+    ],
+)
+def test_an_invalid_config_makes_the_model_unavailable_with_tritons_words(
+    triton_cases: RunningServer, model: str, reason: str
+) -> None:
+    client = httpclient.InferenceServerClient(triton_cases.url)
+    assert not client.is_model_ready(model)
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index[model]["state"] == "UNAVAILABLE"
+    assert reason in index[model]["reason"]
+    assert reason in triton_cases.log()
+
+
+def test_auto_complete_matches_tritons_config_field_by_field(triton_cases: RunningServer) -> None:
+    """As Triton's compare_status.py compares: the gRPC config proto, and the HTTP JSON."""
+    expected = parse_model_config(TRITON_NO_CONFIG)
+    grpc = grpcclient.InferenceServerClient(triton_cases.grpc_url)
+    assert grpc.get_model_config("no_config").config == expected
+    http = httpclient.InferenceServerClient(triton_cases.url)
+    assert http.get_model_config("no_config") == config_to_json(expected)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = httpclient.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(np.ones((1, 16), dtype=np.int32))
+        inputs.append(tensor)
+    assert http.infer("no_config", inputs).as_numpy("OUTPUT0").tolist() == [[2] * 16]
+
+
+def test_a_group_without_a_name_is_named_after_its_index(triton_cases: RunningServer) -> None:
+    """autofill_noplatform_success/onnx/no_config_no_batch: `<model>_0`, two CPU instances,
+    no batching and so no dynamic batcher."""
+    config = grpcclient.InferenceServerClient(triton_cases.grpc_url).get_model_config("no_batch")
+    groups = config.config.instance_group
+    assert [(g.name, g.count, g.kind) for g in groups] == [("no_batch_0", 2, KIND_CPU)]
+    assert config.config.max_batch_size == 0
+    assert not config.config.HasField("dynamic_batching")

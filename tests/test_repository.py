@@ -126,7 +126,7 @@ def test_autocomplete_without_batching(client) -> None:
         ),
         (
             "platform_typo",
-            "unsupported platform 'onnxruntime_onx' for model 'platform_typo'; valid platforms: "
+            "unexpected platform type 'onnxruntime_onx' for platform_typo; valid platforms: "
             "ensemble, onnxruntime_onnx, pytorch_libtorch, tensorflow_graphdef, "
             "tensorflow_savedmodel, tensorrt_plan (did you mean 'onnxruntime_onnx'?)",
         ),
