@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from onnx import helper
 
 from opserve.config import config_to_json, model_config_for, parse_model_config
 from opserve.config.autocomplete import autocomplete
+from opserve.config.normalize import normalize_instance_groups
 from opserve.config.validate import (
     check_against_signature,
     check_before_load,
@@ -162,23 +162,8 @@ def triton_cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     bad = (CASES / "onnx_bad_input_dims.pbtxt").read_text().replace("bad_input_dims", "bad_dims")
     models.write_model(repo, "bad_dims", models.add_sub(), bad)
     models.write_model(repo, "no_config", models.add_sub())
-    models.write_model(  # autofill_noplatform_success/onnx/no_config_no_batch
-        repo, "no_batch", fixed_add_sub(), "instance_group [ { kind: KIND_CPU } ]"
-    )
     with RunningServer([repo]) as server:
         yield server
-
-
-def fixed_add_sub():
-    """Triton's onnx_nobatch_int32_int8_int8 shape: INT32 [16] in, [16] out (no batching)."""
-    return models.onnx_model(
-        [
-            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
-        ],
-        [models.tensor("INPUT0", "INT32", [16]), models.tensor("INPUT1", "INT32", [16])],
-        [models.tensor("OUTPUT0", "INT32", [16]), models.tensor("OUTPUT1", "INT32", [16])],
-    )
 
 
 @pytest.mark.parametrize(
@@ -222,11 +207,18 @@ def test_auto_complete_matches_tritons_config_field_by_field(triton_cases: Runni
     assert http.infer("no_config", inputs).as_numpy("OUTPUT0").tolist() == [[2] * 16]
 
 
-def test_a_group_without_a_name_is_named_after_its_index(triton_cases: RunningServer) -> None:
-    """autofill_noplatform_success/onnx/no_config_no_batch: `<model>_0`, two CPU instances,
-    no batching and so no dynamic batcher."""
-    config = grpcclient.InferenceServerClient(triton_cases.grpc_url).get_model_config("no_batch")
-    groups = config.config.instance_group
-    assert [(g.name, g.count, g.kind) for g in groups] == [("no_batch_0", 2, KIND_CPU)]
-    assert config.config.max_batch_size == 0
-    assert not config.config.HasField("dynamic_batching")
+def test_instance_groups_are_named_counted_and_placed_as_triton_does() -> None:
+    """Core's NormalizeInstanceGroup: autofill_noplatform_success/onnx/no_config_no_batch
+    (`instance_group [ { kind: KIND_CPU } ]` -> `<model>_0`, two CPU instances) and its
+    cpu_instance case (a named group keeps its name); KIND_AUTO resolves to the CPU without GPUs;
+    count 1 for other backends."""
+    config = parse_model_config(
+        'name: "m" backend: "onnxruntime" instance_group [ { kind: KIND_CPU }, '
+        '{ name: "mine" kind: KIND_CPU }, { count: 3 } ]'
+    )
+    normalize_instance_groups(config, frozenset())
+    groups = [(g.name, g.count, g.kind) for g in config.instance_group]
+    assert groups == [("m_0", 2, KIND_CPU), ("mine", 2, KIND_CPU), ("m_2", 3, KIND_CPU)]
+    python = parse_model_config('name: "p" backend: "python"')
+    check_before_load(python, gpus=frozenset({0}))  # only pytorch runs on a GPU here
+    assert [(g.name, g.count, g.kind) for g in python.instance_group] == [("p", 1, KIND_CPU)]
