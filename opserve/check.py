@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opserve.config import model_config_for
+from opserve.config.normalize import visible_gpus
 from opserve.config.support import check_fields
+from opserve.config.validate import check_before_load
 from opserve.ensemble import build_graph, check_steps, is_ensemble
 from opserve.errors import OpserveError
 from opserve.hints import missing_model_file
@@ -116,6 +118,10 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
     except OpserveError as exc:
         report.problems.append(exc.message)
         return report
+    try:  # Triton's rules, as the server checks them before loading
+        check_before_load(config, gpus=visible_gpus())
+    except OpserveError as exc:
+        report.problems.append(exc.message)
     available = version_folders(folder)
     if is_ensemble(config):
         report.backend = config.platform

@@ -108,12 +108,12 @@ class SequenceSettings:
         """The settings, or Triton's INVALID_ARG for a config it would refuse."""
         batcher = config.sequence_batching
         name = config.name
-        controls = _controls(batcher, name)
         if config.response_cache.enable:
             raise InvalidArgumentError(
                 f"Response Cache does not currently support model {name} with sequence "
                 "batching scheduler. Please disable the response cache."
             )
+        controls = _controls(batcher, name)
         for refused, given in (
             ("iterative_sequence", batcher.iterative_sequence),
             ("oldest.preserve_ordering", batcher.oldest.preserve_ordering),

@@ -14,6 +14,7 @@ class TensorSpec:
     name: str
     datatype: str  # V2 name; "" when the model does not say
     shape: tuple[int, ...]  # full shape, -1 for a dynamic dimension
+    optional: bool = False  # need not be given (ONNX: an overridable initializer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,6 @@ class ModelSignature:
     outputs: tuple[TensorSpec, ...]
 
     def supports_batching(self) -> bool:
-        """Every input and output has a dynamic first dimension."""
-        tensors = self.inputs + self.outputs
+        """Every input (but the optional ones) and output has a dynamic first dimension."""
+        tensors = tuple(t for t in self.inputs if not t.optional) + self.outputs
         return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)

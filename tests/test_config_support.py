@@ -9,6 +9,8 @@ from google.protobuf.descriptor import Descriptor
 
 from opserve.config.pbtxt import parse_model_config
 from opserve.config.support import _BY_PATH, RULES, Verdict, check_fields, render_table
+from opserve.config.validate import validate_model
+from opserve.errors import InvalidArgumentError
 from opserve.proto import ModelConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config-fields.md"
@@ -127,9 +129,10 @@ def test_honoured_fields_pass_silently(text: str) -> None:
 
 
 def test_decoupled_models_cannot_cache_responses() -> None:
+    """Triton's rule (core's ValidateModelConfig), in its words."""
     text = 'name: "m" backend: "python" model_transaction_policy { decoupled: true } response_cache { enable: true }'
-    errors = check_fields(parse_model_config(text), gpu=False).errors
-    assert len(errors) == 1 and "for a decoupled model" in errors[0]
+    with pytest.raises(InvalidArgumentError, match="Response Cache does not currently support"):
+        validate_model(parse_model_config(text))
 
 
 def test_python_models_read_every_parameter() -> None:

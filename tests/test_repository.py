@@ -11,6 +11,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from opserve.config import parse_model_config
+from opserve.config.normalize import visible_gpus
 from opserve.errors import InvalidArgumentError
 from opserve.proto import ModelConfig
 from opserve.repository import select_versions, version_folders
@@ -125,7 +126,7 @@ def test_autocomplete_without_batching(client) -> None:
         ),
         (
             "platform_typo",
-            "unsupported platform 'onnxruntime_onx' for model 'platform_typo'; valid platforms: "
+            "unexpected platform type 'onnxruntime_onx' for platform_typo; valid platforms: "
             "ensemble, onnxruntime_onnx, pytorch_libtorch, tensorflow_graphdef, "
             "tensorflow_savedmodel, tensorrt_plan (did you mean 'onnxruntime_onnx'?)",
         ),
@@ -135,11 +136,15 @@ def test_autocomplete_without_batching(client) -> None:
             "onnxruntime, python, pytorch, tensorflow, tensorrt (did you mean 'onnxruntime'?)",
         ),
         ("policy_missing", "policy_missing' has only version folder 1"),
-        ("unknown_tensor", "unexpected input 'NOPE'"),
+        ("unknown_tensor", "unexpected inference input 'NOPE', allowed inputs are: INPUT0"),
         (
             "gpu_instance",
+            # Triton's words where there is no GPU; opserve's where onnxruntime cannot use it
             "config field 'instance_group.kind: KIND_GPU' of model 'gpu_instance' is not "
-            "supported by opserve",
+            "supported by opserve"
+            if visible_gpus()
+            else "instance group gpu_instance_0 of model gpu_instance has kind KIND_GPU but no "
+            "GPUs are available",
         ),
     ],
 )

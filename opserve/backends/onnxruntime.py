@@ -77,16 +77,14 @@ class OnnxRuntimeBackend(Backend):
     def signature(self) -> ModelSignature:
         session = self._require_session()
 
-        def spec(node) -> TensorSpec:
+        def spec(node, optional: bool = False) -> TensorSpec:
             shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-            return TensorSpec(node.name, _ORT_TYPES.get(node.type, ""), shape)
+            return TensorSpec(node.name, _ORT_TYPES.get(node.type, ""), shape, optional)
 
         # inputs with an initializer are optional ("overridable initializers")
-        inputs = list(session.get_inputs()) + list(session.get_overridable_initializers())
-        return ModelSignature(
-            tuple(spec(n) for n in inputs),
-            tuple(spec(n) for n in session.get_outputs()),
-        )
+        inputs = [spec(n) for n in session.get_inputs()]
+        inputs += [spec(n, True) for n in session.get_overridable_initializers()]
+        return ModelSignature(tuple(inputs), tuple(spec(n) for n in session.get_outputs()))
 
     def execute(
         self, inputs: dict[str, np.ndarray], outputs: list[str] | None

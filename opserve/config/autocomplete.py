@@ -11,6 +11,9 @@ from opserve.proto import ModelConfig, model_config_pb2
 from opserve.signature import ModelSignature, TensorSpec
 
 DEFAULT_MAX_BATCH_SIZE = 4
+# backends whose auto-complete turns on the dynamic batcher for a model that can batch
+# (Triton's onnxruntime and tensorflow backends, `AutoCompleteMaxBatch`)
+DYNAMIC_BATCHING_BACKENDS = frozenset({"onnxruntime", "tensorflow"})
 
 
 def autocomplete(
@@ -22,7 +25,9 @@ def autocomplete(
 
     `max_batch_size` is filled (with 4) only while the config leaves its inputs or outputs to
     auto-complete and every model tensor has a dynamic first dimension; a config that spells out
-    its tensors keeps the batching it says.
+    its tensors keeps the batching it says. Where that auto-complete ran, a model that can batch
+    with `max_batch_size` > 1 and no scheduler gets `dynamic_batching`, as Triton's onnxruntime
+    and tensorflow backends give it.
     """
     filled: list[str] = []
     signature = _without_sequence_tensors(config, signature)
@@ -35,19 +40,18 @@ def autocomplete(
     ):
         config.max_batch_size = default_max_batch_size
         filled.append(f"max_batch_size={default_max_batch_size}")
+    if (
+        config.backend in DYNAMIC_BATCHING_BACKENDS
+        and io_unspecified
+        and signature.supports_batching()
+        and config.max_batch_size > 1
+        and config.WhichOneof("scheduling_choice") is None
+    ):
+        config.dynamic_batching.SetInParent()
+        filled.append("dynamic_batching")
     strip = 1 if config.max_batch_size > 0 else 0
     filled += _complete_tensors(config.input, signature.inputs, strip, "input")
     filled += _complete_tensors(config.output, signature.outputs, strip, "output")
-    if not config.version_policy.WhichOneof("policy_choice"):
-        config.version_policy.latest.num_versions = 1
-    if not config.instance_group:
-        group = config.instance_group.add()
-        group.name = config.name
-        group.count = 1
-        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-    for number, group in enumerate(config.instance_group):
-        if not group.name:  # Triton names a group `<model>_<its index>`
-            group.name = f"{config.name}_{number}"
     return filled
 
 

@@ -50,7 +50,7 @@ def normalize_platform(config: ModelConfig, model_dir: Path) -> Platform:
         if platform is None:
             raise InvalidArgumentError(
                 with_closest(
-                    f"unsupported platform '{config.platform}' for model '{config.name}'",
+                    f"unexpected platform type '{config.platform}' for {config.name}",  # Triton's
                     config.platform,
                     [p.platform for p in PLATFORMS] + [ENSEMBLE_PLATFORM],
                     "platforms",

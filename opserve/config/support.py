@@ -305,11 +305,6 @@ def check_fields(config: ModelConfig, gpu: bool | None = None) -> Findings:
     _walk(config, "", context, findings)
     if config.HasField("dynamic_batching"):
         findings.errors += priority_problems(config)
-    if config.response_cache.enable and config.model_transaction_policy.decoupled:
-        findings.errors.append(
-            f"config field 'response_cache' of model '{config.name}' is not supported by "
-            "opserve for a decoupled model: its responses cannot be cached"
-        )
     return findings
 
 

@@ -28,7 +28,19 @@ from opserve.config import (
     model_config_for,
 )
 from opserve.config.autocomplete import DEFAULT_MAX_BATCH_SIZE
+from opserve.config.normalize import (
+    normalize_instance_groups,
+    normalize_model_config,
+    visible_gpus,
+)
 from opserve.config.support import check_fields
+from opserve.config.validate import (
+    DESCRIBED_BACKENDS,
+    check_against_signature,
+    check_before_load,
+    validate_config,
+    validate_io,
+)
 from opserve.ensemble import EnsembleGraph, build_graph, check_steps, is_ensemble
 from opserve.ensemble_scheduler import EnsembleScheduler, StepRunner
 from opserve.errors import (
@@ -58,7 +70,7 @@ from opserve.repository.locks import NamedLocks
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
-from opserve.sequence_config import SequenceSettings, fill_sequence_defaults
+from opserve.sequence_config import SequenceSettings
 from opserve.sequences import scheduler_for
 from opserve.stats import VersionStats
 from opserve.warmup import WarmupSample, warmup_samples
@@ -177,6 +189,7 @@ class ModelManager:
         self.host: WorkerHost | None = None  # what models may call (BLS, logging, metrics)
         self.response_cache: ResponseCache | None = None  # --cache-config local,size=BYTES
         self.step_runner: StepRunner | None = None  # what runs an ensemble's steps (the dataplane)
+        self.gpus = visible_gpus()
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -462,7 +475,7 @@ class ModelManager:
             model.config = model_config_for(
                 name, folder, override, self.config_name, self.auto_complete
             )
-            _refuse_unsupported_fields(model.config)
+            self._validate(model.config)
             model.labels = output_labels(model.config, folder)
             if model.config.response_cache.enable and self.response_cache is None:
                 log.warning(
@@ -565,6 +578,7 @@ class ModelManager:
         the completed configs of its (loaded) step models."""
         try:
             graph = build_graph(model.config)
+            validate_io(model.config)
             folders = find_models(self.repositories)
             missing = [name for name in graph.model_names if name not in folders]
             if missing:
@@ -618,19 +632,21 @@ class ModelManager:
                     )
         return step_model.config
 
+    def _validate(self, config: ModelConfig) -> None:
+        """Before anything is loaded: Triton's rules (its words; the tensors only as far as
+        auto-complete cannot change them), then the fields opserve refuses; then Triton's
+        defaults are filled in."""
+        check_before_load(config, self.auto_complete, self.gpus)
+        _refuse_unsupported_fields(config)
+        normalize_model_config(config)
+
     def _complete(self, model: Model, description: ModelLoaded) -> None:
-        """Complete the config from the model's description (phase one's answer); with
-        auto-complete off, only check the config against the model."""
-        if not self.auto_complete:
-            if description.signature is not None:
-                if not model.config.input or not model.config.output:
-                    raise InvalidArgumentError(
-                        f"model '{model.name}': auto-complete is disabled, so its config must "
-                        "list the model's inputs and outputs"
-                    )
-                self._check_against_model(model, description.signature)
-            return
-        if description.config_json is not None:  # the model completed it (Python backend)
+        """Complete the config from the model's description (phase one's answer), check it
+        against the model, fill Triton's defaults and check it whole; with auto-complete off,
+        only check it."""
+        signature = description.signature
+        autocompleted = False
+        if self.auto_complete and description.config_json is not None:  # a Python model's own
             completed = config_from_model_json(model.name, description.config_json)
             model.completed = changed_fields(model.config, completed)
             model.config = completed
@@ -638,37 +654,48 @@ class ModelManager:
             model.completed += autocomplete(
                 model.config, ModelSignature((), ()), self._default_batch(model)
             )
-        elif description.signature is not None:
-            model.completed = autocomplete(
-                model.config, description.signature, self._default_batch(model)
-            )
-            self._check_against_model(model, description.signature)
+        elif self.auto_complete and signature is not None:
+            autocompleted = not model.config.input or not model.config.output
+            model.completed = autocomplete(model.config, signature, self._default_batch(model))
         if model.completed:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
-        if model.config.HasField("sequence_batching"):  # refused with Triton's words
+        if signature is not None and model.config.backend in DESCRIBED_BACKENDS:
+            check_against_signature(model.config, signature, autocompleted)
+        elif signature is not None:
+            self._check_against_model(model, signature)
+        if (
+            signature is not None
+            and not self.auto_complete
+            and not (model.config.input and model.config.output)
+        ):
+            raise InvalidArgumentError(
+                f"model '{model.name}': auto-complete is disabled, so its config must list the "
+                "model's inputs and outputs"
+            )
+        normalize_instance_groups(model.config, frozenset())
+        normalize_model_config(model.config)
+        validate_config(model.config, io_complete=True, gpus=self.gpus)
+        if model.config.HasField("sequence_batching"):  # the initial state files, read now
             SequenceSettings.from_config(model.config, model.directory)
-            fill_sequence_defaults(model.config)
 
     def _default_batch(self, model: Model) -> int:
         sizes = self.default_max_batch_size
         return sizes.get(model.config.backend, sizes.get("", DEFAULT_MAX_BATCH_SIZE))
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
-        """Config tensors the model does not have make every version unavailable."""
-        problems = []
+        """Config tensors the model does not have (backends whose tensors are not checked
+        further), in Triton's words."""
         for kind, configured, actual in (
             ("input", model.config.input, signature.inputs),
             ("output", model.config.output, signature.outputs),
         ):
-            names = {t.name for t in actual}
+            names = sorted(t.name for t in actual)
             for tensor in configured:
                 if names and tensor.name not in names:
-                    problems.append(
-                        f"unexpected {kind} '{tensor.name}' in the config of model '{model.name}'; "
-                        f"the model has: {', '.join(sorted(names))}"
+                    raise InvalidArgumentError(
+                        f"unexpected inference {kind} '{tensor.name}', allowed {kind}s are: "
+                        + ", ".join(names)
                     )
-        if problems:
-            self._make_unavailable(model, "; ".join(problems))
 
     def _make_unavailable(self, model: Model, reason: str) -> None:
         log.error("model '%s' is unavailable: %s", model.name, reason)
