@@ -56,6 +56,12 @@ input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
 output [ { name: "PID" data_type: TYPE_INT32 dims: [ 1 ] } ]
 instance_group [ { count: 2 kind: KIND_CPU } ]
 """
+# the module's server restricts the repository API (load, unload, index) to holders of a key
+KEY = {"admin-key": "secret"}
+RESTRICTED = [
+    "--http-restricted-api=model-repository:admin-key=secret",
+    "--grpc-restricted-protocol=model-repository:admin-key=secret",
+]
 HANGING_LOAD = (PYTHON_MODELS / "init_hangs" / "model.py").read_text()
 HANGING_CONFIG = (PYTHON_MODELS / "init_hangs" / "config.pbtxt").read_text()
 
@@ -111,11 +117,12 @@ def eventually(condition: Callable[[], object], what: str, seconds: float = 30.0
 
 
 def index_entry(client: httpclient.InferenceServerClient, name: str) -> dict[str, str]:
-    return next(e for e in client.get_model_repository_index() if e["name"] == name)
+    return next(e for e in client.get_model_repository_index(headers=KEY) if e["name"] == name)
 
 
 def http_post(url: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST")
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(url, data=data, method="POST", headers=KEY)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             text = response.read()
@@ -153,7 +160,7 @@ def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     loads = [f"--load-model={n}" for n in ("simple", "segv", "spin", "fd_victim", "breakable")]
     log = tmp_path_factory.mktemp("faults-log") / "server.log"
     with RunningServer(
-        [repository], ["--model-control-mode=explicit", *loads], log_path=log
+        [repository], ["--model-control-mode=explicit", *RESTRICTED, *loads], log_path=log
     ) as running_server:
         yield running_server
 
@@ -279,7 +286,7 @@ def test_unload_cancels_a_load_that_never_ends(
     (worker,) = workers_of(server, "hangs")
     assert index_entry(client, "hangs")["state"] == "LOADING"
     assert simple_answers(client)
-    client.unload_model("hangs")
+    client.unload_model("hangs", headers=KEY)
     loading.join(timeout=60)
     (status, body) = answers[0]
     assert status == 400 and "was unloaded while it loaded" in str(body["error"]), body
@@ -293,10 +300,28 @@ def test_a_config_override_cannot_name_a_file_outside_the_model_folder(
     for path in ("../../../../../../etc/passwd", "/etc/passwd"):
         config = {"backend": "onnxruntime", "default_model_filename": path}
         with pytest.raises(InferenceServerException) as raised:
-            client.load_model("simple", config=json.dumps(config))
+            client.load_model("simple", config=json.dumps(config), headers=KEY)
         assert "default_model_filename" in raised.value.message()
         assert "leaves the model's folder" in raised.value.message()
     assert simple_answers(client)  # the loaded model keeps serving
+
+
+def test_load_and_unload_need_the_key_of_the_restricted_repository_api(
+    server: RunningServer, client: httpclient.InferenceServerClient
+) -> None:
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as refused:
+            call("simple", headers={"admin-key": "wrong"})
+        assert refused.value.status() == "403"
+        assert "This API is restricted, expecting header 'admin-key'" in refused.value.message()
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    for grpc_call in (grpc.load_model, grpc.unload_model):
+        with pytest.raises(InferenceServerException) as denied:
+            grpc_call("simple")
+        assert denied.value.status() == "StatusCode.PERMISSION_DENIED"
+    grpc.load_model("simple", headers=KEY)  # a reload, with the key
+    grpc.close()
+    assert simple_answers(client)
 
 
 def test_sigterm_ends_the_server_amid_every_fault_and_leaves_no_worker(
@@ -306,7 +331,7 @@ def test_sigterm_ends_the_server_amid_every_fault_and_leaves_no_worker(
     marker = repository / "breakable" / "BROKEN"
     with RunningServer(
         [repository],
-        ["--model-control-mode=explicit", "--exit-timeout-secs=2", *loads],
+        ["--model-control-mode=explicit", "--exit-timeout-secs=2", *RESTRICTED, *loads],
         log_path=tmp_path / "log",
     ) as server:
         client = httpclient.InferenceServerClient(server.url, concurrency=4)
