@@ -149,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         "its model is UNAVAILABLE (default: 600)",
     )
     serve.add_argument(
+        "--execution-timeout-secs",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long one execution of a model may run; a worker whose execute call has not "
+        "returned by then is presumed hung: it is killed and replaced, and its requests fail "
+        "(a model's parameter EXECUTION_TIMEOUT_SECS overrides it; default: 0, no limit)",
+    )
+    serve.add_argument(
+        "--startup-wait-secs",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long start-up waits for the models to load before HTTP and gRPC open; models "
+        "still loading then keep loading (LOADING, not ready) while the others are served "
+        "(default: 60)",
+    )
+    serve.add_argument(
         "--cache-config",
         action="append",
         default=[],

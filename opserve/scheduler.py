@@ -197,13 +197,13 @@ class Scheduler:
         if pending.waiter is not None and not pending.waiter.done():
             pending.waiter.set_exception(error)  # out of the line for an instance
         if pending.execution is not None and not pending.returned:
-            worker = pending.execution[0]
-            log.error(
-                "%s: a request timed out while its execute call had not returned; the instance "
-                "is presumed hung and its worker is restarted",
-                self.label,
+            pending.execution[0].presume_hung(
+                UnavailableError(
+                    f"{self.label}: a request's timeout expired while its execute call had not "
+                    "returned; the instance is presumed hung, its worker process was killed and "
+                    "is being replaced"
+                )
             )
-            worker.kill()
 
     async def infer(
         self,

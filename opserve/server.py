@@ -7,7 +7,9 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 
@@ -29,7 +31,12 @@ log = logging.getLogger(__name__)
 
 async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM; unload everything on the way out.
-    The exit status: 1 when a model failed to load at start-up and `--exit-on-error` holds."""
+    The exit status: 1 when a model failed to load at start-up and `--exit-on-error` holds.
+
+    A signal is honoured from the first moment (during start-up too): the server ends within
+    `--exit-timeout-secs`, in-flight requests first, then the models (a worker that does not
+    end in what is left of that time is killed)."""
+    stop = _Stop(settings.exit_timeout_secs)
     manager = ModelManager(
         settings.model_repositories,
         settings.op_libraries,
@@ -42,10 +49,12 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         load_retries=settings.model_load_retry_count,
         default_max_batch_size=settings.default_max_batch_size,
         max_instances=(settings.max_instances_per_model, settings.max_instances_total),
+        execution_timeout_s=settings.execution_timeout_secs,
     )
     if settings.cache is not None:
         manager.response_cache = ResponseCache(settings.cache.size)
     grpc_server = None
+    grpc_stopping: asyncio.Task[None] | None = None
     metrics = None
     custom_metrics = CustomMetrics()
     tracer = Tracer(settings.trace)
@@ -54,16 +63,27 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         manager, settings.server_id, settings.strict_readiness, server_log, tracer
     )
     manager.host = ServerServices(dataplane, custom_metrics)
+    startup = asyncio.ensure_future(
+        manager.startup(settings.model_control_mode, settings.load_models)
+    )
     try:
-        await manager.startup(settings.model_control_mode, settings.load_models)
+        if not await _wait_for_startup(startup, stop, settings.startup_wait_secs):
+            log.info("stopped during start-up")
+            return stop.status
         failed = manager.failed_models()
         if failed and settings.exit_on_error:
-            log.error(
-                "failed to load all models (%s); exiting (--exit-on-error=false keeps serving "
-                "the others)",
-                "; ".join(f"'{name}': {reason}" for name, reason in failed.items()),
-            )
+            _log_failed(failed)
             return 1
+        if not startup.done():
+            log.warning(
+                "start-up: %s still loading after %g s (--startup-wait-secs); serving the "
+                "others meanwhile",
+                ", ".join(f"'{n}'" for n in manager.loading_models()) or "models are",
+                settings.startup_wait_secs,
+            )
+            startup.add_done_callback(
+                lambda task: _late_startup_done(task, manager, stop, settings.exit_on_error)
+            )
         if settings.model_control_mode == "poll" and settings.repository_poll_secs > 0:
             manager.start_polling(settings.repository_poll_secs)
         if settings.allow_grpc:
@@ -82,27 +102,120 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
                 settings.grpc_max_input_size,
                 settings.http_limits,
             )
+            server = grpc_server
+
+            def stop_grpc(_: bool) -> None:
+                nonlocal grpc_stopping
+                if grpc_stopping is None:
+                    grpc_stopping = asyncio.ensure_future(server.stop(grace=stop.remaining()))
+
+            stop.listen(stop_grpc)
         if settings.allow_metrics:
             metrics = MetricsServer(
                 manager, custom_metrics, settings.counter_latencies, settings.cpu_metrics
             )
             await metrics.start(settings.metrics_address, settings.metrics_port)
         if settings.allow_http:
-            await _serve_http(dataplane, settings)
+            await _serve_http(dataplane, settings, stop)
         else:
-            await _wait_for_signal()
-        return 0
+            await stop.requested.wait()
+        return stop.status
     finally:
-        if grpc_server is not None:
-            await grpc_server.stop(grace=settings.exit_timeout_secs)
+        if not startup.done():
+            startup.cancel()
+        if grpc_stopping is not None:
+            await grpc_stopping
+        elif grpc_server is not None:
+            await grpc_server.stop(grace=stop.remaining())
         if metrics is not None:
             await metrics.stop()
         log.info("shutting down: unloading models")
-        await manager.shutdown()
+        await manager.shutdown(stop.remaining())
+        await asyncio.gather(startup, return_exceptions=True)
         tracer.close()
 
 
-async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
+class _Stop:
+    """SIGINT and SIGTERM for the server's whole life: the first asks it to stop and starts the
+    `--exit-timeout-secs` budget; a second SIGINT ends HTTP at once (as uvicorn's would)."""
+
+    def __init__(self, exit_timeout_s: float) -> None:
+        self.exit_timeout_s = exit_timeout_s
+        self.requested = asyncio.Event()
+        self.status = 0
+        self._deadline: float | None = None
+        self._listeners: list[Callable[[bool], None]] = []
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._signalled, signum)
+
+    def _signalled(self, signum: int) -> None:
+        again = self.requested.is_set()
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.request(0, force=again and signum == signal.SIGINT)
+
+    def request(self, status: int, force: bool = False) -> None:
+        if not self.requested.is_set():
+            self.status = status
+            self._deadline = time.monotonic() + self.exit_timeout_s
+            self.requested.set()
+        for listener in self._listeners:
+            listener(force)
+
+    def listen(self, listener: Callable[[bool], None]) -> None:
+        """`listener(force)` runs when a stop is asked for (at once if it was already)."""
+        self._listeners.append(listener)
+        if self.requested.is_set():
+            listener(False)
+
+    def remaining(self) -> float:
+        """Seconds left of the exit budget (all of it while no stop was asked for)."""
+        if self._deadline is None:
+            return float(self.exit_timeout_s)
+        return max(self._deadline - time.monotonic(), 0.0)
+
+
+async def _wait_for_startup(startup: asyncio.Future[None], stop: _Stop, wait_s: float) -> bool:
+    """Wait for start-up loading, at most `wait_s` seconds; False when a stop came first."""
+    stopped = asyncio.ensure_future(stop.requested.wait())
+    either: list[asyncio.Future[Any]] = [startup, stopped]
+    try:
+        await asyncio.wait(either, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if stop.requested.is_set():
+        return False
+    if startup.done():
+        startup.result()  # a bug, not a model's failure: raised
+    return True
+
+
+def _log_failed(failed: dict[str, str]) -> None:
+    log.error(
+        "failed to load all models (%s); exiting (--exit-on-error=false keeps serving the others)",
+        "; ".join(f"'{name}': {reason}" for name, reason in failed.items()),
+    )
+
+
+def _late_startup_done(
+    task: asyncio.Future[None], manager: ModelManager, stop: _Stop, exit_on_error: bool
+) -> None:
+    """Start-up loading that outlasted --startup-wait-secs has ended: with --exit-on-error, a
+    model that failed stops the server (status 1)."""
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.error("start-up loading failed", exc_info=task.exception())
+        stop.request(1)
+        return
+    log.info("start-up loading is complete")
+    failed = manager.failed_models()
+    if failed and exit_on_error:
+        _log_failed(failed)
+        stop.request(1)
+
+
+async def _serve_http(dataplane: DataPlane, settings: ServerSettings, stop: _Stop) -> None:
     """HTTP: uvicorn's server running our protocol, on a socket bound here (SO_REUSEPORT with --reuse-http-port; the real
     port in the log when the flag says 0)."""
     family = socket.AF_INET6 if ":" in settings.http_address else socket.AF_INET
@@ -125,28 +238,24 @@ async def _serve_http(dataplane: DataPlane, settings: ServerSettings) -> None:
         proxy_headers=False,  # a layer per request that serves no purpose here
     )
     http = _HttpServer(config)
+
+    def stop_http(force: bool) -> None:
+        http.should_exit = True
+        http.force_exit = http.force_exit or force
+
+    stop.listen(stop_http)
     log.info("serving HTTP on %s:%d", settings.http_address, sock.getsockname()[1])
     await http.serve(sockets=[sock])
 
 
 class _HttpServer(uvicorn.Server):
-    """uvicorn, except that the signal that stops it is not raised again once it has stopped:
-    the server still has to unload its models (Python models' `finalize`) and flush traces."""
+    """uvicorn, without its own signal handling: the server's `_Stop` handles the signals
+    from start-up on, and the server still has to unload its models (Python models'
+    `finalize`) and flush traces once HTTP has stopped."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
-
-
-async def _wait_for_signal() -> None:
-    """Without HTTP (--allow-http=false), serve until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+        yield
 
 
 def run(settings: ServerSettings, server_log: ServerLog | None = None) -> int:

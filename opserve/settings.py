@@ -44,6 +44,8 @@ class ServerSettings:
     metrics_address: str = "0.0.0.0"
     metrics_port: int = 8002
     model_load_timeout_secs: float = 600.0
+    execution_timeout_secs: float = 0.0  # how long one `execute` may run (0: no limit)
+    startup_wait_secs: float = 60.0  # how long start-up waits for loads before the ports open
     cache: CacheSettings | None = None  # --cache-config local,size=BYTES
     server_id: str = "triton"
     exit_timeout_secs: int = 30
@@ -98,6 +100,8 @@ class ServerSettings:
             metrics_address=args.metrics_address,
             metrics_port=args.metrics_port,
             model_load_timeout_secs=args.model_load_timeout_secs,
+            execution_timeout_secs=args.execution_timeout_secs,
+            startup_wait_secs=args.startup_wait_secs,
             cache=cache,
             server_id=triton["id"],
             exit_timeout_secs=triton["exit_timeout_secs"],
@@ -168,6 +172,10 @@ class ServerSettings:
         ):
             if count < 1:
                 raise ValueError(f"{flag} must be at least 1")
+        if self.execution_timeout_secs < 0:
+            raise ValueError("--execution-timeout-secs must not be negative (0: no limit)")
+        if self.startup_wait_secs < 0:
+            raise ValueError("--startup-wait-secs must not be negative")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")
         for root in self.op_library_roots:

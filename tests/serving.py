@@ -96,6 +96,9 @@ class RunningServer:
         if not any(a.startswith("--exit-on-error") for a in self.extra_args):
             # test repositories hold broken models on purpose: keep serving the others
             command.append("--exit-on-error=false")
+        if not any(a.startswith("--startup-wait-secs") for a in self.extra_args):
+            # live means every model has finished loading, however slow a loaded machine is
+            command.append("--startup-wait-secs=600")
         command += self.extra_args
         env = dict(os.environ)
         env.update(self.env or {})

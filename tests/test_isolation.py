@@ -298,7 +298,9 @@ def test_ops_inspect_command(ort_ops) -> None:
         "my_ops::AddOne",
         "my_ops::Checked",
         "my_ops::Rendezvous",
+        "my_ops::Segfault",
         "my_ops::Slow",
+        "my_ops::Spin",
     ]
     assert facts["needed"]["libc.so.6"]
     text = subprocess.run(
@@ -422,7 +424,9 @@ def test_check_command(tmp_path: Path, ort_ops) -> None:
         "my_ops::AddOne",
         "my_ops::Checked",
         "my_ops::Rendezvous",
+        "my_ops::Segfault",
         "my_ops::Slow",
+        "my_ops::Spin",
     ]
 
     for name in ("colliding", "too_new", "missing_library", "bad_config", "gpu"):

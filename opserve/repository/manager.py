@@ -59,6 +59,7 @@ from opserve.ops import (
 )
 from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
 from opserve.proto import ModelConfig
+from opserve.repository.confinement import confine_model_files
 from opserve.repository.layout import (
     find_models,
     no_versions_reason,
@@ -67,6 +68,7 @@ from opserve.repository.layout import (
     version_folders,
 )
 from opserve.repository.locks import NamedLocks
+from opserve.repository.supervision import execution_timeout, restart_delay
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
 from opserve.schema import ModelSchema
@@ -80,8 +82,6 @@ from opserve.workers.messages import ModelLoaded
 from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerHost, WorkerProcess
 
 log = logging.getLogger(__name__)
-
-RESTART_DELAY_S = 0.2
 
 
 class ModelState(str, Enum):
@@ -104,6 +104,7 @@ class ModelVersion:
     stats: VersionStats = field(default_factory=VersionStats)
     op_libraries: list[str] = field(default_factory=list)
     libraries: list[Path] = field(default_factory=list)  # the model's own, resolved
+    stopped: bool = False  # its workers were stopped (failed, unloaded, replaced): no restarts
 
     @property
     def ready(self) -> bool:
@@ -126,6 +127,7 @@ class Model:
     unloaded: bool = False  # unloaded on request: out of service, and not held against readiness
     warmup: list[WarmupSample] = field(default_factory=list)  # model_warmup, ready to run
     labels: dict[str, list[bytes]] = field(default_factory=dict)  # output -> label_filename's
+    execution_timeout_s: float = 0.0  # how long one `execute` may run (0: no limit)
 
     def latest_ready(self) -> ModelVersion | None:
         """The highest ready version (every request without a version asks: no sorting)."""
@@ -165,6 +167,7 @@ class ModelManager:
         load_retries: int = 0,
         default_max_batch_size: dict[str, int] | None = None,
         max_instances: tuple[int, int] = (64, 512),
+        execution_timeout_s: float = 0.0,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
@@ -176,6 +179,7 @@ class ModelManager:
         self.auto_complete = auto_complete  # --disable-auto-complete-config
         self.config_name = config_name  # --model-config-name
         self.load_retries = load_retries  # --model-load-retry-count
+        self.execution_timeout_s = execution_timeout_s  # --execution-timeout-secs
         self._loading = asyncio.Semaphore(load_threads)  # --model-load-thread-count
         # --backend-config [backend,]default-max-batch-size=N ("" for every backend)
         self.default_max_batch_size = default_max_batch_size or {}
@@ -184,6 +188,8 @@ class ModelManager:
         self.control_mode = "none"
         self.models: dict[str, Model] = {}
         self._locks = NamedLocks()  # one per model name while a load or unload holds it
+        self._builds: dict[str, asyncio.Task[Model]] = {}  # loads under way (unload cancels)
+        self._cancelled_builds: set[asyncio.Task[Model]] = set()  # by an unload
         self._tasks: set[asyncio.Task[None]] = set()
         self._fingerprints: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self.host: WorkerHost | None = None  # what models may call (BLS, logging, metrics)
@@ -273,12 +279,16 @@ class ModelManager:
                 raise result
 
     def failed_models(self) -> dict[str, str]:
-        """The models asked for that are not READY, with why (for --exit-on-error)."""
+        """The models asked for that failed to load, with why (for --exit-on-error); those
+        still loading are not counted."""
         return {
             name: self.reason(model)
             for name, model in self.models.items()
-            if model.state is not ModelState.READY and not model.unloaded
+            if model.state is ModelState.UNAVAILABLE and not model.unloaded
         }
+
+    def loading_models(self) -> list[str]:
+        return [name for name, model in self.models.items() if model.state is ModelState.LOADING]
 
     async def _load_in_order(self, names: list[str], folders: dict[str, Path]) -> list[object]:
         """Load models, each ensemble after the models its steps use (as Triton orders its
@@ -373,19 +383,25 @@ class ModelManager:
                 )
             # taken before reading: a change made while loading shows at the next poll
             self._fingerprints[name] = fingerprint(folder)
-            async with self._loading:
-                model = await self._build(name, folder, config)
-                for attempt in range(self.load_retries):
-                    if model.state is ModelState.READY:
-                        break
-                    log.info(
-                        "model '%s': retrying its load (%d of %d)",
-                        name,
-                        attempt + 1,
-                        self.load_retries,
-                    )
-                    model = await self._build(name, folder, config)
             previous = self.models.get(name)
+            # a model that is not serving shows as LOADING while it loads
+            publish = (
+                previous is None or previous.unloaded or previous.state is not ModelState.READY
+            )
+            build = asyncio.ensure_future(self._build_with_retries(name, folder, config, publish))
+            self._builds[name] = build
+            try:
+                model = await build
+            except asyncio.CancelledError:
+                if build not in self._cancelled_builds:
+                    raise
+                raise InvalidArgumentError(
+                    f"load failed for model '{name}': it was unloaded while it loaded"
+                ) from None
+            finally:
+                self._cancelled_builds.discard(build)
+                if self._builds.get(name) is build:
+                    del self._builds[name]
             if (
                 model.state is not ModelState.READY
                 and previous is not None
@@ -403,6 +419,20 @@ class ModelManager:
                 await self._retire(previous, "replaced by a new load")
             if model.state is not ModelState.READY:
                 raise InvalidArgumentError(f"load failed for model '{name}': {self.reason(model)}")
+            return model
+
+    async def _build_with_retries(
+        self, name: str, folder: Path, config: ModelConfig | None, publish: bool
+    ) -> Model:
+        async with self._loading:
+            model = await self._build(name, folder, config, publish)
+            for attempt in range(self.load_retries):
+                if model.state is ModelState.READY:
+                    break
+                log.info(
+                    "model '%s': retrying its load (%d of %d)", name, attempt + 1, self.load_retries
+                )
+                model = await self._build(name, folder, config, publish)
             return model
 
     async def _load_steps(
@@ -424,7 +454,13 @@ class ModelManager:
                 log.error("model '%s', a step of ensemble '%s': %s", step, name, exc.message)
 
     async def unload(self, name: str) -> None:
-        """Unload a model: its workers, and with them its op libraries, are gone afterwards."""
+        """Unload a model: its workers, and with them its op libraries, are gone afterwards. A
+        load under way (a model stuck in LOADING) is cancelled and its workers are killed."""
+        build = self._builds.get(name)
+        if build is not None and not build.done():
+            log.info("model '%s': unloading it cancels its load", name)
+            self._cancelled_builds.add(build)
+            build.cancel()
         async with self._locks.hold(name):
             model = self.models.get(name)
             if model is None:
@@ -466,17 +502,50 @@ class ModelManager:
         if not model.versions:
             model.reason = reason
 
-    async def _build(self, name: str, folder: Path, override: ModelConfig | None = None) -> Model:
+    async def _build(
+        self,
+        name: str,
+        folder: Path,
+        override: ModelConfig | None = None,
+        publish: bool = False,
+    ) -> Model:
+        """Build a model; cancelled (an unload, the server stopping), its workers are killed.
+        `publish`: the model is in `models` (LOADING) while it loads."""
+        model = Model(name, folder, ModelConfig(name=name))
+        if publish:
+            self.models[name] = model
+        try:
+            return await self._build_into(model, override)
+        except asyncio.CancelledError:
+            log.info("model '%s': its load was cancelled", name)
+            for entry in model.versions.values():
+                entry.state, entry.reason = ModelState.UNAVAILABLE, "its load was cancelled"
+            if not model.versions:
+                model.reason = "its load was cancelled"
+            await asyncio.gather(
+                *(self._stop_version(e, 0.0) for e in model.versions.values()),
+                return_exceptions=True,
+            )
+            raise
+
+    async def _build_into(self, model: Model, override: ModelConfig | None) -> Model:
         """Two phases: one worker per version describes the model (its signature, or the config
         its own `auto_complete_config` completed); the config is completed once; then every
         instance starts with the completed config."""
-        model = Model(name, folder, ModelConfig(name=name))
+        name, folder = model.name, model.directory
         try:
             model.config = model_config_for(
                 name, folder, override, self.config_name, self.auto_complete
             )
+            confine_model_files(
+                model.config,
+                folder,
+                self.repositories + self.op_library_roots,
+                from_request=override is not None,
+            )
             self._validate(model.config)
             model.labels = output_labels(model.config, folder)
+            model.execution_timeout_s = execution_timeout(model.config, self.execution_timeout_s)
             if model.config.response_cache.enable and self.response_cache is None:
                 log.warning(
                     "model '%s' enables response_cache, but the server has no cache "
@@ -512,10 +581,17 @@ class ModelManager:
                     model.warmup = warmup_samples(model.config, model.schema, model.directory)
             except OpserveError as exc:
                 self._make_unavailable(model, exc.message)
+        loading = ModelState.LOADING
         await asyncio.gather(
-            *(self._start_instances(model, v) for v in model.versions.values() if v.ready)
+            *(
+                self._start_instances(model, v)
+                for v in model.versions.values()
+                if v.state is loading
+            )
         )
-        await asyncio.gather(*(self._open(model, v) for v in model.versions.values() if v.ready))
+        await asyncio.gather(
+            *(self._open(model, v) for v in model.versions.values() if v.state is loading)
+        )
         return model
 
     def _check_instance_count(self, name: str, config: ModelConfig, versions: int) -> None:
@@ -555,6 +631,7 @@ class ModelManager:
             return
         for worker in entry.workers:
             entry.scheduler.add_instance(worker)
+        entry.state = ModelState.READY
         log.info("%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none")
 
     async def _warm_up(self, model: Model, entry: ModelVersion, worker: WorkerProcess) -> None:
@@ -721,8 +798,7 @@ class ModelManager:
         except OpserveError as exc:
             await self._fail_version(entry, exc.message)
             return None
-        entry.state = ModelState.READY
-        return described
+        return described  # still LOADING: READY once its instances serve (`_open`)
 
     async def _start_instances(self, model: Model, entry: ModelVersion) -> None:
         """Phase two for a version: every instance serves with the completed config (the
@@ -782,6 +858,14 @@ class ModelManager:
     ) -> ModelLoaded:
         """One more instance of a version: a worker process with the model loaded (or, in
         phase one, described)."""
+        worker = await self._new_worker(model, entry)
+        await worker.start()
+        fields = self._load_fields(model, entry, index, describe)
+        return await worker.load(self.load_timeout_s, **fields)
+
+    async def _new_worker(self, model: Model, entry: ModelVersion) -> WorkerProcess:
+        """A worker for an instance of `entry`, not started yet (in `entry.workers` already,
+        so that stopping the version stops it too)."""
         worker = WorkerProcess(
             entry.label,
             self.ring_capacity,
@@ -789,11 +873,10 @@ class ModelManager:
             await self._launcher(model),
             self.host,
             title=f"{model.name}:{entry.version}",
+            execution_timeout_s=model.execution_timeout_s,
         )
         entry.workers.append(worker)
-        await worker.start()
-        fields = self._load_fields(model, entry, index, describe)
-        return await worker.load(self.load_timeout_s, **fields)
+        return worker
 
     async def _launcher(self, model: Model) -> Launcher:
         """How this model's workers start: the server's interpreter, or the Python model's own
@@ -830,12 +913,14 @@ class ModelManager:
             env["LD_PRELOAD"] = ":".join(str(p) for p in others)
         return env
 
-    async def _stop_version(self, entry: ModelVersion) -> None:
-        """Stop every instance of a version (queued requests fail, in-flight ones finish)."""
+    async def _stop_version(self, entry: ModelVersion, timeout_s: float = 10.0) -> None:
+        """Stop every instance of a version (queued requests fail, in-flight ones finish);
+        a worker still there after `timeout_s` is killed."""
+        entry.stopped = True
         workers, entry.workers = entry.workers, []
         if entry.scheduler is not None:
             await entry.scheduler.close()
-        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        await asyncio.gather(*(w.stop(timeout_s) for w in workers), return_exceptions=True)
 
     def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -843,51 +928,80 @@ class ModelManager:
         task.add_done_callback(self._tasks.discard)
 
     def _worker_exited(self, worker: WorkerProcess, reason: str) -> None:
-        """An instance died: take it out of service and start another in its place."""
+        """A serving instance died: take it out of service and start another in its place.
+        The version stays READY while another instance serves."""
         for model in self.models.values():
             for entry in model.versions.values():
                 if worker not in entry.workers:
                     continue
                 entry.workers.remove(worker)
-                if isinstance(entry.scheduler, Scheduler):
-                    entry.scheduler.remove_instance(worker)
-                if entry.state is ModelState.READY:
-                    if not entry.workers:
-                        entry.state = ModelState.UNAVAILABLE
-                        entry.reason = f"the worker process {reason}; restarting"
-                    self._background(self._replace(model, entry))
+                scheduler = entry.scheduler
+                if not isinstance(scheduler, Scheduler) or worker not in scheduler.instances:
+                    continue  # not serving yet: whoever starts it sees the failure
+                scheduler.remove_instance(worker)
+                if entry.state is not ModelState.READY or entry.stopped:
+                    continue
+                if not scheduler.instances:
+                    entry.state = ModelState.UNAVAILABLE
+                entry.reason = f"the worker process of an instance {reason}; restarting it"
+                self._background(self._replace(model, entry, scheduler))
 
-    async def _replace(self, model: Model, entry: ModelVersion) -> None:
-        await asyncio.sleep(RESTART_DELAY_S)
-        try:
-            await self._spawn(model, entry, index=len(entry.workers))
-        except OpserveError as exc:
-            log.error("%s: restarting its worker failed: %s", entry.label, exc.message)
-            entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
-            return
-        if isinstance(entry.scheduler, Scheduler):
-            try:
-                await self._warm_up(model, entry, entry.workers[-1])
-            except OpserveError as exc:
-                log.error(
-                    "%s: the restarted worker failed its warm-up: %s", entry.label, exc.message
-                )
-                entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
+    async def _replace(self, model: Model, entry: ModelVersion, scheduler: Scheduler) -> None:
+        """Start an instance in place of one that died; a failed start is tried again, with a
+        delay that doubles each time, until it succeeds or the version is stopped."""
+        failures = 0
+        while True:
+            await asyncio.sleep(restart_delay(failures))
+            if entry.stopped:
                 return
-            entry.scheduler.add_instance(entry.workers[-1])
-        entry.state, entry.reason = ModelState.READY, ""
-        log.info("%s is READY again after its worker was restarted", entry.label)
+            worker: WorkerProcess | None = None
+            try:
+                worker = await self._new_worker(model, entry)
+                await worker.start()
+                fields = self._load_fields(model, entry, len(scheduler.instances), False)
+                await worker.load(self.load_timeout_s, **fields)
+                await self._warm_up(model, entry, worker)
+            except (OpserveError, OSError) as exc:
+                failures += 1
+                message = exc.message if isinstance(exc, OpserveError) else str(exc)
+                entry.reason = (
+                    f"restarting the worker of an instance failed ({failures} "
+                    f"{'time' if failures == 1 else 'times'}): {message}; trying again in "
+                    f"{restart_delay(failures):g} s"
+                )
+                log.error("%s: %s", entry.label, entry.reason)
+                if worker is not None:
+                    if worker in entry.workers:
+                        entry.workers.remove(worker)
+                    await worker.stop(0.0)
+                continue
+            if entry.stopped:  # unloaded meanwhile
+                await worker.stop()
+                return
+            scheduler.add_instance(worker)
+            if not any(w not in scheduler.instances for w in entry.workers):
+                entry.reason = ""  # every instance serves again
+            entry.state = ModelState.READY
+            log.info("%s is READY again after its worker was restarted", entry.label)
+            return
 
     # shutting down -----------------------------------------------------------------------------
-    async def shutdown(self) -> None:
-        """Unload every model at exit."""
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Unload every model at exit: loads under way are cancelled, restarts stop, and a
+        worker that has not ended after `timeout_s` (a hung one) is killed."""
         for task in list(self._tasks):
             task.cancel()
+        builds = [b for b in self._builds.values() if not b.done()]
+        for build in builds:
+            build.cancel()
+        await asyncio.gather(*builds, return_exceptions=True)
         for model in self.models.values():
             for entry in model.versions.values():
                 entry.state = ModelState.UNLOADING
         versions = [e for m in self.models.values() for e in m.versions.values()]
-        await asyncio.gather(*(self._stop_version(e) for e in versions), return_exceptions=True)
+        await asyncio.gather(
+            *(self._stop_version(e, timeout_s) for e in versions), return_exceptions=True
+        )
 
 
 def _refuse_unsupported_fields(config: ModelConfig, warn: bool = True) -> None:

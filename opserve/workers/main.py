@@ -486,7 +486,21 @@ def _name_process(title: str) -> None:
         pass  # not Linux: the command line still names it
 
 
+def _end_with_the_server() -> None:
+    """Have the kernel kill this worker when the server ends, however it ends (killed, crashed,
+    stopped during start-up), so that no worker outlives it (a hung one included)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker still ends when its socket closes, unless it hangs
+
+
 def main(argv: list[str]) -> int:
+    _end_with_the_server()
     sock_fd, request_fd, response_fd, capacity = (int(a) for a in argv[:4])
     if len(argv) > 4:
         _name_process(argv[4])

@@ -91,6 +91,7 @@ class _Running:
     batch: Sequence[Submission]
     returned: asyncio.Future[Timings]  # `execute` returned in the worker
     open: set[int] = field(default_factory=set)  # requests without a final response
+    deadline: asyncio.TimerHandle | None = None  # the execution timeout, while `execute` runs
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -130,8 +131,11 @@ class WorkerProcess:
         launcher: Launcher | None = None,
         host: WorkerHost | None = None,
         title: str = "",
+        execution_timeout_s: float = 0.0,
     ) -> None:
         self.label = label
+        # how long one `execute` may run before the worker is presumed hung (0: no limit)
+        self.execution_timeout_s = execution_timeout_s
         self.title = title  # `<model>:<version>`, what `ps` shows of the worker
         self.launcher = launcher or Launcher()
         self.ring_capacity = ring_capacity
@@ -164,25 +168,47 @@ class WorkerProcess:
         return self._busy
 
     async def start(self) -> None:
+        """Start the process. Running out of resources (file descriptors, processes, memory)
+        is an UNAVAILABLE error naming the cause, with nothing left open."""
+        try:
+            await self._start()
+        except OSError as exc:
+            self._stopping = True
+            self.kill()
+            if self._process is None:
+                self._exited.set()  # nothing to wait for
+            for ring in (self._requests, self._responses):
+                if ring is not None:
+                    ring.close()
+            if self._transport is not None:
+                self._transport.close()
+            raise UnavailableError(
+                f"cannot start a worker process for {self.label}: {exc.strerror or exc}"
+            ) from None
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._requests = ShmRing.create(self.ring_capacity, "opserve-requests")
-        self._responses = ShmRing.create(self.ring_capacity, "opserve-responses")
-        fds = (child.fileno(), self._requests.fd, self._responses.fd)
         try:
+            self._requests = ShmRing.create(self.ring_capacity, "opserve-requests")
+            self._responses = ShmRing.create(self.ring_capacity, "opserve-responses")
+            fds = (child.fileno(), self._requests.fd, self._responses.fd)
             self._process = await asyncio.create_subprocess_exec(
                 *self.launcher.command(fds, self.ring_capacity, self.title),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self.launcher.env,
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
+        asyncio.ensure_future(self._watch())
         parent.setblocking(False)
         self._transport, _ = await loop.create_unix_connection(
             lambda: _ChannelProtocol(self._dispatch, self._connection_lost), sock=parent
         )
-        asyncio.ensure_future(self._watch())
         log.debug("worker %s started (pid %s)", self.label, self._process.pid)
 
     # requests ----------------------------------------------------------------------------------
@@ -237,8 +263,14 @@ class WorkerProcess:
                 refs = [_ref(w, name) for w in wires]
                 _place(ring, tensors, refs)
         execution = self._new_id()
-        returned: asyncio.Future[Timings] = asyncio.get_running_loop().create_future()
-        self._running[execution] = _Running(batch, returned, set(range(len(batch))))
+        loop = asyncio.get_running_loop()
+        returned: asyncio.Future[Timings] = loop.create_future()
+        running = _Running(batch, returned, set(range(len(batch))))
+        if self.execution_timeout_s > 0:
+            running.deadline = loop.call_later(
+                self.execution_timeout_s, self._execution_expired, execution
+            )
+        self._running[execution] = running
         self._busy += 1
         transport.write(encode(Execute(execution, wires, ring.head)))
         return execution, returned
@@ -249,20 +281,52 @@ class WorkerProcess:
             self._transport.write(encode(Cancel(execution, index)))
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Unload and end the process; kill it if it does not end in time."""
+        """Unload and end the process; kill it if it has not ended within `timeout` seconds
+        (a hung or stopped worker is killed then, a cancelled stop kills at once)."""
         self._stopping = True
-        if self.alive:
-            try:
-                await asyncio.wait_for(self._submit(lambda i: UnloadModel(i)), timeout)
-                await asyncio.wait_for(self._exited.wait(), timeout)
-            except (asyncio.TimeoutError, OpserveError):
-                pass
-        self.kill()
+        try:
+            if self.alive and timeout > 0:
+                await asyncio.wait_for(self._unload(), timeout)
+        except (asyncio.TimeoutError, OpserveError):
+            pass
+        finally:
+            self.kill()
+        await self._exited.wait()
+
+    async def _unload(self) -> None:
+        await self._submit(lambda i: UnloadModel(i))
         await self._exited.wait()
 
     def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
+
+    def presume_hung(self, error: OpserveError) -> None:
+        """An `execute` call that should have returned has not (Python code and native ops
+        cannot be interrupted from outside): every request this worker holds fails with
+        `error`, and the worker is killed, to be replaced like a crashed one."""
+        if not self.alive:
+            return
+        log.error("%s: %s", self.label, error.message)
+        for running in self._running.values():
+            if running.deadline is not None:
+                running.deadline.cancel()
+            for index in sorted(running.open):
+                running.batch[index].deliver(error, True)
+            running.open.clear()
+        self.kill()
+
+    def _execution_expired(self, execution: int) -> None:
+        running = self._running.get(execution)
+        if running is None or running.returned.done():
+            return
+        self.presume_hung(
+            UnavailableError(
+                f"{self.label}: an execution did not return within {self.execution_timeout_s:g} s "
+                "(the execution timeout: EXECUTION_TIMEOUT_SECS in the model's parameters, or "
+                "--execution-timeout-secs); its worker process was killed and is being replaced"
+            )
+        )
 
     # what the worker says ----------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
@@ -311,6 +375,8 @@ class WorkerProcess:
         running = self._running.get(execution)
         if running is None:
             return
+        if running.deadline is not None:
+            running.deadline.cancel()
         self._busy -= 1
         if not running.open:
             del self._running[execution]
@@ -447,6 +513,8 @@ class WorkerProcess:
         running, self._running = self._running, {}
         self._busy = 0
         for execution in running.values():
+            if execution.deadline is not None:
+                execution.deadline.cancel()
             for index in sorted(execution.open):
                 execution.batch[index].deliver(error, True)
             if not execution.returned.done():

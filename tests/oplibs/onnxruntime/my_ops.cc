@@ -4,6 +4,8 @@
 // compile-time constant so that two builds of the same op name can behave differently.
 // Op "Checked": y = x, but aborts the process when an element is negative (a crashing op).
 // Op "Slow": y = x after sleeping 200 ms per call (for scheduling tests).
+// Op "Segfault": y = x, but dereferences a null pointer when an element is negative (SIGSEGV).
+// Op "Spin": y = x, but spins on the CPU forever when an element is negative (a hung op).
 // Op "Rendezvous": proves two executions overlap, without timing them. Calls that share a key
 // (x[0]) meet in a counter in shared memory; each waits (up to 3 s) for a second arrival and
 // answers 1 everywhere if it met one, 0 if it waited alone.
@@ -77,6 +79,27 @@ struct Checked {
   }
 };
 
+struct Segfault {
+  static constexpr const char* name = "Segfault";
+  static float apply(float x) {
+    if (x < 0) {
+      volatile int* nowhere = nullptr;
+      *nowhere = 1;  // the bug this op exists to have
+    }
+    return x;
+  }
+};
+
+struct Spin {
+  static constexpr const char* name = "Spin";
+  static float apply(float x) {
+    volatile bool forever = x < 0;
+    while (forever) {
+    }
+    return x;
+  }
+};
+
 struct Slow {
   static constexpr const char* name = "Slow";
   static void run(const float* x, float* y, size_t count) {
@@ -115,6 +138,8 @@ const UnaryFloatOp<Rendezvous> rendezvous_op;
 const UnaryFloatOp<Slow> slow_op;
 const UnaryFloatOp<AddOne> add_one_op;
 const UnaryFloatOp<Checked> checked_op;
+const UnaryFloatOp<Segfault> segfault_op;
+const UnaryFloatOp<Spin> spin_op;
 std::mutex domains_mutex;
 std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
 
@@ -132,6 +157,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     domain.Add(&checked_op);
     domain.Add(&slow_op);
     domain.Add(&rendezvous_op);
+    domain.Add(&segfault_op);
+    domain.Add(&spin_op);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
