@@ -291,6 +291,7 @@ def test_ops_inspect_command(ort_ops) -> None:
         "my_ops::AddOne",
         "my_ops::Checked",
         "my_ops::Rendezvous",
+        "my_ops::RuntimeMinor",
         "my_ops::Slow",
     ]
     assert facts["needed"]["libc.so.6"]
@@ -415,6 +416,7 @@ def test_check_command(tmp_path: Path, ort_ops) -> None:
         "my_ops::AddOne",
         "my_ops::Checked",
         "my_ops::Rendezvous",
+        "my_ops::RuntimeMinor",
         "my_ops::Slow",
     ]
 
