@@ -63,7 +63,7 @@ BACKEND_PARAMETERS: dict[str, frozenset[str]] = {
     "tensorflow": frozenset(),
 }
 # parameters opserve itself reads, whatever the backend
-SERVER_PARAMETERS = frozenset({"EXECUTION_ENV_PATH"})
+SERVER_PARAMETERS = frozenset({"EXECUTION_ENV_PATH", "OP_LIBRARY_SOURCES"})
 
 
 def _not_onnx(_: Any, ctx: RuleContext) -> bool:
