@@ -227,7 +227,7 @@ def test_a_model_shipping_op_sources_serves(tmp_path: Path, ort_headers: Path) -
         assert len(built) == 1
         shutil.rmtree(cache / "opserve" / "oplibs")
         httpclient.InferenceServerClient(running.url).load_model("from_sources")
-        assert add_one(running.url, "from_sources", grpcclient).tolist() == [[1.0] * 4]
+        assert add_one(running.grpc_url, "from_sources", grpcclient).tolist() == [[1.0] * 4]
         assert [p.name for p in (cache / "opserve" / "oplibs").glob("*/*.so")] == ["libmy_ops.so"]
     assert "op library" in running.log() and "built for onnxruntime" in running.log()
 
