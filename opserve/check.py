@@ -9,6 +9,7 @@ into this process.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from opserve.ensemble import build_graph, check_steps, is_ensemble
 from opserve.errors import OpserveError
 from opserve.hints import missing_model_file
 from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
+from opserve.ops.build import build_library
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
-from opserve.ops.resolve import resolve_model_libraries
+from opserve.ops.resolve import model_op_sources, resolve_model_libraries
 from opserve.proto import ModelConfig
 from opserve.repository.layout import (
     find_models,
@@ -32,7 +34,8 @@ from opserve.repository.layout import (
 from opserve.schema import ModelSchema
 from opserve.sequence_config import SequenceSettings
 from opserve.warmup import warmup_samples
-from opserve.workers.environments import execution_environment
+from opserve.workers.environments import execution_environment, resolve_environment
+from opserve.workers.launcher import Launcher
 
 # backend -> (the package that must be importable, the extra that installs it)
 _FRAMEWORK_PACKAGES = {
@@ -85,11 +88,15 @@ def check_repository(
     libraries: dict[str, LibraryReport] = {}
     problems: list[str] = []
 
-    def inspected(path: Path) -> LibraryReport:
-        key = str(path)
-        if key not in libraries:
-            libraries[key] = inspect_library(path)
-        return libraries[key]
+    by_interpreter: dict[tuple[str, str], LibraryReport] = {}
+
+    def inspected(path: Path, launcher: Launcher | None = None) -> LibraryReport:
+        """A library as the framework of the model's own interpreter sees it."""
+        key = (str(path), launcher.executable if launcher else "")
+        if key not in by_interpreter:
+            by_interpreter[key] = inspect_library(path, launcher=launcher)
+            libraries[str(path)] = by_interpreter[key]
+        return by_interpreter[key]
 
     shared: dict[str | None, list[Path]] = {}
     for library in [*(op_libraries or []), *preloaded_libraries()]:
@@ -139,22 +146,20 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
             warmup_samples(config, ModelSchema.from_config(config), folder)
         except OpserveError as exc:
             report.problems.append(exc.message)
+    launcher: Launcher | None = None
+    try:
+        environment = execution_environment(config, folder)
+        if environment is not None:
+            launcher = resolve_environment(environment, dict(os.environ))
+    except OpserveError as exc:
+        report.problems.append(exc.message)
     package, extra = _FRAMEWORK_PACKAGES.get(config.backend, (None, None))
     if package is None:
         report.problems.append(f"backend '{config.backend}' is not supported by this server")
-    elif importlib.util.find_spec(package) is None:
+    elif launcher is None and importlib.util.find_spec(package) is None:
         report.problems.append(
             f"backend '{config.backend}' needs {package}: pip install 'opserve[{extra}]'"
         )
-    try:
-        environment = execution_environment(config, folder)
-    except OpserveError as exc:
-        report.problems.append(exc.message)
-    else:
-        if environment is not None and not environment.exists():
-            report.problems.append(
-                f"execution environment '{environment}' (EXECUTION_ENV_PATH) does not exist"
-            )
     if config.HasField("sequence_batching"):
         try:
             SequenceSettings.from_config(config, folder)
@@ -164,17 +169,18 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
     if not report.versions:
         report.problems.append(no_versions_reason(config, folder, available))
     framework = BACKEND_FRAMEWORKS.get(config.backend)
+    built = _built_from_sources(config, folder, framework, launcher, report)
     for version in report.versions:
         version_dir = folder / str(version)
         model_file = version_dir / config.default_model_filename
         if not model_file.exists():
             report.problems.append(f"version {version}: {missing_model_file(model_file)}")
         try:
-            own = resolve_model_libraries(config, folder, version_dir, roots)
+            own = resolve_model_libraries(config, folder, version_dir, roots) + built
         except OpserveError as exc:
             report.problems.append(f"version {version}: {exc.message}")
             continue
-        library_reports = [inspected(p) for p in [*own, *shared.get(framework, [])]]
+        library_reports = [inspected(p, launcher) for p in [*own, *shared.get(framework, [])]]
         for library in own:
             if str(library) not in report.libraries:
                 report.libraries.append(str(library))
@@ -185,6 +191,30 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
                 report.problems.append(mismatch)
         report.problems += [f"version {version}: {c}" for c in collisions(library_reports)]
     return report
+
+
+def _built_from_sources(
+    config: ModelConfig,
+    folder: Path,
+    framework: str | None,
+    launcher: Launcher | None,
+    report: ModelReport,
+) -> list[Path]:
+    """The library the model's op sources build into (as the load builds it, cached)."""
+    try:
+        sources = model_op_sources(config, folder)
+        if not sources:
+            return []
+        if framework is None:
+            report.problems.append(
+                f"OP_LIBRARY_SOURCES are built for the model's framework; backend "
+                f"'{config.backend}' has none"
+            )
+            return []
+        return [build_library(sources, framework, launcher).path]
+    except OpserveError as exc:
+        report.problems.append(exc.message)
+        return []
 
 
 def ensemble_problems(config: ModelConfig, folders: dict[str, Path]) -> list[str]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("path", type=Path, metavar="PATH", help="the shared library")
     inspect.add_argument("--json", action="store_true", help="print the facts as JSON")
+    add_build_command(ops_commands)
     return parser
 
 
@@ -297,6 +299,58 @@ def _add_bound_flags(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def add_build_command(ops_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    build = ops_commands.add_parser(
+        "build",
+        help="build a custom-op library from C++ sources for the framework that will load it",
+        description="Compile C++ op sources into one shared library with the headers, flags and "
+        "ABI of the framework installed where the model's worker will run (with --model: that "
+        "model's EXECUTION_ENV_PATH environment, else this one), inspect the result, and print "
+        "the model_operations line that loads it. Builds are cached by sources, flags, "
+        "framework version and compiler.",
+    )
+    build.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="C++ sources")
+    build.add_argument(
+        "--framework",
+        choices=["onnxruntime", "pytorch", "tensorflow"],
+        help="the framework whose ops these are (default with --model: the model's backend)",
+    )
+    build.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="the model folder the library is for: build against its environment, and write "
+        "the library into it (unless -o says otherwise)",
+    )
+    build.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="where to write the library (default: lib<first source>.so in the model's folder "
+        "with --model, else in the current folder)",
+    )
+    build.add_argument(
+        "-D",
+        dest="defines",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="a preprocessor definition (repeatable)",
+    )
+    build.add_argument(
+        "--std",
+        metavar="STD",
+        help="the C++ standard (default: c++20; TensorFlow: its own flags' c++17)",
+    )
+    build.add_argument(
+        "--fetch-headers",
+        action="store_true",
+        help="ONNX Runtime: when no headers are found, download Debian's libonnxruntime-dev "
+        "into the cache (not installed) and use its headers",
+    )
+
+
 def _repository_error(command: str, repositories: list[Path]) -> bool:
     """Print the one-line error of the first repository that cannot be served (it does not
     exist, or it is one model's folder); `serve` and `check` say it alike."""
@@ -334,6 +388,65 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect_library(args.path.resolve())
     print(json.dumps(report.to_json(), indent=2) if args.json else format_library(report))
     return 0 if report.ok else 1
+
+
+def _ops_build(args: argparse.Namespace) -> int:
+    from opserve.check import format_library
+    from opserve.ops.build import ModelTarget, build_library, model_operations_line, model_target
+    from opserve.ops.inspect import inspect_library
+    from opserve.workers.launcher import Launcher
+
+    def fail(message: str) -> int:
+        print(f"opserve ops build: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        target = model_target(args.model) if args.model else None
+    except OpserveError as exc:
+        return fail(exc.message)
+    framework = args.framework or (target.framework if target else None)
+    if framework is None:
+        return fail(
+            "say which framework the ops are for: --framework onnxruntime|pytorch|tensorflow"
+        )
+    target = target or ModelTarget(Launcher(), framework, None)
+    defines = dict(
+        (d.split("=", 1)[0], d.split("=", 1)[1]) if "=" in d else (d, None) for d in args.defines
+    )
+    try:
+        built = build_library(
+            [s.resolve() for s in args.sources],
+            framework,
+            target.launcher,
+            name=args.output.name if args.output else None,
+            defines=defines,
+            std=args.std,
+            fetch_headers=args.fetch_headers,
+        )
+    except OpserveError as exc:
+        return fail(exc.message)
+    output = args.output or ((args.model or Path.cwd()) / built.path.name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(built.path, output)
+    where = f" in {target.environment}" if target.environment else ""
+    print(
+        f"{'reused' if built.cached else 'built'} {output} for {framework} "
+        f"{built.framework_version}{where}"
+    )
+    # the probe's load catches undefined symbols; the static walk over the framework's own
+    # symbol tables (`opserve ops inspect`) would add seconds to every build
+    report = inspect_library(output.resolve(), symbols=False, launcher=target.launcher)
+    print(format_library(report))
+    if not report.ok:
+        return 1
+    model = args.model.resolve() if args.model else None
+    inside = model is not None and output.resolve().is_relative_to(model)
+    name = str(output.resolve().relative_to(model)) if inside and model else output.name
+    print(
+        model_operations_line(name)
+        + ("" if inside else "  # with the library in the model's folder")
+    )
+    return 0
 
 
 def configure_logging(verbose: int) -> None:
@@ -390,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "ops":
-        return _inspect(args)
+        return _ops_build(args) if args.ops_command == "build" else _inspect(args)
     return 2
 
 

@@ -4,6 +4,7 @@
     ├── InvalidArgumentError   INVALID_ARG   HTTP 400
     ├── NotFoundError          NOT_FOUND     HTTP 404
     ├── UnavailableError       UNAVAILABLE   HTTP 503
+    │   └── BuildError         (an op library that could not be built from its sources)
     ├── UnsupportedError       UNSUPPORTED   HTTP 501
     ├── AlreadyExistsError     ALREADY_EXISTS HTTP 400
     └── InternalError          INTERNAL      HTTP 500
@@ -48,6 +49,10 @@ class NotFoundError(OpserveError):
 
 class UnavailableError(OpserveError):
     code = ErrorCode.UNAVAILABLE
+
+
+class BuildError(UnavailableError):
+    """Building a custom-op library failed: no compiler, no headers, a compile error."""
 
 
 class UnsupportedError(OpserveError):

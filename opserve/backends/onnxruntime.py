@@ -60,12 +60,14 @@ class OnnxRuntimeBackend(Backend):
 
     def _apply_parameters(self, options: ort.SessionOptions) -> None:
         """Triton's onnxruntime backend parameters and graph level; spinning threads are off by
-        default."""
-        parameters = {k: v.string_value for k, v in self.context.config.parameters.items()}
+        default. Read from the config's JSON form: the worker may run in an environment of the
+        model's own (`EXECUTION_ENV_PATH`) that has no protobuf."""
+        config = self.context.config_dict
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
         options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "0"))
         # Triton's `optimization { graph { level } }`: -1 basic, 1 extended, otherwise all
-        level = self.context.config.optimization.graph.level
+        level = int(config.get("optimization", {}).get("graph", {}).get("level", 0))
         options.graph_optimization_level = {
             -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -96,7 +98,7 @@ class OnnxRuntimeBackend(Backend):
         }
         names = outputs or [o.name for o in session.get_outputs()]
         invalid = (ort.capi.onnxruntime_pybind11_state.InvalidArgument,)
-        with translated(f"onnxruntime failed to run model '{self.context.config.name}'", invalid):
+        with translated(f"onnxruntime failed to run model '{self.context.model_name}'", invalid):
             results = session.run(names, feeds)
         return dict(zip(names, results, strict=True))
 
@@ -105,7 +107,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _require_session(self) -> ort.InferenceSession:
         if self._session is None:
-            raise UnavailableError(f"model '{self.context.config.name}' is not loaded")
+            raise UnavailableError(f"model '{self.context.model_name}' is not loaded")
         return self._session
 
 

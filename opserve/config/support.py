@@ -63,7 +63,9 @@ BACKEND_PARAMETERS: dict[str, frozenset[str]] = {
     "tensorflow": frozenset(),
 }
 # parameters opserve itself reads, whatever the backend
-SERVER_PARAMETERS = frozenset({"EXECUTION_ENV_PATH", "EXECUTION_TIMEOUT_SECS"})
+SERVER_PARAMETERS = frozenset(
+    {"EXECUTION_ENV_PATH", "EXECUTION_TIMEOUT_SECS", "OP_LIBRARY_SOURCES"}
+)
 
 
 def _not_onnx(_: Any, ctx: RuleContext) -> bool:

@@ -1,13 +1,27 @@
-"""Custom-op libraries: where they are, and which ones a model gets."""
+"""Custom-op libraries: where they are, and which ones a model gets.
 
-from opserve.ops.frameworks import BACKEND_FRAMEWORKS, framework_library_dir, library_framework
-from opserve.ops.resolve import PRELOAD_HANDOFF, preloaded_libraries, resolve_model_libraries
+The names below are imported on first use: `python -m opserve.ops.probe` runs under a model's
+own environment, which has the standard library and its framework, not pyelftools or protobuf.
+"""
 
-__all__ = [
-    "BACKEND_FRAMEWORKS",
-    "PRELOAD_HANDOFF",
-    "framework_library_dir",
-    "library_framework",
-    "preloaded_libraries",
-    "resolve_model_libraries",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BACKEND_FRAMEWORKS": "opserve.ops.frameworks",
+    "framework_library_dir": "opserve.ops.frameworks",
+    "library_framework": "opserve.ops.frameworks",
+    "PRELOAD_HANDOFF": "opserve.ops.resolve",
+    "preloaded_libraries": "opserve.ops.resolve",
+    "resolve_model_libraries": "opserve.ops.resolve",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'opserve.ops' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

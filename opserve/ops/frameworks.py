@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 from pathlib import Path
 
@@ -36,10 +37,14 @@ def library_framework(path: Path) -> str | None:
     return None
 
 
-def framework_library_dir(framework: str) -> Path | None:
-    """Where an installed framework keeps its shared libraries, found without importing it."""
+def framework_library_dir(framework: str, site_dirs: list[str] | None = None) -> Path | None:
+    """Where an installed framework keeps its shared libraries, found without importing it:
+    the server's, or the one in `site_dirs` (another environment's site-packages)."""
     package, subdir = _PACKAGE_LIB_DIRS[framework]
-    spec = importlib.util.find_spec(package)
+    if site_dirs is None:
+        spec = importlib.util.find_spec(package)
+    else:
+        spec = importlib.machinery.PathFinder.find_spec(package, site_dirs)
     if spec is None or not spec.submodule_search_locations:
         return None
     directory = Path(next(iter(spec.submodule_search_locations))) / subdir

@@ -22,6 +22,7 @@ from opserve.errors import OpserveError
 from opserve.ops.elf import read_elf
 from opserve.ops.frameworks import BACKEND_FRAMEWORKS, framework_library_dir, library_framework
 from opserve.ops.probe import API_VERSION_MARK, api_mismatch
+from opserve.workers.launcher import Launcher
 
 PROBE_TIMEOUT_S = 180.0
 _SYSTEM_DIRS = (
@@ -80,11 +81,17 @@ def _ldconfig_cache() -> dict[str, str]:
 
 
 def _find(
-    soname: str, library: Path, runpath: tuple[str, ...], framework: str | None
+    soname: str,
+    library: Path,
+    runpath: tuple[str, ...],
+    framework: str | None,
+    site_dirs: list[str] | None = None,
 ) -> str | None:
     directories = [p.replace("$ORIGIN", str(library.parent)) for p in runpath]
-    if framework is not None and (framework_dir := framework_library_dir(framework)) is not None:
-        directories.append(str(framework_dir))
+    if framework is not None:
+        framework_dir = framework_library_dir(framework, site_dirs)
+        if framework_dir is not None:
+            directories.append(str(framework_dir))
     directories += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
     for directory in directories:
         candidate = Path(directory) / soname
@@ -123,8 +130,19 @@ def _unresolved(path: Path, needed: dict[str, str | None]) -> list[str]:
     return sorted(s for s in wanted if not s.startswith(("Py", "_Py")))
 
 
-def static_report(path: Path, symbols: bool = False) -> LibraryReport:
-    """What the ELF file says; `symbols` adds the (slower) unresolved-symbol check."""
+def site_dirs(launcher: Launcher | None) -> list[str] | None:
+    """The site-packages folders of another environment's interpreter (None: the server's)."""
+    if launcher is None or launcher.executable == sys.executable:
+        return None
+    root = Path(launcher.executable).parent.parent
+    return [str(p) for p in sorted(root.glob("lib/python3*/site-packages"))]
+
+
+def static_report(
+    path: Path, symbols: bool = False, launcher: Launcher | None = None
+) -> LibraryReport:
+    """What the ELF file says; `symbols` adds the (slower) unresolved-symbol check. The
+    framework's libraries are looked for in `launcher`'s environment."""
     report = LibraryReport(str(path))
     try:
         facts = read_elf(path)
@@ -132,7 +150,10 @@ def static_report(path: Path, symbols: bool = False) -> LibraryReport:
     except OpserveError as exc:
         report.problems.append(f"op library '{path}' is {exc.message}")
         return report
-    report.needed = {n: _find(n, path, facts.runpath, report.framework) for n in facts.needed}
+    where = site_dirs(launcher)
+    report.needed = {
+        n: _find(n, path, facts.runpath, report.framework, where) for n in facts.needed
+    }
     missing = [n for n, found in report.needed.items() if found is None]
     if missing:
         report.problems.append(
@@ -148,7 +169,9 @@ def static_report(path: Path, symbols: bool = False) -> LibraryReport:
     return report
 
 
-def _apply_probe(report: LibraryReport, stdout: str, stderr: str, returncode: int) -> None:
+def _apply_probe(
+    report: LibraryReport, stdout: str, stderr: str, returncode: int, python: str
+) -> None:
     requested = [
         int(line[len(API_VERSION_MARK) :])
         for line in stderr.splitlines()
@@ -164,7 +187,7 @@ def _apply_probe(report: LibraryReport, stdout: str, stderr: str, returncode: in
         if report.api_version is not None and report.framework == "onnxruntime":
             # a library whose API version the runtime lacks gets no API table, and crashes
             report.problems.append(
-                f"op library '{report.path}': {api_mismatch(report.api_version, _onnxruntime_version())}"
+                f"op library '{report.path}': {api_mismatch(report.api_version, _onnxruntime_version(python))}"
             )
         else:
             report.problems.append(f"op library '{report.path}' crashed its inspection: {detail}")
@@ -177,61 +200,74 @@ def _apply_probe(report: LibraryReport, stdout: str, stderr: str, returncode: in
     error = result.get("error")
     if error:
         reason = f"op library '{report.path}': {error}"
+        whose = "this server's" if python == sys.executable else f"the environment's ({python})"
         if "undefined symbol" in error and report.framework is not None:
             reason += (
-                f" (it was built for a different {_FRAMEWORK_NAMES[report.framework]} than this server's "
-                f"{report.framework_version or 'installed one'})"
+                f" (it was built for a different {_FRAMEWORK_NAMES[report.framework]} than "
+                f"{whose} {report.framework_version or 'installed one'})"
             )
         report.problems.append(reason)
 
 
 @functools.cache
-def _onnxruntime_version() -> str:
+def _onnxruntime_version(python: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+        [python, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
         capture_output=True,
         text=True,
     )
     return result.stdout.strip() or "unknown"
 
 
-def _probe_command(report: LibraryReport) -> list[str]:
+def _probe_command(report: LibraryReport, launcher: Launcher) -> list[str]:
     probe = report.framework or "loader"
-    return [sys.executable, "-m", "opserve.ops.probe", probe, report.path]
+    return [launcher.executable, "-m", "opserve.ops.probe", probe, report.path]
 
 
-def inspect_library(path: Path, symbols: bool = True) -> LibraryReport:
-    """Every fact about one library (blocking; for the command line)."""
-    report = static_report(path, symbols)
+def inspect_library(
+    path: Path, symbols: bool = True, launcher: Launcher | None = None
+) -> LibraryReport:
+    """Every fact about one library (blocking; for the command line), as the framework of
+    `launcher`'s interpreter (default: the server's) sees it."""
+    launcher = launcher or Launcher()
+    report = static_report(path, symbols, launcher)
     try:
         result = subprocess.run(
-            _probe_command(report), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
+            _probe_command(report, launcher),
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            env=launcher.env,
         )
     except subprocess.TimeoutExpired:
         report.problems.append(
             f"op library '{path}': its inspection took longer than {PROBE_TIMEOUT_S:.0f} s"
         )
         return report
-    _apply_probe(report, result.stdout, result.stderr, result.returncode)
+    _apply_probe(report, result.stdout, result.stderr, result.returncode, launcher.executable)
     return report
 
 
-_cache: dict[tuple[str, int, int], LibraryReport] = {}
+_cache: dict[tuple[str, int, int, str], LibraryReport] = {}
 
 
-async def inspect_library_async(path: Path) -> LibraryReport:
-    """Inspection for the server: cached while the file is unchanged; the probe never blocks the
-    event loop."""
+async def inspect_library_async(path: Path, launcher: Launcher | None = None) -> LibraryReport:
+    """Inspection for the server, under the interpreter the model's worker will run
+    (`launcher`): cached while the file is unchanged; the probe never blocks the event loop."""
+    launcher = launcher or Launcher()
     try:
         stat = path.stat()
     except OSError as exc:
         return LibraryReport(str(path), problems=[f"op library '{path}': {exc}"])
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    key = (str(path), stat.st_mtime_ns, stat.st_size, launcher.executable)
     if key in _cache:
         return _cache[key]
-    report = await asyncio.to_thread(static_report, path)
+    report = await asyncio.to_thread(static_report, path, False, launcher)
     process = await asyncio.create_subprocess_exec(
-        *_probe_command(report), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *_probe_command(report, launcher),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=launcher.env,
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT_S)
@@ -246,6 +282,7 @@ async def inspect_library_async(path: Path) -> LibraryReport:
         stdout.decode(errors="replace"),
         stderr.decode(errors="replace"),
         process.returncode or 0,
+        launcher.executable,
     )
     _cache[key] = report
     return report

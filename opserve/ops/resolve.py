@@ -51,6 +51,36 @@ def resolve_model_libraries(
     return libraries
 
 
+# the config parameter naming C++ op sources that are built, for the model's framework, at load
+SOURCES_PARAMETER = "OP_LIBRARY_SOURCES"
+
+
+def model_op_sources(config: ModelConfig, model_dir: Path) -> list[Path]:
+    """The op sources a model ships instead of a library (`OP_LIBRARY_SOURCES`: paths inside
+    the model's folder, separated by commas); a missing or escaping one is an error naming it."""
+    parameter = config.parameters.get(SOURCES_PARAMETER)
+    if parameter is None or not parameter.string_value.strip():
+        return []
+    model_root = model_dir.resolve()
+    sources = []
+    for entry in (e.strip() for e in parameter.string_value.split(",")):
+        if not entry:
+            continue
+        path = model_dir / entry
+        if Path(entry).is_absolute() or not path.resolve().is_relative_to(model_root):
+            raise UnavailableError(
+                f"op source '{entry}' of model '{config.name}' ({SOURCES_PARAMETER}) is not "
+                f"inside the model's folder '{model_dir}'; name sources relative to it"
+            )
+        if not path.is_file():
+            raise UnavailableError(
+                f"op source '{entry}' of model '{config.name}' ({SOURCES_PARAMETER}) was not "
+                f"found (looked for '{path}')"
+            )
+        sources.append(path)
+    return sources
+
+
 # `opserve serve` moves LD_PRELOAD here and re-executes itself, so that the server process stays
 # free of frameworks; each worker then gets the preloaded libraries of its own framework.
 PRELOAD_HANDOFF = "OPSERVE_LD_PRELOAD"

@@ -57,7 +57,9 @@ from opserve.ops import (
     preloaded_libraries,
     resolve_model_libraries,
 )
+from opserve.ops.build import build_library
 from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
+from opserve.ops.resolve import SOURCES_PARAMETER, model_op_sources
 from opserve.proto import ModelConfig
 from opserve.repository.confinement import confine_model_files
 from opserve.repository.layout import (
@@ -785,14 +787,16 @@ class ModelManager:
         it describe the model. None when the version cannot load."""
         entry.state, entry.reason = ModelState.LOADING, ""
         try:
+            launcher = await self._launcher(model)
             entry.libraries = resolve_model_libraries(
                 model.config,
                 model.directory,
                 entry.directory,
                 self.repositories + self.op_library_roots,
             )
+            entry.libraries += await self._built_op_libraries(model, launcher)
             await self._inspect(
-                model, BACKEND_FRAMEWORKS.get(model.config.backend), entry.libraries
+                model, BACKEND_FRAMEWORKS.get(model.config.backend), entry.libraries, launcher
             )
             described = await self._spawn(model, entry, describe=True)
         except OpserveError as exc:
@@ -879,21 +883,53 @@ class ModelManager:
         return worker
 
     async def _launcher(self, model: Model) -> Launcher:
-        """How this model's workers start: the server's interpreter, or the Python model's own
-        execution environment."""
+        """How this model's workers start: the server's interpreter, or the model's own
+        execution environment (`EXECUTION_ENV_PATH`)."""
         env = self._worker_environment()
         environment = execution_environment(model.config, model.directory)
         if environment is not None:
-            return await environment_launcher(environment, env)
+            return await environment_launcher(environment, env, model.config.backend)
         return Launcher(env=env)
 
-    async def _inspect(self, model: Model, framework: str | None, libraries: list[Path]) -> None:
-        """Every library this model's worker would load, inspected first in throwaway processes:
-        a mismatch or a collision is an error naming the library, never a crashed worker."""
+    async def _built_op_libraries(self, model: Model, launcher: Launcher) -> list[Path]:
+        """The library built from the op sources the model ships (`OP_LIBRARY_SOURCES`), for
+        the framework its worker will run; a cached build is reused."""
+        sources = model_op_sources(model.config, model.directory)
+        if not sources:
+            return []
+        framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+        if framework is None:
+            raise UnavailableError(
+                f"model '{model.name}': {SOURCES_PARAMETER} are built for the model's framework, "
+                f"and backend '{model.config.backend}' has none; build the library with "
+                "`opserve ops build --framework ...` and list it in model_operations"
+            )
+        try:
+            built = await asyncio.to_thread(build_library, sources, framework, launcher)
+        except OpserveError as exc:
+            raise UnavailableError(f"model '{model.name}': {exc.message}") from None
+        log.info(
+            "model '%s': op library %s %s for %s %s",
+            model.name,
+            built.path,
+            "reused" if built.cached else "built",
+            framework,
+            built.framework_version,
+        )
+        return [built.path]
+
+    async def _inspect(
+        self, model: Model, framework: str | None, libraries: list[Path], launcher: Launcher
+    ) -> None:
+        """Every library this model's worker would load, inspected first in throwaway processes
+        under the worker's own interpreter: a mismatch or a collision is an error naming the
+        library, never a crashed worker."""
         shared = self.server_op_libraries.get(framework, []) + self.preloaded.get(framework, [])
         if not libraries and not shared:
             return
-        reports = await asyncio.gather(*(inspect_library_async(p) for p in [*libraries, *shared]))
+        reports = await asyncio.gather(
+            *(inspect_library_async(p, launcher) for p in [*libraries, *shared])
+        )
         problems = [problem for report in reports for problem in report.problems]
         for report in reports[: len(libraries)]:
             mismatch = framework_mismatch(report, model.name, model.config.backend)

@@ -1,10 +1,12 @@
-"""Per-model execution environments: Triton's `EXECUTION_ENV_PATH` for Python models.
+"""Per-model execution environments: Triton's `EXECUTION_ENV_PATH`, for every backend.
 
-The parameter names a virtual environment folder or a packed one (`.tar.gz`, as `conda-pack`
+Triton reads the parameter for Python models only; here any model may name one, so that a model
+runs on its own framework version (and its op libraries are inspected there). The parameter names a virtual environment folder or a packed one (`.tar.gz`, as `conda-pack`
 makes), with `$$TRITON_MODEL_DIRECTORY` standing for the model's folder. A packed environment is
 unpacked once into a cache folder keyed by the archive's path, size and modification time. The
 model's worker then runs under that environment's interpreter, with its `bin` first on `PATH` and
-its `lib` on `LD_LIBRARY_PATH`, as Triton's stub does.
+its `lib` on `LD_LIBRARY_PATH`, as Triton's stub does. The environment must hold what the
+model's worker imports: numpy, and its backend's framework (`WORKER_NEEDS`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from opserve.workers.launcher import Launcher
 
 MODEL_DIRECTORY_VARIABLE = "$$TRITON_MODEL_DIRECTORY"
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-_checked: dict[tuple[str, int], str] = {}  # interpreter -> problem ("" when fine)
+_checked: dict[tuple[str, int, str], str] = {}  # (interpreter, backend) -> problem ("" if fine)
+
+# backend -> the modules its worker imports beside the standard library (PyTorch's and
+# TensorFlow's backends read the config as protobuf, through tritonclient's generated modules)
+WORKER_NEEDS = {
+    "python": ("numpy",),
+    "onnxruntime": ("numpy", "onnxruntime"),
+    "pytorch": ("numpy", "torch", "tritonclient.grpc"),
+    "tensorflow": ("numpy", "tensorflow", "tritonclient.grpc"),
+}
 
 
 def cache_root() -> Path:
@@ -31,14 +42,14 @@ def cache_root() -> Path:
 
 def execution_environment(config: Any, model_dir: Path) -> Path | None:
     """The environment a model's config names (`EXECUTION_ENV_PATH`), or None; the parameter
-    on a model that is not a Python model is an error."""
+    on a backend that has no worker (an ensemble) is an error."""
     parameter = config.parameters.get("EXECUTION_ENV_PATH")
     if parameter is None or not parameter.string_value:
         return None
-    if config.backend != "python":
+    if config.backend not in WORKER_NEEDS:
         raise InvalidArgumentError(
-            f"model '{config.name}': EXECUTION_ENV_PATH is a parameter of Python models; "
-            f"backend '{config.backend}' runs in the server's environment"
+            f"model '{config.name}': EXECUTION_ENV_PATH names the environment of a model's "
+            f"worker; '{config.backend or config.platform}' models have none"
         )
     return environment_path(parameter.string_value, model_dir)
 
@@ -82,9 +93,9 @@ def _interpreter(root: Path) -> Path | None:
     return None
 
 
-async def environment_launcher(path: Path, base_env: dict[str, str]) -> Launcher:
-    """A launcher for a Python model's worker under its own environment; a clear error when the
-    environment is missing, has no interpreter, or lacks numpy."""
+def resolve_environment(path: Path, base_env: dict[str, str]) -> Launcher:
+    """A launcher for the interpreter of the environment at `path` (an archive is unpacked
+    once); a clear error when it is missing or has no interpreter."""
     if not path.exists():
         raise UnavailableError(
             f"execution environment '{path}' (EXECUTION_ENV_PATH) does not exist"
@@ -94,7 +105,7 @@ async def environment_launcher(path: Path, base_env: dict[str, str]) -> Launcher
             raise UnavailableError(
                 f"execution environment '{path}' is neither a folder nor a .tar.gz archive"
             )
-        root = await asyncio.get_running_loop().run_in_executor(None, unpacked, path)
+        root = unpacked(path)
     else:
         root = path
     python = _interpreter(root)
@@ -106,31 +117,58 @@ async def environment_launcher(path: Path, base_env: dict[str, str]) -> Launcher
     if lib.is_dir():
         previous = env.get("LD_LIBRARY_PATH")
         env["LD_LIBRARY_PATH"] = f"{lib}{os.pathsep}{previous}" if previous else str(lib)
-    launcher = Launcher.for_interpreter(python, env)
-    problem = await _check(launcher)
+    return Launcher.for_interpreter(python, env)
+
+
+async def environment_launcher(
+    path: Path, base_env: dict[str, str], backend: str = "python"
+) -> Launcher:
+    """A launcher for a model's worker under its own environment; a clear error when the
+    environment is missing, has no interpreter, or lacks what the backend's worker imports."""
+    launcher = await asyncio.get_running_loop().run_in_executor(
+        None, resolve_environment, path, base_env
+    )
+    problem = await _check(launcher, backend)
     if problem:
         raise UnavailableError(f"execution environment '{path}': {problem}")
     return launcher
 
 
-async def _check(launcher: Launcher) -> str:
-    """Whether the interpreter runs and has what the worker needs (numpy), once per binary."""
-    key = (launcher.executable, Path(launcher.executable).stat().st_mtime_ns)
+async def _check(launcher: Launcher, backend: str) -> str:
+    """Whether the interpreter runs and has what the backend's worker needs, once per binary."""
+    needs = WORKER_NEEDS.get(backend, WORKER_NEEDS["python"])
+    key = (launcher.executable, Path(launcher.executable).stat().st_mtime_ns, backend)
     if key not in _checked:
+        code = (
+            "import importlib.util as u, sys; assert sys.version_info >= (3, 10), 'Python 3.10+'; "
+            f"missing = [m for m in {list(needs)!r} if u.find_spec(m.split('.')[0]) is None]; "
+            "print(' '.join(missing))"
+        )
         process = await asyncio.create_subprocess_exec(
             launcher.executable,
             "-c",
-            "import sys, numpy; assert sys.version_info >= (3, 10)",
+            code,
             env=launcher.env,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        _, stderr = await process.communicate()
+        stdout, stderr = await process.communicate()
         lines = stderr.decode(errors="replace").strip().splitlines()
-        _checked[key] = (
-            ""
-            if process.returncode == 0
-            else f"its interpreter {launcher.executable} cannot run the worker "
-            f"(it needs Python 3.10+ and numpy): {lines[-1] if lines else process.returncode}"
-        )
+        missing = stdout.decode(errors="replace").split()
+        if process.returncode != 0:
+            problem = (
+                f"its interpreter {launcher.executable} cannot run the worker (it needs Python "
+                f"3.10+): {lines[-1] if lines else process.returncode}"
+            )
+        elif missing:
+            packages = " ".join(
+                "tritonclient[grpc]" if m == "tritonclient.grpc" else m for m in missing
+            )
+            problem = (
+                f"it lacks {', '.join(missing)}, which the worker of a '{backend}' model imports: "
+                f"{launcher.executable} -m pip install {packages}"
+            )
+        else:
+            problem = ""
+        _checked[key] = problem
     return _checked[key]

@@ -9,6 +9,8 @@
 // Op "Rendezvous": proves two executions overlap, without timing them. Calls that share a key
 // (x[0]) meet in a counter in shared memory; each waits (up to 3 s) for a second arrival and
 // answers 1 everywhere if it met one, 0 if it waited alone.
+// Op "RuntimeMinor": y = x + N, where the onnxruntime that registered the library is 1.N (tells
+// which runtime a model's worker runs).
 // With REQUEST_API_VERSION defined, the library asks for that ONNX Runtime API version instead of
 // its headers' own: a library built for a newer onnxruntime than the server has.
 #define ORT_API_MANUAL_INIT
@@ -31,6 +33,8 @@
 #endif
 
 namespace {
+
+int runtime_minor = 0;  // of the onnxruntime that called RegisterCustomOps
 
 // y = Fn(x) for an FP32 tensor of any shape: Fn::run(x, y, count) when Fn has one, else
 // Fn::apply element by element.
@@ -134,6 +138,12 @@ struct Rendezvous {
   }
 };
 
+struct RuntimeMinor {
+  static constexpr const char* name = "RuntimeMinor";
+  static float apply(float x) { return x + static_cast<float>(runtime_minor); }
+};
+
+const UnaryFloatOp<RuntimeMinor> runtime_minor_op;
 const UnaryFloatOp<Rendezvous> rendezvous_op;
 const UnaryFloatOp<Slow> slow_op;
 const UnaryFloatOp<AddOne> add_one_op;
@@ -151,6 +161,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
 #else
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
 #endif
+  const std::string version = api_base->GetVersionString();  // "1.N.patch"
+  runtime_minor = std::atoi(version.substr(version.find('.') + 1).c_str());
   try {
     Ort::CustomOpDomain domain{"my_ops"};
     domain.Add(&add_one_op);
@@ -159,6 +171,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     domain.Add(&rendezvous_op);
     domain.Add(&segfault_op);
     domain.Add(&spin_op);
+    domain.Add(&runtime_minor_op);
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
