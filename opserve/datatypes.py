@@ -8,6 +8,7 @@ data is carried as 16-bit words.
 from __future__ import annotations
 
 import struct
+from itertools import chain
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -108,13 +109,15 @@ _LENGTH = struct.Struct("<I")
 
 
 def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
-    """Elements -> the length-prefixed layout of the binary extension."""
-    parts: list[bytes] = []
-    for element in elements:
-        data = element.encode() if isinstance(element, str) else bytes(element)
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+    """Elements -> the length-prefixed layout of the binary extension. The interleaving runs in
+    C iterators (no Python bytecode per element): millions of strings take a fraction of the
+    time a loop did, on the event loop of a frontend too."""
+    items = [e if type(e) is bytes else _as_bytes(e) for e in elements]
+    return b"".join(chain.from_iterable(zip(map(_LENGTH.pack, map(len, items)), items)))
+
+
+def _as_bytes(element: bytes | str) -> bytes:
+    return element.encode() if isinstance(element, str) else bytes(element)
 
 
 def deserialize_bytes(buffer: bytes | memoryview) -> list[bytes]:
