@@ -20,7 +20,12 @@ from pathlib import Path
 
 from opserve.errors import OpserveError
 from opserve.ops.elf import read_elf
-from opserve.ops.frameworks import BACKEND_FRAMEWORKS, framework_library_dir, library_framework
+from opserve.ops.frameworks import (
+    BACKEND_FRAMEWORKS,
+    PYTHON_OPS_SUFFIX,
+    framework_library_dir,
+    library_framework,
+)
 from opserve.ops.probe import API_VERSION_MARK, api_mismatch
 
 PROBE_TIMEOUT_S = 180.0
@@ -32,7 +37,7 @@ _SYSTEM_DIRS = (
     "/lib",
     "/usr/lib",
 )
-_FRAMEWORK_NAMES = {
+FRAMEWORK_NAMES = {
     "onnxruntime": "ONNX Runtime",
     "pytorch": "libtorch",
     "tensorflow": "TensorFlow",
@@ -126,6 +131,9 @@ def _unresolved(path: Path, needed: dict[str, str | None]) -> list[str]:
 def static_report(path: Path, symbols: bool = False) -> LibraryReport:
     """What the ELF file says; `symbols` adds the (slower) unresolved-symbol check."""
     report = LibraryReport(str(path))
+    if path.suffix == PYTHON_OPS_SUFFIX:  # ONNX Runtime ops in Python: only the probe knows
+        report.framework = "onnxruntime"
+        return report
     try:
         facts = read_elf(path)
         report.framework = library_framework(path)
@@ -179,7 +187,7 @@ def _apply_probe(report: LibraryReport, stdout: str, stderr: str, returncode: in
         reason = f"op library '{report.path}': {error}"
         if "undefined symbol" in error and report.framework is not None:
             reason += (
-                f" (it was built for a different {_FRAMEWORK_NAMES[report.framework]} than this server's "
+                f" (it was built for a different {FRAMEWORK_NAMES[report.framework]} than this server's "
                 f"{report.framework_version or 'installed one'})"
             )
         report.problems.append(reason)
@@ -197,6 +205,8 @@ def _onnxruntime_version() -> str:
 
 def _probe_command(report: LibraryReport) -> list[str]:
     probe = report.framework or "loader"
+    if report.path.endswith(PYTHON_OPS_SUFFIX):
+        probe = "python_ops"
     return [sys.executable, "-m", "opserve.ops.probe", probe, report.path]
 
 

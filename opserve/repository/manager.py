@@ -27,6 +27,7 @@ from opserve.config import (
     model_config_for,
 )
 from opserve.config.autocomplete import DEFAULT_MAX_BATCH_SIZE
+from opserve.config.model_match import config_mismatches
 from opserve.config.support import check_fields
 from opserve.ensemble import EnsembleGraph, build_graph, check_steps, is_ensemble
 from opserve.ensemble_scheduler import EnsembleScheduler, StepRunner
@@ -39,6 +40,7 @@ from opserve.ops import (
     resolve_model_libraries,
 )
 from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
+from opserve.ops.needs import candidate_libraries, missing_op_in, unlisted_library_hint
 from opserve.proto import ModelConfig
 from opserve.repository.layout import (
     find_models,
@@ -632,19 +634,9 @@ class ModelManager:
         return sizes.get(model.config.backend, sizes.get("", DEFAULT_MAX_BATCH_SIZE))
 
     def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
-        """Config tensors the model does not have make every version unavailable."""
-        problems = []
-        for kind, configured, actual in (
-            ("input", model.config.input, signature.inputs),
-            ("output", model.config.output, signature.outputs),
-        ):
-            names = {t.name for t in actual}
-            for tensor in configured:
-                if names and tensor.name not in names:
-                    problems.append(
-                        f"unexpected {kind} '{tensor.name}' in the config of model '{model.name}'; "
-                        f"the model has: {', '.join(sorted(names))}"
-                    )
+        """A config that contradicts the model (a tensor it lacks; for ONNX, as in Triton, a
+        datatype or dims) makes every version unavailable."""
+        problems = config_mismatches(model.config, signature)
         if problems:
             self._make_unavailable(model, "; ".join(problems))
 
@@ -670,10 +662,27 @@ class ModelManager:
             )
             described = await self._spawn(model, entry, describe=True)
         except OpserveError as exc:
-            await self._fail_version(entry, exc.message)
+            reason = exc.message
+            op = missing_op_in(reason)
+            if op is not None:
+                reason += await self._unlisted_library_hint(model, entry, op)
+            await self._fail_version(entry, reason)
             return None
         entry.state = ModelState.READY
         return described
+
+    async def _unlisted_library_hint(self, model: Model, entry: ModelVersion, op: str) -> str:
+        """'; <library> registers <op> ...: add <line>' when a library of the model's framework in
+        its folder (or a sibling model's) registers the op its framework did not find."""
+        framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+        if framework is None:
+            return ""
+        for path in candidate_libraries(model.directory, entry.libraries):
+            if _framework_of(path) == framework:
+                report = await inspect_library_async(path)
+                if op in report.ops:
+                    return "; " + unlisted_library_hint(op, path, model.directory, entry.directory)
+        return ""
 
     async def _start_instances(self, model: Model, entry: ModelVersion) -> None:
         """Phase two for a version: every instance serves with the completed config (the
