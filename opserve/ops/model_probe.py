@@ -35,6 +35,7 @@ class ModelJob:
     op_libraries: list[Path] = field(default_factory=list)
     server_op_libraries: list[Path] = field(default_factory=list)
     preloaded_libraries: list[Path] = field(default_factory=list)
+    python: str = sys.executable  # the interpreter (and so the framework) its workers run under
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -77,21 +78,21 @@ class ModelFacts:
         )
 
 
-def probe_models(jobs: list[ModelJob], python: str = sys.executable) -> list[ModelFacts]:
+def probe_models(jobs: list[ModelJob]) -> list[ModelFacts]:
     """Facts about each job's model version, in order (blocking)."""
     results: list[ModelFacts | None] = [None] * len(jobs)
-    shared: dict[str, list[int]] = {}
+    shared: dict[tuple[str, str], list[int]] = {}
     alone: list[list[int]] = []
     for index, job in enumerate(jobs):
         if job.op_libraries:
             alone.append([index])
         else:
-            shared.setdefault(job.config.backend, []).append(index)
+            shared.setdefault((job.python, job.config.backend), []).append(index)
     for group in [*shared.values(), *alone]:
-        answers = _run([jobs[i] for i in group], python)
+        answers = _run([jobs[i] for i in group])
         if answers is None and len(group) > 1:
             for index in group:
-                results[index] = (_run([jobs[index]], python) or [_crashed()])[0]
+                results[index] = (_run([jobs[index]]) or [_crashed()])[0]
             continue
         for index, answer in zip(group, answers or [_crashed()] * len(group), strict=True):
             results[index] = answer
@@ -102,11 +103,11 @@ def _crashed(detail: str = "") -> ModelFacts:
     return ModelFacts(error=f"loading the model crashed its probe{detail}")
 
 
-def _run(jobs: list[ModelJob], python: str) -> list[ModelFacts] | None:
-    """One probe process for `jobs`; None when it died without answering."""
+def _run(jobs: list[ModelJob]) -> list[ModelFacts] | None:
+    """One probe process for `jobs` (one interpreter); None when it died without answering."""
     try:
         result = subprocess.run(
-            [python, "-m", "opserve.ops.probe", "models"],
+            [jobs[0].python, "-m", "opserve.ops.probe", "models"],
             input=json.dumps([job.to_json() for job in jobs]),
             capture_output=True,
             text=True,
