@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opserve.config import model_config_for
+from opserve.config.autocomplete import autocomplete
 from opserve.config.normalize import visible_gpus
 from opserve.config.support import check_fields
-from opserve.config.validate import check_before_load
+from opserve.config.validate import check_before_load, model_mismatches
 from opserve.ensemble import build_graph, check_steps, is_ensemble
 from opserve.errors import OpserveError
 from opserve.hints import missing_model_file
 from opserve.ops import BACKEND_FRAMEWORKS, library_framework, preloaded_libraries
 from opserve.ops.build import build_library
 from opserve.ops.inspect import LibraryReport, collisions, framework_mismatch, inspect_library
+from opserve.ops.model_probe import ModelFacts, ModelJob, probe_models
+from opserve.ops.needs import (
+    candidate_libraries,
+    missing_op_problem,
+    missing_ops,
+    unlisted_library_hint,
+)
 from opserve.ops.resolve import model_op_sources, resolve_model_libraries
 from opserve.proto import ModelConfig
 from opserve.repository.layout import (
@@ -111,14 +120,66 @@ def check_repository(
         folders = find_models(repositories)
     except OpserveError as exc:
         return RepositoryReport([], libraries, [*problems, exc.message])
+    loads: list[_Load] = []
     reports = [
-        _check_model(name, folder, roots, shared, inspected, folders)
+        _check_model(name, folder, roots, shared, inspected, folders, loads)
         for name, folder in folders.items()
     ]
+    for load, facts in zip(loads, probe_models([load.job for load in loads]), strict=True):
+        _compare_with_model(load, facts, inspected)
     return RepositoryReport(reports, libraries, problems)
 
 
-def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport:  # type: ignore[no-untyped-def]
+@dataclass
+class _Load:
+    """A model version whose libraries passed: the probe loads it as its worker would."""
+
+    report: ModelReport
+    version: int
+    job: ModelJob
+    libraries: list[LibraryReport]  # every library its worker would load
+
+
+def _compare_with_model(
+    load: _Load, facts: ModelFacts, inspected: Callable[[Path], LibraryReport]
+) -> None:
+    """The custom ops the model uses against the ops its libraries register (with the line to
+    add for a library that registers a missing one), and the config against the model."""
+    report, job = load.report, load.job
+    prefix = f"version {load.version}: "
+    framework = BACKEND_FRAMEWORKS[job.config.backend]
+    registered = [op for library in load.libraries for op in library.ops]
+    missing = missing_ops(facts.uses, registered)
+    for op in missing:
+        hint = None
+        for path in candidate_libraries(job.model_dir, job.op_libraries):
+            if _framework_of(path) == framework and op in inspected(path).ops:
+                hint = unlisted_library_hint(op, path, job.model_dir, job.version_dir)
+                break
+        report.problems.append(prefix + missing_op_problem(op, framework, hint))
+    if facts.uses_error:
+        report.warnings.append(f"{prefix}its custom ops could not be listed: {facts.uses_error}")
+    if facts.signature is not None:
+        completed = ModelConfig()
+        completed.CopyFrom(job.config)
+        autocomplete(completed, facts.signature)
+        report.problems += [
+            prefix + p
+            for p in model_mismatches(completed, facts.signature)
+            if prefix + p not in report.problems
+        ]
+    elif facts.error and not missing:
+        report.problems.append(prefix + facts.error)
+
+
+def _framework_of(path: Path) -> str | None:
+    try:
+        return library_framework(path)
+    except OpserveError:
+        return None
+
+
+def _check_model(name, folder, roots, shared, inspected, folders, loads) -> ModelReport:  # type: ignore[no-untyped-def]
     report = ModelReport(name)
     try:
         config = model_config_for(name, folder)
@@ -154,12 +215,15 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
     except OpserveError as exc:
         report.problems.append(exc.message)
     package, extra = _FRAMEWORK_PACKAGES.get(config.backend, (None, None))
+    framework_installed = False
     if package is None:
         report.problems.append(f"backend '{config.backend}' is not supported by this server")
     elif launcher is None and importlib.util.find_spec(package) is None:
         report.problems.append(
             f"backend '{config.backend}' needs {package}: pip install 'opserve[{extra}]'"
         )
+    else:
+        framework_installed = True
     if config.HasField("sequence_batching"):
         try:
             SequenceSettings.from_config(config, folder)
@@ -184,12 +248,18 @@ def _check_model(name, folder, roots, shared, inspected, folders) -> ModelReport
         for library in own:
             if str(library) not in report.libraries:
                 report.libraries.append(str(library))
+        before = len(report.problems)
         for library_report in library_reports[: len(own)]:
             report.problems += [p for p in library_report.problems if p not in report.problems]
             mismatch = framework_mismatch(library_report, name, config.backend)
             if mismatch is not None:
                 report.problems.append(mismatch)
         report.problems += [f"version {version}: {c}" for c in collisions(library_reports)]
+        libraries_ok = len(report.problems) == before and all(r.ok for r in library_reports)
+        if framework_installed and framework is not None and model_file.exists() and libraries_ok:
+            # server-wide and preloaded libraries: loaded after the model's own, in that order
+            job = ModelJob(config, folder, version_dir, own, shared.get(framework, []))
+            loads.append(_Load(report, version, job, library_reports))
     return report
 
 

@@ -8,8 +8,8 @@ data is carried as 16-bit words.
 from __future__ import annotations
 
 import struct
-from itertools import chain
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -113,7 +113,8 @@ def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
     C iterators (no Python bytecode per element): millions of strings take a fraction of the
     time a loop did, on the event loop of a frontend too."""
     items = [e if type(e) is bytes else _as_bytes(e) for e in elements]
-    return b"".join(chain.from_iterable(zip(map(_LENGTH.pack, map(len, items)), items)))
+    lengths = map(_LENGTH.pack, map(len, items))
+    return b"".join(chain.from_iterable(zip(lengths, items, strict=True)))
 
 
 def _as_bytes(element: bytes | str) -> bytes:

@@ -63,6 +63,30 @@ def torch_add_one(output: Path, library: str) -> None:
     torch.jit.save(torch.jit.script(AddOne()), str(output))
 
 
+def torch_nested_ops(output: Path, library: str) -> None:
+    """Custom ops in a submodule's forward and in a method other than forward."""
+    import torch
+
+    torch.ops.load_library(library)
+
+    class Inner(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.my_ops.add_one(x)
+
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def modulo(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.ops.my_ops.custom_modulo(x, y)
+
+        def forward(self, INPUT__0: torch.Tensor, INPUT__1: torch.Tensor) -> torch.Tensor:
+            return self.modulo(self.inner(INPUT__0), INPUT__1)
+
+    torch.jit.save(torch.jit.script(Outer()), str(output))
+
+
 def torch_add_sub(output: Path, library: str | None = None) -> None:
     import torch
 
@@ -174,6 +198,7 @@ def tf_add_sub_savedmodel(output: Path, library: str | None = None) -> None:
 GENERATORS = {
     "torch_modulo": torch_modulo,
     "torch_add_one": torch_add_one,
+    "torch_nested_ops": torch_nested_ops,
     "torch_add_sub": torch_add_sub,
     "torch_double": torch_double,
     "torch_accumulator": torch_accumulator,

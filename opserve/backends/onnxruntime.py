@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from opserve.backends.base import Backend, BackendContext, translated
+from opserve.backends.base import MISSING_OP_HINT, Backend, BackendContext, translated
+from opserve.backends.onnx_python_ops import is_python_ops, load_python_ops
 from opserve.errors import InvalidArgumentError, UnavailableError
 from opserve.hints import missing_model_file
 from opserve.signature import ModelSignature, TensorSpec
@@ -40,12 +42,7 @@ class OnnxRuntimeBackend(Backend):
     def load(self) -> None:
         options = ort.SessionOptions()
         self._apply_parameters(options)
-        for library in self.context.libraries_to_load:
-            try:
-                options.register_custom_ops_library(str(library))
-            except Exception as exc:
-                raise UnavailableError(f"failed to load op library '{library}': {exc}") from exc
-            self.loaded_op_libraries.append(library)
+        self._register_op_libraries(options)
         path = self.context.model_path
         if path.is_dir():  # a folder holding model.onnx and its external data
             path = path / "model.onnx"
@@ -56,7 +53,34 @@ class OnnxRuntimeBackend(Backend):
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
-            raise UnavailableError(f"onnxruntime failed to load '{path}': {exc}") from exc
+            message = f"onnxruntime failed to load '{path}': {exc}"
+            if "is not a registered function/op" in message:
+                message += f" (hint: {MISSING_OP_HINT})"
+            raise UnavailableError(message) from exc
+
+    def _register_op_libraries(self, options: ort.SessionOptions) -> None:
+        """Shared libraries as they are; Python op files run first (their `onnx_op` decorators
+        register with onnxruntime-extensions), then that library serves them, registered once."""
+        libraries = self.context.libraries_to_load
+        extensions: Path | None = None
+        for library in filter(is_python_ops, libraries):
+            try:
+                extensions = load_python_ops(library)
+            except Exception as exc:
+                raise UnavailableError(
+                    f"failed to load Python ops '{library}': {type(exc).__name__}: {exc}"
+                ) from exc
+        for library in libraries:
+            if is_python_ops(library):
+                target, extensions = extensions, None  # registered with the first op file
+            else:
+                target = library
+            if target is not None:
+                try:
+                    options.register_custom_ops_library(str(target))
+                except Exception as exc:
+                    raise UnavailableError(f"failed to load op library '{library}': {exc}") from exc
+            self.loaded_op_libraries.append(library)
 
     def _apply_parameters(self, options: ort.SessionOptions) -> None:
         """Triton's onnxruntime backend parameters and graph level; spinning threads are off by

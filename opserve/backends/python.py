@@ -23,6 +23,7 @@ from typing import Any
 
 from opserve.backends import pb_utils
 from opserve.backends.base import Backend, BackendContext, Description, Reply, Request
+from opserve.backends.onnx_python_ops import is_python_ops, load_python_ops
 from opserve.errors import InternalError, OpserveError, UnavailableError
 from opserve.hints import missing_model_file
 
@@ -127,12 +128,15 @@ class PythonBackend(Backend):
     def _load_op_libraries(self) -> None:
         """The model's `model_operations`, before `initialize`: PyTorch libraries through
         `torch.ops.load_library` (so `torch.ops.<ns>.<op>` finds them), TensorFlow ones through
-        `tf.load_op_library`, any other into the process with its symbols global."""
+        `tf.load_op_library`, Python op files (onnxruntime-extensions) run, any other into the
+        process with its symbols global."""
         frameworks = self.context.library_frameworks
         for library in self.context.op_libraries:
             framework = frameworks.get(str(library))
             try:
-                if framework == "pytorch":
+                if is_python_ops(library):  # the model registers onnxruntime-extensions itself
+                    load_python_ops(library)
+                elif framework == "pytorch":
                     import torch
 
                     torch.ops.load_library(str(library))

@@ -268,7 +268,9 @@ RULES: tuple[FieldRule, ...] = (
     FieldRule(
         "model_operations",
         H,
-        "every framework; paths resolve inside the model's folder",
+        "every framework; paths resolve inside the model's folder; a .py file holds ONNX "
+        "Runtime ops written in Python (onnxruntime-extensions' onnx_op), run in the model's "
+        "worker",
         whole=True,
     ),
     FieldRule("model_transaction_policy", H, "decoupled models stream", whole=True),

@@ -274,23 +274,37 @@ def validate_instance_groups(config: ModelConfig, gpus: frozenset[int] = frozens
 def check_against_signature(
     config: ModelConfig, signature: ModelSignature, autocompleted: bool
 ) -> None:
-    """The config against what the model file says, as Triton's onnxruntime backend checks
-    it: whether the model can batch (when auto-complete ran), how many inputs it has, and each
-    configured tensor's name, data type and shape. `autocompleted`: the backend's
-    auto-complete ran (the config left its inputs or outputs to it)."""
+    """`model_mismatches`, raised: the load refuses a config that contradicts its model."""
+    problems = model_mismatches(config, signature, autocompleted)
+    if problems:
+        _fail("; ".join(problems))
+
+
+def model_mismatches(
+    config: ModelConfig, signature: ModelSignature, autocompleted: bool = False
+) -> list[str]:
+    """Each way the config contradicts what the model file says, in Triton's words; shared by
+    the load and `opserve check` (which has the signature from a probe). ONNX Runtime models as
+    Triton's onnxruntime backend checks them: whether the model can batch (when auto-complete
+    ran), how many inputs it has, and each configured tensor's name, data type and shape. Other
+    backends: the configured tensors' names. `autocompleted`: the backend's auto-complete ran
+    (the config left its inputs or outputs to it)."""
     name = config.name
+    if config.backend not in DESCRIBED_BACKENDS:
+        return _unknown_tensors(config, signature)
     if autocompleted and config.max_batch_size != 0 and not signature.supports_batching():
-        _fail(
+        return [
             f"autofill failed for model '{name}': model does not support batching while "
             "non-zero max_batch_size is specified"
-        )
+        ]
     required = [t for t in signature.inputs if not t.optional]
     expected = len(config.input) + len(config.batch_input) + _sequence_input_count(config)
     if len(required) != expected:
-        _fail(
+        return [
             f"unable to load model '{name}', configuration expects {expected} inputs, model "
             f"provides {len(required)}"
-        )
+        ]
+    problems = _unknown_tensors(config, signature, every=True)
     for kind, configured, actual in (
         ("input", config.input, signature.inputs),
         ("output", config.output, signature.outputs),
@@ -298,12 +312,32 @@ def check_against_signature(
         by_name = {t.name: t for t in actual}
         for tensor in configured:
             spec = by_name.get(tensor.name)
-            if spec is None:
-                _fail(
+            if spec is not None:
+                try:
+                    _check_tensor(config, kind, tensor, spec)
+                except InvalidArgumentError as exc:
+                    problems.append(exc.message)
+    return problems
+
+
+def _unknown_tensors(
+    config: ModelConfig, signature: ModelSignature, every: bool = False
+) -> list[str]:
+    """Configured tensors the model does not have (checked only where the model names any,
+    unless `every`)."""
+    problems = []
+    for kind, configured, actual in (
+        ("input", config.input, signature.inputs),
+        ("output", config.output, signature.outputs),
+    ):
+        names = sorted(t.name for t in actual)
+        for tensor in configured:
+            if (names or every) and tensor.name not in names:
+                problems.append(
                     f"unexpected inference {kind} '{tensor.name}', allowed {kind}s are: "
-                    + ", ".join(sorted(by_name))
+                    + ", ".join(names)
                 )
-            _check_tensor(config, kind, tensor, spec)
+    return problems
 
 
 def _sequence_input_count(config: ModelConfig) -> int:

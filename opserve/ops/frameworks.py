@@ -11,6 +11,7 @@ from opserve.ops.elf import read_elf
 ONNXRUNTIME = "onnxruntime"
 PYTORCH = "pytorch"
 TENSORFLOW = "tensorflow"
+PYTHON_OPS_SUFFIX = ".py"  # an op "library" of ONNX Runtime ops written in Python
 
 # backend name -> the framework whose op libraries it loads
 BACKEND_FRAMEWORKS = {"onnxruntime": ONNXRUNTIME, "pytorch": PYTORCH, "tensorflow": TENSORFLOW}
@@ -24,7 +25,10 @@ _PACKAGE_LIB_DIRS = {
 
 
 def library_framework(path: Path) -> str | None:
-    """`pytorch`, `tensorflow` or `onnxruntime`; None when the library shows no framework."""
+    """`pytorch`, `tensorflow` or `onnxruntime`; None when the library shows no framework.
+    A Python file holds ONNX Runtime ops written with onnxruntime-extensions' `onnx_op`."""
+    if path.suffix == PYTHON_OPS_SUFFIX:
+        return ONNXRUNTIME
     if not path.is_file():  # a bare soname for the loader to find: nothing to read
         return None
     facts = read_elf(path)

@@ -20,7 +20,12 @@ from pathlib import Path
 
 from opserve.errors import OpserveError
 from opserve.ops.elf import read_elf
-from opserve.ops.frameworks import BACKEND_FRAMEWORKS, framework_library_dir, library_framework
+from opserve.ops.frameworks import (
+    BACKEND_FRAMEWORKS,
+    PYTHON_OPS_SUFFIX,
+    framework_library_dir,
+    library_framework,
+)
 from opserve.ops.probe import API_VERSION_MARK, api_mismatch
 from opserve.workers.launcher import Launcher
 
@@ -33,7 +38,7 @@ _SYSTEM_DIRS = (
     "/lib",
     "/usr/lib",
 )
-_FRAMEWORK_NAMES = {
+FRAMEWORK_NAMES = {
     "onnxruntime": "ONNX Runtime",
     "pytorch": "libtorch",
     "tensorflow": "TensorFlow",
@@ -144,6 +149,9 @@ def static_report(
     """What the ELF file says; `symbols` adds the (slower) unresolved-symbol check. The
     framework's libraries are looked for in `launcher`'s environment."""
     report = LibraryReport(str(path))
+    if path.suffix == PYTHON_OPS_SUFFIX:  # ONNX Runtime ops in Python: only the probe knows
+        report.framework = "onnxruntime"
+        return report
     try:
         facts = read_elf(path)
         report.framework = library_framework(path)
@@ -203,7 +211,7 @@ def _apply_probe(
         whose = "this server's" if python == sys.executable else f"the environment's ({python})"
         if "undefined symbol" in error and report.framework is not None:
             reason += (
-                f" (it was built for a different {_FRAMEWORK_NAMES[report.framework]} than "
+                f" (it was built for a different {FRAMEWORK_NAMES[report.framework]} than "
                 f"{whose} {report.framework_version or 'installed one'})"
             )
         report.problems.append(reason)
@@ -221,6 +229,8 @@ def _onnxruntime_version(python: str) -> str:
 
 def _probe_command(report: LibraryReport, launcher: Launcher) -> list[str]:
     probe = report.framework or "loader"
+    if report.path.endswith(PYTHON_OPS_SUFFIX):
+        probe = "python_ops"
     return [launcher.executable, "-m", "opserve.ops.probe", probe, report.path]
 
 

@@ -4,6 +4,10 @@ installed framework can load it at all.
 Run as `python -m opserve.ops.probe FRAMEWORK PATH`; prints one JSON object:
 `{"framework_version": ..., "ops": [...], "error": null | "...", "api_version": n | null}`.
 A library that crashes the probe crashes only the probe. Never run in a serving process.
+
+`python -m opserve.ops.probe models` (jobs as JSON on stdin) loads model versions as their
+workers would, for `opserve check`: the custom ops each model file uses (`opserve.ops.usage`)
+and the signature its backend describes.
 """
 
 from __future__ import annotations
@@ -168,6 +172,16 @@ def api_mismatch(requested: int, installed: str) -> str:
     )
 
 
+def probe_python_ops(path: str) -> dict[str, Any]:
+    """A Python file of onnxruntime-extensions ops: run it, then list what the extensions
+    library registers with ONNX Runtime (its own ops and the file's)."""
+    from pathlib import Path
+
+    from opserve.backends.onnx_python_ops import load_python_ops
+
+    return probe_onnxruntime(str(load_python_ops(Path(path))))
+
+
 def probe_loader(path: str) -> dict[str, Any]:
     """A library of no known framework: can the dynamic loader load it at all?"""
     ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
@@ -178,14 +192,76 @@ PROBES = {
     "pytorch": probe_pytorch,
     "tensorflow": probe_tensorflow,
     "onnxruntime": probe_onnxruntime,
+    "python_ops": probe_python_ops,
     "loader": probe_loader,
 }
 
 
-_PACKAGES = {"pytorch": "torch", "tensorflow": "tensorflow", "onnxruntime": "onnxruntime"}
+_PACKAGES = {
+    "pytorch": "torch",
+    "tensorflow": "tensorflow",
+    "onnxruntime": "onnxruntime",
+    "python_ops": "onnxruntime",
+}
+
+MODEL_RESULT_MARK = "opserve-probe-models: "
+
+
+def probe_model(job: dict[str, Any]) -> dict[str, Any]:
+    """One model version, as a worker would load it: the custom ops its file uses, and the
+    signature its backend describes (with the model's op libraries loaded)."""
+    import base64
+    from pathlib import Path
+
+    from opserve.backends import BackendContext, backend_class
+    from opserve.errors import OpserveError
+    from opserve.ops.usage import model_custom_ops
+
+    result: dict[str, Any] = {"uses": [], "uses_error": None, "signature": None, "error": None}
+    context = BackendContext(
+        config_bytes=base64.b64decode(job["config"]),
+        config_json=job["config_json"],
+        model_dir=Path(job["model_dir"]),
+        version_dir=Path(job["version_dir"]),
+        op_libraries=[Path(p) for p in job["op_libraries"]],
+        server_op_libraries=[Path(p) for p in job["server_op_libraries"]],
+        preloaded_libraries=[Path(p) for p in job["preloaded_libraries"]],
+        model_name=job["model"],
+    )
+    try:
+        result["uses"] = model_custom_ops(job["backend"], context.model_path)
+    except Exception as exc:  # an unreadable model file is the load's to report
+        result["uses_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        backend = backend_class(job["backend"])(context)
+        signature = backend.describe().signature
+        backend.unload()
+    except OpserveError as exc:
+        result["error"] = exc.message
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        if signature is not None:
+            result["signature"] = {
+                kind: [[t.name, t.datatype, list(t.shape)] for t in tensors]
+                for kind, tensors in (("inputs", signature.inputs), ("outputs", signature.outputs))
+            }
+    return result
+
+
+def main_models() -> None:
+    """`python -m opserve.ops.probe models`: jobs as a JSON list on stdin; results as one
+    marked JSON line (a model's own prints cannot be taken for it)."""
+    jobs = json.loads(sys.stdin.read())
+    results = [probe_model(job) for job in jobs]
+    sys.stdout.write(MODEL_RESULT_MARK + json.dumps(results) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main(argv: list[str]) -> None:
+    if argv == ["models"]:
+        main_models()
     framework, path = argv
     try:
         result = {"error": None, **PROBES[framework](path)}

@@ -35,7 +35,6 @@ from opserve.config.normalize import (
 )
 from opserve.config.support import check_fields
 from opserve.config.validate import (
-    DESCRIBED_BACKENDS,
     check_against_signature,
     check_before_load,
     validate_config,
@@ -59,6 +58,7 @@ from opserve.ops import (
 )
 from opserve.ops.build import build_library
 from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_async
+from opserve.ops.needs import candidate_libraries, missing_op_in, unlisted_library_hint
 from opserve.ops.resolve import SOURCES_PARAMETER, model_op_sources
 from opserve.proto import ModelConfig
 from opserve.repository.confinement import confine_model_files
@@ -738,10 +738,8 @@ class ModelManager:
             model.completed = autocomplete(model.config, signature, self._default_batch(model))
         if model.completed:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
-        if signature is not None and model.config.backend in DESCRIBED_BACKENDS:
+        if signature is not None:
             check_against_signature(model.config, signature, autocompleted)
-        elif signature is not None:
-            self._check_against_model(model, signature)
         if (
             signature is not None
             and not self.auto_complete
@@ -760,21 +758,6 @@ class ModelManager:
     def _default_batch(self, model: Model) -> int:
         sizes = self.default_max_batch_size
         return sizes.get(model.config.backend, sizes.get("", DEFAULT_MAX_BATCH_SIZE))
-
-    def _check_against_model(self, model: Model, signature: ModelSignature) -> None:
-        """Config tensors the model does not have (backends whose tensors are not checked
-        further), in Triton's words."""
-        for kind, configured, actual in (
-            ("input", model.config.input, signature.inputs),
-            ("output", model.config.output, signature.outputs),
-        ):
-            names = sorted(t.name for t in actual)
-            for tensor in configured:
-                if names and tensor.name not in names:
-                    raise InvalidArgumentError(
-                        f"unexpected inference {kind} '{tensor.name}', allowed {kind}s are: "
-                        + ", ".join(names)
-                    )
 
     def _make_unavailable(self, model: Model, reason: str) -> None:
         log.error("model '%s' is unavailable: %s", model.name, reason)
@@ -800,9 +783,26 @@ class ModelManager:
             )
             described = await self._spawn(model, entry, describe=True)
         except OpserveError as exc:
-            await self._fail_version(entry, exc.message)
+            reason = exc.message
+            op = missing_op_in(reason)
+            if op is not None:
+                reason += await self._unlisted_library_hint(model, entry, op)
+            await self._fail_version(entry, reason)
             return None
         return described  # still LOADING: READY once its instances serve (`_open`)
+
+    async def _unlisted_library_hint(self, model: Model, entry: ModelVersion, op: str) -> str:
+        """'; <library> registers <op> ...: add <line>' when a library of the model's framework in
+        its folder (or a sibling model's) registers the op its framework did not find."""
+        framework = BACKEND_FRAMEWORKS.get(model.config.backend)
+        if framework is None:
+            return ""
+        for path in candidate_libraries(model.directory, entry.libraries):
+            if _framework_of(path) == framework:
+                report = await inspect_library_async(path)
+                if op in report.ops:
+                    return "; " + unlisted_library_hint(op, path, model.directory, entry.directory)
+        return ""
 
     async def _start_instances(self, model: Model, entry: ModelVersion) -> None:
         """Phase two for a version: every instance serves with the completed config (the
