@@ -113,6 +113,19 @@ def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
     C iterators (no Python bytecode per element): millions of strings take a fraction of the
     time a loop did, on the event loop of a frontend too."""
     items = [e if type(e) is bytes else _as_bytes(e) for e in elements]
+    if len(items) <= _CHUNK:
+        return _interleave(items)
+    # in chunks: between them another thread may take the GIL (a frontend's event loop while
+    # a large request is decoded in a thread)
+    return b"".join(
+        _interleave(items[start : start + _CHUNK]) for start in range(0, len(items), _CHUNK)
+    )
+
+
+_CHUNK = 65_536
+
+
+def _interleave(items: list[bytes]) -> bytes:
     lengths = map(_LENGTH.pack, map(len, items))
     return b"".join(chain.from_iterable(zip(lengths, items, strict=True)))
 

@@ -36,6 +36,10 @@ from opserve.proto import service_pb2
 
 log = logging.getLogger(__name__)
 
+OFFLOAD_ELEMENTS = (
+    65_536  # typed BYTES elements in a request beyond which it is decoded in a thread
+)
+
 T = TypeVar("T")
 
 # The one place where opserve's error codes become gRPC status codes.
@@ -94,6 +98,17 @@ class InferenceServicer:
         # reading it (`limits.check_message_size`); grpc.aio is given it as an option
         self.max_input_size = max_input_size
 
+    async def _decode(self, request: Any) -> Any:
+        """The request as the dataplane takes it; one with many typed BYTES elements (their
+        length-prefixed layout is built element by element) is decoded in a thread, which lets
+        go of the GIL between chunks, so the event loop keeps answering meanwhile."""
+        elements = sum(len(t.contents.bytes_contents) for t in request.inputs)
+        if elements > OFFLOAD_ELEMENTS:
+            return await asyncio.to_thread(
+                decode_infer_request, request, self.dataplane.shared_memory
+            )
+        return decode_infer_request(request, self.dataplane.shared_memory)
+
     @_unary
     async def ServerLive(self, request: Any, context: CallContext) -> Any:
         return service_pb2.ServerLiveResponse(live=self.dataplane.live())
@@ -142,7 +157,7 @@ class InferenceServicer:
 
     @_unary
     async def ModelInfer(self, request: Any, context: CallContext) -> Any:
-        inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+        inference, regions = await self._decode(request)
         if self.forward is not None:
             metadata = context.invocation_metadata() or ()
             inference.parameters.update(forwarded(self.forward, metadata))
@@ -173,7 +188,7 @@ class InferenceServicer:
             regions = None
             try:
                 empty_final = _flag(request, "triton_enable_empty_final_response")
-                inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+                inference, regions = await self._decode(request)
                 if self.forward is not None:
                     metadata = context.invocation_metadata() or ()
                     inference.parameters.update(forwarded(self.forward, metadata))
