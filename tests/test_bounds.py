@@ -325,7 +325,8 @@ def _unacknowledged(sock: socket.socket) -> int:
         ),
         (
             4,
-            "model 'simple' asks for 4 instances, but 1 of the --max-instances-total 4 are in "
+            # 'strings' holds two: Triton's default count for an ONNX model on CPU
+            "model 'simple' asks for 4 instances, but 2 of the --max-instances-total 4 are in "
             "use by other models",
         ),
     ],

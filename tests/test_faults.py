@@ -67,6 +67,8 @@ HANGING_CONFIG = (PYTHON_MODELS / "init_hangs" / "config.pbtxt").read_text()
 
 
 def op_model(repo: Path, name: str, op: str, library: Path, extra: str = "") -> None:
+    if "instance_group" not in extra:  # one worker, to follow (ONNX's default is two on CPU)
+        extra += "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
     folder = models.write_model(
         repo, name, models.custom_op(op), custom_op_config(name, "libmy_ops.so") + extra
     )

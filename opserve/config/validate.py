@@ -36,6 +36,8 @@ _BatchOutput = model_config_pb2.BatchOutput
 _DELAY = model_config_pb2.ModelQueuePolicy.DELAY
 # backends whose model files say their tensors (the checks against the model apply to them)
 DESCRIBED_BACKENDS = frozenset({"onnxruntime"})
+# a config read as written may name its platform only
+_PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime"}
 GPU_BACKENDS = frozenset({"pytorch"})  # the backends this server runs on a GPU
 
 
@@ -290,7 +292,8 @@ def model_mismatches(
     backends: the configured tensors' names. `autocompleted`: the backend's auto-complete ran
     (the config left its inputs or outputs to it)."""
     name = config.name
-    if config.backend not in DESCRIBED_BACKENDS:
+    backend = config.backend or _PLATFORM_BACKENDS.get(config.platform, "")
+    if backend not in DESCRIBED_BACKENDS:
         return _unknown_tensors(config, signature)
     if autocompleted and config.max_batch_size != 0 and not signature.supports_batching():
         return [
