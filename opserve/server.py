@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
@@ -37,6 +38,10 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
     `--exit-timeout-secs`, in-flight requests first, then the models (a worker that does not
     end in what is left of that time is killed)."""
     stop = _Stop(settings.exit_timeout_secs)
+    # --http-thread-count: the threads `asyncio.to_thread` hands the frontends' heavy work to
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(settings.http_thread_count, thread_name_prefix="opserve-http")
+    )
     manager = ModelManager(
         settings.model_repositories,
         settings.op_libraries,

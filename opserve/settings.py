@@ -71,6 +71,8 @@ class ServerSettings:
     trace: TraceConfig = field(default_factory=lambda: TraceConfig(TraceSettings()))
     # bounds: a body's size (--http-max-input-size), HTTP read timeouts and connections
     http_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # --http-thread-count: threads doing the frontends' heavy work off the event loop
+    http_thread_count: int = 8
     grpc_max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE  # --grpc-max-input-size
     max_instances_per_model: int = 64  # worker processes of one model, all versions
     max_instances_total: int = 512  # worker processes of all models
@@ -136,6 +138,7 @@ class ServerSettings:
             default_max_batch_size=_backend_config(triton["backend_config"]),
             trace=parse_trace_config(triton["trace_config"], _deprecated_trace_flags(args)),
             http_limits=_http_limits(args, triton),
+            http_thread_count=triton["http_thread_count"],
             grpc_max_input_size=(
                 GRPC_DEFAULT_MAX_INPUT_SIZE
                 if args.grpc_max_input_size is None
@@ -162,6 +165,8 @@ class ServerSettings:
             raise ValueError("--model-load-timeout-secs must be positive")
         if self.repository_poll_secs < 0:  # 0: no polling, as in Triton
             raise ValueError("--repository-poll-secs must not be negative")
+        if self.http_thread_count < 1:
+            raise ValueError("--http-thread-count must be at least 1")
         if not 0 < self.grpc_max_input_size <= GRPC_DEFAULT_MAX_INPUT_SIZE:
             raise ValueError(
                 f"--grpc-max-input-size must be between 1 and {GRPC_DEFAULT_MAX_INPUT_SIZE}"

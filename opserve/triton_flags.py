@@ -164,9 +164,9 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
         "--http-thread-count",
         _I,
         8,
-        _POOLS + " (HTTP is served by one event loop)",
+        "threads that take the frontends' heavy work off the event loop (inflating bodies, "
+        "decoding large BYTES tensors); requests themselves are served by one event loop",
         "N",
-        effect=NO_EFFECT,
     ),
     TritonFlag(
         "--http-max-input-size",

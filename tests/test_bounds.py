@@ -56,6 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         f"--http-max-connections={CONNECTIONS}",
         "--max-instances-per-model=4",
         "--max-instances-total=4",
+        "--http-thread-count=1",  # inflating and counting below run on this one thread
     ]
     log = tmp_path_factory.mktemp("logs") / "bounds.log"
     with RunningServer([repo], flags, log_path=log) as running:

@@ -95,7 +95,7 @@ def test_values_that_cannot_be_honoured_are_refused(flag: str, message: str | No
 
 
 def test_flags_without_effect_are_noted_once_set() -> None:
-    args, _ = parse("--pinned-memory-pool-byte-size=1024", "--http-thread-count=4")
+    args, _ = parse("--pinned-memory-pool-byte-size=1024", "--grpc-infer-allocation-pool-size=4")
     _, notes = triton_values(args)
     assert len(notes) == 2 and all("has no effect here" in n for n in notes)
     assert triton_values(parse()[0])[1] == []
@@ -111,15 +111,21 @@ def test_settings_from_triton_flags(tmp_path: Path) -> None:
         "--grpc-keepalive-time=1000",
         "--reuse-grpc-port=true",
         "--metrics-config=counter_latencies=false",
+        "--http-thread-count=3",
     )
-    triton, _ = triton_values(args)
+    triton, notes = triton_values(args)
+    assert not any("--http-thread-count" in note for note in notes)  # honoured, not noted
     settings = ServerSettings.from_flags(args, triton)
+    assert settings.http_thread_count == 3
     assert settings.model_repositories == [Path("repo"), tmp_path]
     assert not settings.auto_complete and settings.cache is not None and settings.cache.size == 4096
     assert settings.default_max_batch_size == {"onnxruntime": 16, "": 2}
     assert settings.grpc_keepalive.time_ms == 1000 and settings.grpc_keepalive.timeout_ms == 20000
     assert settings.reuse_grpc_port
     assert settings.counter_latencies is False
+    args, _ = parse("--http-thread-count=0")
+    with pytest.raises(ValueError, match="--http-thread-count must be at least 1"):
+        ServerSettings.from_flags(args, triton_values(args)[0])
 
 
 def run_opserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
