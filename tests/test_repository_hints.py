@@ -63,7 +63,12 @@ def test_a_platform_or_backend_typo_names_the_closest_valid_value(
     config = ModelConfig(name="m", **{field: value})
     with pytest.raises(InvalidArgumentError) as raised:
         normalize_platform(config, tmp_path)
-    assert f"unsupported {field} '{value}' for model 'm'; valid {field}s: " in raised.value.message
+    intro = (  # Triton's words for a platform
+        f"unexpected platform type '{value}' for m"
+        if field == "platform"
+        else f"unsupported backend '{value}' for model 'm'"
+    )
+    assert f"{intro}; valid {field}s: " in raised.value.message
     assert raised.value.message.endswith(f"(did you mean '{closest}'?)")
 
 

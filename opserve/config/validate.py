@@ -302,10 +302,12 @@ def model_mismatches(
         ]
     required = [t for t in signature.inputs if not t.optional]
     expected = len(config.input) + len(config.batch_input) + _sequence_input_count(config)
-    if len(required) != expected:
+    # an input the model may go without (an overridable initializer) may be listed or not
+    if not len(required) <= expected <= len(signature.inputs):
+        provides = len(required) if expected < len(required) else len(signature.inputs)
         return [
             f"unable to load model '{name}', configuration expects {expected} inputs, model "
-            f"provides {len(required)}"
+            f"provides {provides}"
         ]
     problems = _unknown_tensors(config, signature, every=True)
     for kind, configured, actual in (

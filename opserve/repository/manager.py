@@ -738,8 +738,6 @@ class ModelManager:
             model.completed = autocomplete(model.config, signature, self._default_batch(model))
         if model.completed:
             log.info("model '%s': auto-completed %s", model.name, ", ".join(model.completed))
-        if signature is not None:
-            check_against_signature(model.config, signature, autocompleted)
         if (
             signature is not None
             and not self.auto_complete
@@ -749,6 +747,8 @@ class ModelManager:
                 f"model '{model.name}': auto-complete is disabled, so its config must list the "
                 "model's inputs and outputs"
             )
+        if signature is not None:
+            check_against_signature(model.config, signature, autocompleted)
         normalize_instance_groups(model.config, frozenset())
         normalize_model_config(model.config)
         validate_config(model.config, io_complete=True, gpus=self.gpus)
