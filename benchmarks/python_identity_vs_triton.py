@@ -16,7 +16,10 @@ machine; its reported throughput and p50/p99 latency are taken from its CSV repo
 Method: A B A B. Each round starts Triton, measures all six cells, stops it; then starts opserve
 (`tests.serving.RunningServer`), measures the same cells, stops it. A server counts as up once
 /v2/health/ready and /v2/models/identity/ready answer 200. Per cell, the table shows the median over
-rounds for each server and the ratio opserve / Triton. These machines are shared and noisy, and the
+rounds for each server and the ratio opserve / Triton, and each server's CPU time per
+inference (user and system time of its whole process tree over the cell's run, from /proc,
+divided by the inferences its statistics counted): a figure other work on the machine barely
+moves. These machines are shared and noisy, and the
 load tool shares the cores with the server: compare ratios measured in one run, not absolute numbers.
 
     python benchmarks/python_identity_vs_triton.py [--rounds 2] [--measurement-interval 3000]
