@@ -245,7 +245,7 @@ def perf_analyzer(
         "-u",
         url,
         "--shape",
-        SHAPE,
+        args.shape,
         "--concurrency-range",
         f"{concurrency}:{concurrency}",
         "--measurement-interval",
@@ -294,7 +294,7 @@ def measure_server(
     """All six cells against one running server; False if any cell failed (reported, skipped)."""
     ok = True
     for transport in TRANSPORTS:
-        for concurrency in CONCURRENCIES:
+        for concurrency in args.concurrency:
             try:
                 result = perf_analyzer(peers, endpoints, transport, concurrency, args, workdir)
             except BenchmarkError as exc:
@@ -355,13 +355,13 @@ def number(measurement: Measurement | None, field: str) -> str:
     return "—" if measurement is None else f"{getattr(measurement, field):,.0f}"
 
 
-def report(results: Results, rounds: int, shared_memory: str) -> list[dict[str, object]]:
+def report(results: Results, args: argparse.Namespace) -> list[dict[str, object]]:
     """Prints the Markdown table; returns the same rows (with every round) for --json."""
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; perf_analyzer, --shape {SHAPE}, "
-        f"--shared-memory {shared_memory}, "
-        f"median of {rounds} round(s) A B A B"
+        f"Python {platform.python_version()}; perf_analyzer, --shape {args.shape}, "
+        f"--shared-memory {args.shared_memory}, "
+        f"median of {args.rounds} round(s) A B A B"
     )
     print(
         "| transport | concurrency | Triton infer/s | opserve infer/s | opserve/Triton "
@@ -371,7 +371,7 @@ def report(results: Results, rounds: int, shared_memory: str) -> list[dict[str, 
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, object]] = []
     for transport in TRANSPORTS:
-        for concurrency in CONCURRENCIES:
+        for concurrency in args.concurrency:
             cell = (transport, concurrency)
             triton = median(results["Triton"].get(cell, []))
             ours = median(results["opserve"].get(cell, []))
@@ -444,6 +444,17 @@ def main() -> int:
         help="perf_analyzer's --shared-memory: tensors in the request and response (none, the "
         "default) or in system shared-memory regions it registers (system)",
     )
+    parser.add_argument(
+        "--shape",
+        default=SHAPE,
+        help=f"perf_analyzer's --shape (default {SHAPE}; INPUT0:262144 is 1 MiB of FP32)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=CONCURRENCIES,
+        help="the concurrencies measured, comma-separated (default 1,4,8)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -466,7 +477,7 @@ def main() -> int:
     prepare_repository(repository)
     results, failed, cell_errors = run_rounds(servers, repository, peers, args, workdir)
 
-    rows = report(results, args.rounds, args.shared_memory)
+    rows = report(results, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if not failed and not cell_errors:

@@ -508,9 +508,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from opserve.allocator import keep_freed_memory
     from opserve.logs import LogSettings, ServerLog, log_file_path
     from opserve.server import run
     from opserve.settings import ServerSettings
+
+    keep_freed_memory()  # tensors are copied in and out: no page faults for every copy
 
     try:
         triton, notes = triton_values(args)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from opserve.allocator import keep_freed_memory
 from opserve.backends import Backend, BackendContext, Reply, Request, backend_class
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
 from opserve.errors import InternalError, OpserveError, error_from_code
@@ -501,6 +502,7 @@ def _end_with_the_server() -> None:
 
 def main(argv: list[str]) -> int:
     _end_with_the_server()
+    keep_freed_memory()  # tensors are copied into and out of the rings
     sock_fd, request_fd, response_fd, capacity = (int(a) for a in argv[:4])
     if len(argv) > 4:
         _name_process(argv[4])

@@ -256,7 +256,7 @@ class HttpApp:
                 watcher.cancel()
             if regions is not None:
                 regions.release()
-        payload, json_length = encode_response(response, output_format)
+        parts, json_length = encode_response(response, output_format)
         out_headers = [
             (
                 b"content-type",
@@ -265,8 +265,12 @@ class HttpApp:
         ]
         if json_length is not None:
             out_headers.append((b"inference-header-content-length", str(json_length).encode()))
-        payload = _maybe_compress(payload, headers.get(b"accept-encoding"), out_headers)
-        await _send(send, 200, payload, out_headers)
+        accept = headers.get(b"accept-encoding")
+        if accept:
+            payload = _maybe_compress(b"".join(parts), accept, out_headers)
+            await _send(send, 200, payload, out_headers)
+        else:  # the parts as they are: a large output is not copied into one body
+            await _send(send, 200, parts, out_headers)
 
     async def _generate(
         self, name: str, version: str, streaming: bool, receive: Receive, send: Send
@@ -401,12 +405,17 @@ def _maybe_compress(
 
 
 async def _send(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    body: bytes | list[bytes | memoryview],
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     exchange = getattr(send, "__self__", None)
     if type(exchange) is Exchange:  # our own protocol: the whole response in one write
         exchange.respond(status, headers or [], body)
         return
+    if isinstance(body, list):
+        body = b"".join(body)
     headers = list(headers or [])
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

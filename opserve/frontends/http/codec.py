@@ -328,8 +328,9 @@ def _too_deep() -> InvalidArgumentError:  # Triton's words
 
 def encode_response(
     response: InferenceResponse, output_format: OutputFormat
-) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary data follows it."""
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The response body in parts (the JSON header, then each binary output as it is: written
+    out as they are, not joined), and the header's length when binary data follows it."""
     outputs = []
     binary_parts: list[bytes | memoryview] = []
     for tensor in response.outputs:
@@ -355,8 +356,8 @@ def encode_response(
     body["outputs"] = outputs
     header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary_parts:
-        return header, None
-    return b"".join([header, *binary_parts]), len(header)
+        return [header], None
+    return [header, *binary_parts], len(header)
 
 
 def json_values(tensor: Tensor) -> list[Any]:

@@ -99,27 +99,30 @@ class Exchange:
     def started(self) -> bool:
         return self._pending_head is not None or self._head_written or self.complete
 
-    def respond(self, status: int, headers: Headers, body: bytes) -> None:
-        """The whole response: status line, headers, a Content-Length and the body, in one write
-        (a large body in a second one, not copied)."""
+    def respond(
+        self, status: int, headers: Headers, body: bytes | list[bytes | memoryview]
+    ) -> None:
+        """The whole response: status line, headers, a Content-Length and the body (bytes, or
+        parts that follow one another), in one write; a large body's parts are handed to the
+        transport as they are (one vectored write), not copied into one buffer."""
         if self.started:
             raise RuntimeError("the response has already started")
         if self.disconnected:
             self._finish()
             return
-        extra = b"content-length: %d\r\n" % len(body)
+        bodies = [body] if isinstance(body, (bytes, bytearray, memoryview)) else body
+        size = sum(len(part) for part in bodies)
+        extra = b"content-length: %d\r\n" % size
         if not self.keep_alive:
             extra += b"connection: close\r\n"
         parts = _head(status, headers, extra + b"\r\n")
         transport = self._connection.transport
         if self._head_only:
             transport.write(b"".join(parts))
-        elif len(body) <= COALESCE_BYTES:
-            parts.append(body)
-            transport.write(b"".join(parts))
+        elif size <= COALESCE_BYTES:
+            transport.write(b"".join([*parts, *bodies]))
         else:
-            transport.write(b"".join(parts))
-            transport.write(body)
+            transport.writelines([b"".join(parts), *bodies])
         self._finish()
 
     # ASGI
