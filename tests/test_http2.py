@@ -152,7 +152,7 @@ def test_a_response_waits_for_the_clients_window(connected) -> None:
     )
     transport.frames()
     stream = recorder.streams[1]
-    peer.run(lambda: stream.send_response(b"\x88", b"0123456789abcdef", b"\x88"))
+    peer.run(lambda: stream.send_response(b"\x88", [b"0123456789abcdef"], b"\x88"))
     sent = transport.frames()
     assert [(f[0], f[3]) for f in sent] == [(HEADERS, b"\x88"), (DATA, b"0123456789")]
     peer.feed(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 100)))
@@ -206,3 +206,27 @@ def test_indexed_header_blocks_follow_the_dynamic_table(connected) -> None:
     peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 9, indexed))
     values = [headers["x-key"] for kind, _, headers in recorder.events if kind == "headers"]
     assert values == ["v1", "v1", "v1", "v2", "v2"]
+
+
+def test_an_answer_serialized_in_parts_reads_as_the_whole_message() -> None:
+    """The unary ModelInfer answer keeps its raw outputs out of the message: its parts, read by
+    protobuf, are the message Triton sends (an output in shared memory keeps an empty entry)."""
+    from opserve.frontends.grpc.codec import encode_infer_answer, encode_infer_response
+    from opserve.inference import InferenceResponse, Tensor
+    from opserve.proto import service_pb2
+
+    big = bytes(range(256)) * 1024  # a length that needs a three-byte varint
+    response = InferenceResponse(
+        "m",
+        "1",
+        [
+            Tensor("A", "UINT8", (len(big),), big),
+            Tensor("S", "FP32", (2,), b"\0" * 8),
+            Tensor("E", "FP32", (0,), b""),
+        ],
+        id="r",
+    )
+    answer = encode_infer_answer(response, in_shared_memory={"S"})
+    parsed = service_pb2.ModelInferResponse.FromString(b"".join(answer.serialized_parts()))
+    assert parsed == encode_infer_response(response, in_shared_memory={"S"})
+    assert list(parsed.raw_output_contents) == [big, b"", b""]

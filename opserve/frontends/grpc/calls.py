@@ -91,6 +91,7 @@ RESPONSE_HEADERS = STATUS_200 + CONTENT_TYPE
 GZIP_HEADERS = RESPONSE_HEADERS + encode_literal(b"grpc-encoding", b"gzip")
 OK_TRAILERS = encode_literal(b"grpc-status", b"0")
 _PREFIX = struct.Struct(">BI")
+_JOIN_BYTES = 16_384  # a streamed message this small is joined into one DATA frame
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # metadata that is the protocol's own, not the call's
 _RESERVED = frozenset(
@@ -107,6 +108,13 @@ def status_block(status: Status, message: str) -> bytes:
         encoded = urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
         block += encode_literal(b"grpc-message", encoded.encode())
     return block
+
+
+def serialized_parts(response: Any) -> list[bytes | memoryview]:
+    """A protobuf message's serialization; for an object that offers `serialized_parts` (a
+    response holding large byte strings), its parts."""
+    parts = getattr(response, "serialized_parts", None)
+    return parts() if parts is not None else [response.SerializeToString()]
 
 
 def parse_timeout(value: str) -> float | None:
@@ -165,13 +173,15 @@ class Call:
         self.expired = False
         self.started = False  # response headers sent
 
-    def message(self, response: Any) -> bytes:
-        payload = response.SerializeToString()
+    def message(self, response: Any) -> list[bytes | memoryview]:
+        """The response as a length-prefixed message, in parts that follow one another (a
+        response that serializes itself in parts keeps its large tensors out of any copy)."""
+        parts = serialized_parts(response)
         if self.gzip_level is not None:
             compressor = zlib.compressobj(self.gzip_level, zlib.DEFLATED, 31)
-            payload = compressor.compress(payload) + compressor.flush()
-            return _PREFIX.pack(1, len(payload)) + payload
-        return _PREFIX.pack(0, len(payload)) + payload
+            payload = compressor.compress(b"".join(parts)) + compressor.flush()
+            return [_PREFIX.pack(1, len(payload)), payload]
+        return [_PREFIX.pack(0, sum(len(part) for part in parts)), *parts]
 
     @property
     def headers(self) -> bytes:
@@ -384,7 +394,12 @@ class GrpcCalls:
                 if not call.started:
                     call.started = True
                     call.stream.send_headers(call.headers)
-                call.stream.send_data(call.message(response))
+                parts = call.message(response)
+                if sum(len(part) for part in parts) <= _JOIN_BYTES:
+                    call.stream.send_data(b"".join(parts))  # one frame for a small message
+                else:
+                    for part in parts:
+                        call.stream.send_data(part)
         except CallError as exc:
             status, message = exc.status, exc.message
         except asyncio.CancelledError:

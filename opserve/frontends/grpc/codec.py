@@ -197,6 +197,58 @@ def _typed_contents(tensor: Any, model: str) -> bytes:
     return data
 
 
+class InferAnswer:
+    """A `ModelInferResponse` whose raw output contents stay the tensors' own bytes: it
+    serializes as the message without them followed by one `raw_output_contents` field per
+    output (field order does not matter to a protobuf reader), so a large output is not copied
+    into the message and again into its serialization."""
+
+    __slots__ = ("head", "raw")
+
+    def __init__(self, head: Any, raw: list[bytes | memoryview]) -> None:
+        self.head = head
+        self.raw = raw
+
+    def serialized_parts(self) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = [self.head.SerializeToString()]
+        for data in self.raw:
+            parts.append(_RAW_OUTPUT_TAG + _varint(len(data)))
+            parts.append(data)
+        return parts
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return b"".join(self.serialized_parts())
+
+
+_RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # field 6 (raw_output_contents), length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_infer_answer(
+    response: InferenceResponse, in_shared_memory: Container[str] = ()
+) -> InferAnswer:
+    """`encode_infer_response` for a unary answer, its raw contents kept apart."""
+    head = service_pb2.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    raw: list[bytes | memoryview] = []
+    for tensor in response.outputs:
+        output = head.outputs.add()
+        output.name = tensor.name
+        output.datatype = tensor.datatype
+        output.shape.extend(tensor.shape)
+        raw.append(b"" if tensor.name in in_shared_memory else tensor.data)
+    return InferAnswer(head, raw)
+
+
 def encode_infer_response(
     response: InferenceResponse, in_shared_memory: Container[str] = ()
 ) -> Any:

@@ -168,8 +168,11 @@ class Stream:
     def send_data(self, data: bytes | memoryview, end: bool = False) -> None:
         self.connection.send_data(self, data, end)
 
-    def send_response(self, headers: bytes, message: bytes, trailers: bytes) -> None:
-        """Headers, one data payload and trailers: one write when the windows allow."""
+    def send_response(
+        self, headers: bytes, message: list[bytes | memoryview], trailers: bytes
+    ) -> None:
+        """Headers, one data payload (in parts that follow one another) and trailers: one
+        write when the windows allow."""
         self.connection.send_response(self, headers, message, trailers)
 
     def reset(self, code: int = CANCEL) -> None:
@@ -588,11 +591,11 @@ class Http2Connection(asyncio.Protocol):
         self._flush(stream)
 
     def send_response(
-        self, stream: Stream, headers: bytes, message: bytes, trailers: bytes
+        self, stream: Stream, headers: bytes, message: list[bytes | memoryview], trailers: bytes
     ) -> None:
         if stream.local_closed or self.closed:
             return
-        length = len(message)
+        length = sum(len(part) for part in message)
         if (
             not stream.pending
             and length <= self.peer_max_frame
@@ -609,7 +612,7 @@ class Http2Connection(asyncio.Protocol):
                     (
                         self._header_frames(stream.id, headers, False),
                         frame_header(length, DATA, 0, stream.id),
-                        message,
+                        *message,
                         self._header_frames(stream.id, trailers, True),
                     )
                 )
@@ -617,7 +620,8 @@ class Http2Connection(asyncio.Protocol):
             self._forget_if_done(stream)
             return
         self.send_headers(stream, headers, False)
-        self.send_data(stream, message, False)
+        for part in message:  # framed as the windows allow; the parts are not joined
+            self.send_data(stream, part, False)
         self.send_headers(stream, trailers, True)
 
     def _flush(self, stream: Stream) -> None:

@@ -28,7 +28,11 @@ from opserve.errors import (
 )
 from opserve.frontends.access import Restriction, forwarded
 from opserve.frontends.grpc.calls import CallContext, CallError, GrpcCalls, Status
-from opserve.frontends.grpc.codec import decode_infer_request, encode_infer_response
+from opserve.frontends.grpc.codec import (
+    decode_infer_request,
+    encode_infer_answer,
+    encode_infer_response,
+)
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.grpc.server import GrpcServer, methods_of, tls_context
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
@@ -164,9 +168,9 @@ class InferenceServicer:
         try:
             response = await self.dataplane.infer(inference)
             if regions is None:
-                return encode_infer_response(response)
+                return encode_infer_answer(response)
             regions.place_outputs(response)
-            return encode_infer_response(response, regions.outputs)
+            return encode_infer_answer(response, regions.outputs)
         except DecoupledModelError:  # Triton's words
             raise UnsupportedError(
                 "ModelInfer RPC doesn't support models with decoupled transaction policy"
