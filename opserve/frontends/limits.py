@@ -50,12 +50,6 @@ def body_too_large(size: int | None, limit: int, flag: str = "--http-max-input-s
     )
 
 
-def check_message_size(size: int, limit: int, flag: str) -> None:
-    """A message (a gRPC request, before it is read) that the limit refuses: INVALID_ARG."""
-    if size > limit:
-        raise InvalidArgumentError(body_too_large(size, limit, flag))
-
-
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """A request body in its `Content-Encoding` (gzip, deflate; identity: as it is), inflated
     step by step and refused as soon as it grows past `limit` (Triton's words), so that a small

@@ -94,13 +94,9 @@ class InferenceServicer:
         self,
         dataplane: DataPlane,
         forward: re.Pattern[str] | None = None,
-        max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE,
     ) -> None:
         self.dataplane = dataplane
         self.forward = forward  # --grpc-header-forward-pattern
-        # --grpc-max-input-size: a transport checks a message's length against it before
-        # reading it (`limits.check_message_size`); grpc.aio is given it as an option
-        self.max_input_size = max_input_size
 
     async def _decode(self, request: Any) -> Any:
         """The request as the dataplane takes it; one with many typed BYTES elements (their
@@ -402,7 +398,7 @@ async def start_grpc_server(
     message over `max_input_size` is refused (RESOURCE_EXHAUSTED) before it is read whole;
     `limits` bounds the connections and how long a new one may stay silent."""
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    servicer = InferenceServicer(dataplane, forward, max_input_size)
+    servicer = InferenceServicer(dataplane, forward)
     calls = GrpcCalls(methods_of(servicer, service), compression, restrictions, max_input_size)
     server = GrpcServer(calls, keepalive or KeepaliveSettings(), limits)
     context = None if tls is None else tls_context(*tls)
