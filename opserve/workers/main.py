@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -65,6 +65,8 @@ from opserve.workers.messages import (
 from opserve.workers.ring import Releases, ShmRing
 
 log = logging.getLogger("opserve.worker")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,10 +115,22 @@ class Worker:
                 return
 
     def _next_task(self) -> tuple[Message, list[int | bool] | None] | None:
-        """The main thread's next load, execution or unload: one read for it by another
-        thread, or the next one it reads itself; None once the server has gone."""
+        """The main thread's next load, execution or unload; None once the server has gone."""
+        return self._take(self._tasks)
+
+    def _await(
+        self, answers: deque[tuple[Message, list[int | bool]]]
+    ) -> tuple[Message, list[int | bool]]:
+        """The next answer to one of this thread's calls."""
+        found = self._take(answers)
+        return found if found is not None else (_GONE, [0, True])
+
+    def _take(self, queue: deque[T]) -> T | None:
+        """The first item of `queue` (filled under `_changed`'s lock): one another thread read
+        and handed over, or, when no one is reading, one this thread reads itself; None once
+        the server has gone."""
         with self._changed:
-            while not self._tasks:
+            while not queue:
                 if self._gone:
                     return None
                 if not self._reading:
@@ -124,25 +138,8 @@ class Worker:
                     break
                 self._changed.wait()
             else:
-                return self._tasks.popleft()
-        return self._read_until(lambda: self._tasks.popleft() if self._tasks else None)
-
-    def _await(
-        self, answers: deque[tuple[Message, list[int | bool]]]
-    ) -> tuple[Message, list[int | bool]]:
-        """The next answer to one of this thread's calls: handed over, or read by itself."""
-        with self._changed:
-            while not answers:
-                if self._gone:
-                    return _GONE, [0, True]
-                if not self._reading:
-                    self._reading = True
-                    break
-                self._changed.wait()
-            else:
-                return answers.popleft()
-        found = self._read_until(lambda: answers.popleft() if answers else None)
-        return found if found is not None else (_GONE, [0, True])
+                return queue.popleft()
+        return self._read_until(lambda: queue.popleft() if queue else None)
 
     def _read_until(self, take: Any) -> Any:
         """Read as the one reader, handing out what is read, until `take` (called under the

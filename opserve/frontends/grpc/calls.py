@@ -22,7 +22,7 @@ import logging
 import struct
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -440,6 +440,3 @@ def _unbase64(value: str) -> bytes:
         return base64.b64decode(padded)
     except ValueError:
         return value.encode()
-
-
-Handler = Callable[[Any, CallContext], Awaitable[Any]]

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -726,8 +726,3 @@ def _unpad(payload: memoryview) -> memoryview:
     if padding >= len(payload):
         raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
     return payload[1 : len(payload) - padding]
-
-
-def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Headers as never-indexed literals (no encoder state)."""
-    return b"".join(encode_literal(name, value) for name, value in headers)

@@ -11,6 +11,8 @@ import ssl
 import tempfile
 from typing import Any
 
+from google.protobuf import message_factory
+
 from opserve.frontends.grpc.calls import GrpcCalls, Method
 from opserve.frontends.grpc.http2 import Http2Connection, KeepaliveSettings
 from opserve.frontends.limits import ConnectionLimits
@@ -21,22 +23,14 @@ log = logging.getLogger(__name__)
 def methods_of(servicer: Any, service: Any) -> dict[str, Method]:
     """The servicer's handlers by `:path`, for a protobuf service descriptor."""
     methods = {}
-    module = service.file
     for method in service.methods:
-        request_type = _message_class(module, method.input_type)
         methods[f"/{service.full_name}/{method.name}"] = Method(
             method.name,
-            request_type,
+            message_factory.GetMessageClass(method.input_type),
             getattr(servicer, method.name),
             method.client_streaming or method.server_streaming,
         )
     return methods
-
-
-def _message_class(file: Any, descriptor: Any) -> Any:
-    from google.protobuf import message_factory
-
-    return message_factory.GetMessageClass(descriptor)
 
 
 def tls_context(key: bytes, certificate: bytes, root: bytes | None) -> ssl.SSLContext:
