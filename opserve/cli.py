@@ -303,13 +303,20 @@ def add_build_command(ops_commands: argparse._SubParsersAction) -> None:  # type
     build = ops_commands.add_parser(
         "build",
         help="build a custom-op library from C++ sources for the framework that will load it",
-        description="Compile C++ op sources into one shared library with the headers, flags and "
-        "ABI of the framework installed where the model's worker will run (with --model: that "
+        description="Compile C++ op sources (and CUDA .cu sources, with nvcc) into one shared "
+        "library with the headers, flags and ABI of the framework installed where the model's "
+        "worker will run (with --model: that "
         "model's EXECUTION_ENV_PATH environment, else this one), inspect the result, and print "
         "the model_operations line that loads it. Builds are cached by sources, flags, "
         "framework version and compiler.",
     )
-    build.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="C++ sources")
+    build.add_argument(
+        "sources",
+        nargs="+",
+        type=Path,
+        metavar="SOURCE",
+        help="C++ (.cc, .cpp) or CUDA (.cu) sources",
+    )
     build.add_argument(
         "--framework",
         choices=["onnxruntime", "pytorch", "tensorflow"],

@@ -63,6 +63,19 @@ def torch_add_one(output: Path, library: str) -> None:
     torch.jit.save(torch.jit.script(AddOne()), str(output))
 
 
+def torch_twice_plus_one(output: Path, library: str) -> None:
+    """cuda_ops::twice_plus_one, the op whose kernel is CUDA (scripting needs only its schema)."""
+    import torch
+
+    torch.ops.load_library(library)
+
+    class TwicePlusOne(torch.nn.Module):
+        def forward(self, INPUT__0: torch.Tensor) -> torch.Tensor:
+            return torch.ops.cuda_ops.twice_plus_one(INPUT__0)
+
+    torch.jit.save(torch.jit.script(TwicePlusOne()), str(output))
+
+
 def torch_nested_ops(output: Path, library: str) -> None:
     """Custom ops in a submodule's forward and in a method other than forward."""
     import torch
@@ -198,6 +211,7 @@ def tf_add_sub_savedmodel(output: Path, library: str | None = None) -> None:
 GENERATORS = {
     "torch_modulo": torch_modulo,
     "torch_add_one": torch_add_one,
+    "torch_twice_plus_one": torch_twice_plus_one,
     "torch_nested_ops": torch_nested_ops,
     "torch_add_sub": torch_add_sub,
     "torch_double": torch_double,

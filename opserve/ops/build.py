@@ -7,6 +7,11 @@ PyTorch's include and library folders and its `_GLIBCXX_USE_CXX11_ABI`
 version (its headers come from `headers`). Builds are cached under `<cache>/oplibs/` by a hash of
 the sources, the flags, the framework's version, the compiler and (ONNX Runtime) the headers, so
 a framework upgrade builds anew and nothing else does.
+
+CUDA sources (`.cu`) are compiled by nvcc (`opserve.ops.cuda`) with the framework's include
+folders and defines, and linked with the C++ sources against CUDA's runtime (for PyTorch also
+`libtorch_cuda` and `libc10_cuda`); a PyTorch without CUDA, or one built for another CUDA major
+release than nvcc's, is refused before anything is compiled.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from opserve.errors import BuildError
+from opserve.ops.cuda import CudaToolkit, architecture_flags, find_toolkit, has_cuda_sources
 from opserve.ops.headers import api_problem, headers_api_version, onnxruntime_headers
 from opserve.workers.launcher import Launcher
 
@@ -34,7 +40,8 @@ _QUERIES = {
     "pytorch": (
         "import json, torch, torch.utils.cpp_extension as c;"
         "print(json.dumps({'version': torch.__version__, 'include': c.include_paths(),"
-        " 'lib': c.library_paths(), 'abi': int(torch._C._GLIBCXX_USE_CXX11_ABI)}))"
+        " 'lib': c.library_paths(), 'abi': int(torch._C._GLIBCXX_USE_CXX11_ABI),"
+        " 'cuda': torch.version.cuda, 'cuda_home': c.CUDA_HOME}))"
     ),
     "tensorflow": (
         "import json, tensorflow as tf;"
@@ -46,6 +53,14 @@ _QUERIES = {
     ),
 }
 BUILD_TIMEOUT_S = 600.0
+# what PyTorch's own CUDA extensions compile with (its half-precision types need them)
+_TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
 
 
 @dataclass
@@ -57,6 +72,9 @@ class FrameworkFlags:
     compile: list[str]
     link: list[str] = field(default_factory=list)
     headers: Path | None = None  # ONNX Runtime's include folder (hashed into the cache key)
+    cuda: str | None = None  # the CUDA release the framework was built for (PyTorch)
+    cuda_home: str | None = None  # the toolkit the framework would build with (PyTorch)
+    cuda_link: list[str] = field(default_factory=list)  # the framework's CUDA libraries
 
 
 @dataclass
@@ -90,6 +108,9 @@ def framework_flags(
             version,
             [f"-I{p}" for p in facts["include"]] + [f"-D_GLIBCXX_USE_CXX11_ABI={facts['abi']}"],
             [*(f"-L{p}" for p in facts["lib"]), "-lc10", "-ltorch_cpu", "-ltorch"],
+            cuda=facts.get("cuda"),
+            cuda_home=facts.get("cuda_home"),
+            cuda_link=["-ltorch_cuda", "-lc10_cuda"],
         )
     if framework == "tensorflow":
         return FrameworkFlags(framework, version, list(facts["compile"]), list(facts["link"]))
@@ -205,6 +226,10 @@ def build_library(
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     identity = [framework, flags.version, _compiler_identity(compiler), *compile_flags, *flags.link]
     digest.update("\0".join(identity).encode())
+    cuda = _CudaBuild.plan(sources, flags, launcher, compiler, std, compile_flags)
+    if cuda is not None:
+        compile_flags.append(f"-I{cuda.toolkit.include}")
+        digest.update("\0".join(cuda.identity()).encode())
     if flags.headers is not None:
         for header in sorted(flags.headers.glob("*.h")):
             digest.update(header.name.encode() + header.read_bytes())
@@ -214,21 +239,91 @@ def build_library(
         return BuiltLibrary(output, framework, flags.version, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"{name}.partial-{os.getpid()}"
-    command = [compiler, *compile_flags, *map(str, sources), "-o", str(partial), *flags.link]
+    log = folder / "build.log"
+    log.write_text("")
+    described = f"{name} from {', '.join(str(s) for s in sources)} for {framework} {flags.version}"
+    objects: list[Path] = []
+    link = list(flags.link)
+    if cuda is not None:
+        for index, source in enumerate(s for s in sources if s.suffix == ".cu"):
+            target = folder / f"{source.stem}-{index}.cu.o.partial-{os.getpid()}"
+            _run([*cuda.compile_command(source, target)], log, described, [partial, *objects])
+            objects.append(target)
+        link += [*cuda.toolkit.link_flags(), *flags.cuda_link]
+    cxx_sources = [str(s) for s in sources if s.suffix != ".cu"]
+    command = [compiler, *compile_flags, *cxx_sources, *map(str, objects), "-o", str(partial)]
+    _run([*command, *link], log, described, [partial, *objects])
+    for obj in objects:
+        obj.unlink(missing_ok=True)
+    partial.replace(output)
+    return BuiltLibrary(output, framework, flags.version, cached=False)
+
+
+def _run(command: list[str], log: Path, described: str, leftovers: list[Path]) -> None:
+    """One compiler or linker step, appended to `log`; a BuildError with its first error."""
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise BuildError(f"building {name} took longer than {BUILD_TIMEOUT_S:.0f} s") from None
-    (folder / "build.log").write_text(" ".join(command) + "\n" + result.stderr)
+        raise BuildError(f"building {described} took longer than {BUILD_TIMEOUT_S:.0f} s") from None
+    with log.open("a") as out:
+        out.write(" ".join(command) + "\n" + result.stdout + result.stderr)
     if result.returncode != 0:
-        partial.unlink(missing_ok=True)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
         raise BuildError(
-            f"building {name} from {', '.join(str(s) for s in sources)} for {framework} "
-            f"{flags.version} failed: {first_error(result.stderr)} "
-            f"(the whole compiler output: {folder / 'build.log'})"
+            f"building {described} failed: {first_error(result.stderr + result.stdout)} "
+            f"(the whole compiler output: {log})"
         )
-    partial.replace(output)
-    return BuiltLibrary(output, framework, flags.version, cached=False)
+
+
+@dataclass
+class _CudaBuild:
+    """How a library's `.cu` sources are compiled: nvcc with the framework's includes and defines."""
+
+    toolkit: CudaToolkit
+    flags: list[str]  # nvcc's, before the source and output
+
+    @classmethod
+    def plan(
+        cls,
+        sources: list[Path],
+        framework: FrameworkFlags,
+        launcher: Launcher | None,
+        compiler: str,
+        std: str | None,
+        compile_flags: list[str],
+    ) -> _CudaBuild | None:
+        if not has_cuda_sources(sources):
+            return None
+        if framework.framework == "pytorch" and not framework.cuda:
+            raise BuildError(
+                f"CUDA sources need a CUDA build of PyTorch, but the environment's torch "
+                f"{framework.version} is CPU-only: install one built for your CUDA release "
+                "(PyTorch's CUDA wheels, `pip install torch` from its CUDA wheel index)"
+            )
+        from opserve.ops.inspect import site_dirs
+
+        toolkit = find_toolkit(hint=framework.cuda_home, site_dirs=site_dirs(launcher))
+        if framework.cuda and int(framework.cuda.split(".")[0]) != toolkit.major:
+            raise BuildError(
+                f"nvcc ({toolkit.nvcc}) is CUDA {toolkit.version}, but torch {framework.version} "
+                f"was built with CUDA {framework.cuda}: a library built so would not load beside "
+                f"it; use a CUDA {framework.cuda.split('.')[0]} toolkit (CUDA_HOME=<folder>)"
+            )
+        standard = [f"-std={std}"] if std else [f for f in compile_flags if "-std=" in f][:1]
+        passed = [f for f in compile_flags if f.startswith(("-I", "-D"))]
+        flags = ["-c", "-O2", "-Xcompiler", "-fPIC", "-ccbin", compiler]
+        flags += ["-" + f.lstrip("-") for f in standard]  # nvcc spells it -std=
+        flags += [*architecture_flags(), *passed, f"-I{toolkit.include}"]
+        if framework.framework == "pytorch":
+            flags += _TORCH_NVCC_FLAGS
+        return cls(toolkit, flags)
+
+    def identity(self) -> list[str]:
+        return [str(self.toolkit.nvcc), self.toolkit.version, *self.flags]
+
+    def compile_command(self, source: Path, target: Path) -> list[str]:
+        return [str(self.toolkit.nvcc), *self.flags, str(source), "-o", str(target)]
 
 
 def model_operations_line(filename: str) -> str:
