@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from opserve.cli import build_parser
 from tests.dockerfile import DOCKERFILE, Dockerfile, arg_defaults, env_values, parse, read
@@ -94,6 +93,10 @@ def test_build_arguments_choose_the_extra_and_cpu_or_cuda(dockerfile: Dockerfile
     # the extras the build accepts are exactly opserve's framework extras
     check = next(r.arguments for r in build.all("RUN") if "EXTRA must be" in r.arguments)
     accepted = set(re.search(r"case \"\$\{EXTRA\}\" in ([\w|]+)\)", check).group(1).split("|"))
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
