@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve a Triton model repository over the KServe V2 HTTP protocol",
-        description="Serve one or more Triton model repositories. Flag names follow tritonserver's.",
+        description="Serve one or more Triton model repositories. Flag names follow tritonserver's; "
+        "a first argument 'tritonserver' (a Triton container's argument list) is skipped.",
     )
     serve.add_argument(
         "--model-repository",
@@ -491,8 +492,21 @@ def _rerun_code() -> str:
     )
 
 
+# A Triton container runs its arguments as a command, so a ServingRuntime written for Triton
+# (KServe's kserve-tritonserver) starts its argument list with the program's name.
+TRITON_PROGRAM = "tritonserver"
+
+
+def without_triton_program(argv: list[str]) -> list[str]:
+    """`serve tritonserver --flag ...` (Triton's argument list after an image whose entrypoint is
+    `opserve serve`) is `serve --flag ...`."""
+    if argv[:2] == ["serve", TRITON_PROGRAM]:
+        return ["serve", *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = without_triton_program(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported under the usage line of the command that was run
