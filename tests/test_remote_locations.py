@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from opserve.errors import InvalidArgumentError
-from opserve.remote import RepositoryMirror, is_remote, parse_location, repository_argument
+from opserve.remote import (
+    RepositoryMirror,
+    is_remote,
+    open_repository,
+    parse_location,
+    repository_argument,
+)
 from opserve.remote.credentials import match_credential, read_credential_file, storage_access
 from opserve.remote.mirror import _identity, _is_safe
 
@@ -251,3 +257,15 @@ def test_a_model_name_that_is_no_folder_name_syncs_nothing(tmp_path: Path) -> No
     for name in ("../outside.txt", "a/b", ".."):
         assert mirror.sync(name).fetched == 0
     assert outside.read_text() == "kept"
+
+
+def test_tritons_mount_directory_holds_the_mirror(tmp_path: Path) -> None:
+    env = {"TRITON_AWS_MOUNT_DIRECTORY": str(tmp_path)}
+    mirror = open_repository("s3://bucket/repo", env)
+    assert mirror.folder.is_relative_to(tmp_path)
+    # another scheme's variable does not apply
+    assert not open_repository("gs://bucket/repo", env).folder.is_relative_to(tmp_path)
+    with pytest.raises(
+        InvalidArgumentError, match="TRITON_AWS_MOUNT_DIRECTORY .* is not a directory"
+    ):
+        open_repository("s3://bucket/repo", {"TRITON_AWS_MOUNT_DIRECTORY": str(tmp_path / "no")})
