@@ -167,7 +167,7 @@ def test_polling_serves_the_bucket_and_follows_it(s3: S3Server, tmp_path: Path) 
     with (
         RunningServer(
             [s3.url()],  # type: ignore[list-item]
-            ["--model-control-mode", "poll", "--repository-poll-secs", "1"],
+            ["--model-control-mode", "poll", "--repository-poll-secs", "0.5"],
             env={**s3.env(), "OPSERVE_CACHE_DIR": str(cache)},
             log_path=tmp_path / "server.log",
         ) as server,
