@@ -12,7 +12,7 @@ from pathlib import Path
 
 from opserve import __version__
 from opserve.errors import OpserveError
-from opserve.remote import RepositoryMirror, repository_argument
+from opserve.remote import RepositoryMirror, localize, repository_argument
 from opserve.triton_flags import add_triton_flags, parse_boolean, triton_values
 
 
@@ -377,8 +377,6 @@ def _localize(
     folders to read and the mirrors; None once the error (naming the URL) is printed."""
     if all(isinstance(r, Path) for r in repositories):
         return [r for r in repositories if isinstance(r, Path)], []
-    from opserve.remote import localize
-
     try:
         folders, mirrors = localize(repositories)
     except OpserveError as exc:

@@ -313,7 +313,7 @@ class ModelManager:
             )
         return results
 
-    # repositories in object storage ---------------------------------------------------------------
+    # repositories in object storage -----------------------------------------------------------
     async def refresh(self, model: str | None = None) -> None:
         """Bring the local mirrors of remote repositories up to date (only `model`'s folder
         when named), off the event loop; the one place where they are synced after start-up.
