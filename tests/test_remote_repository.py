@@ -80,6 +80,7 @@ class S3Server:
         key = iam.create_access_key(UserName="opserve")["AccessKey"]
         self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
         self.s3 = self._client("s3", self.key_id, self.secret)
+        self.iam = self._client("iam", self.key_id, self.secret)
         self.s3.create_bucket(Bucket=BUCKET)
         return self
 
@@ -116,6 +117,17 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret}
+
+    def second_key(self) -> dict[str, str]:
+        """The environment of another key of the same user, to revoke while a server uses it."""
+        key = self.iam.create_access_key(UserName="opserve")["AccessKey"]
+        return {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+
+    def revoke(self, key_id: str) -> None:
+        self.iam.delete_access_key(UserName="opserve", AccessKeyId=key_id)
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +174,15 @@ def ready(client: httpclient.InferenceServerClient, model: str, version: str = "
 def test_polling_serves_the_bucket_and_follows_it(s3: S3Server, tmp_path: Path) -> None:
     """The custom-op model and its library come from the bucket, the library is inspected and
     loaded from the local mirror, and polling sees a new version, a new model and a removal;
-    an object that did not change is not fetched again."""
+    an object that did not change is not fetched again. Once its key is revoked, a poll fails
+    and says so, and the loaded models keep serving."""
     cache = tmp_path / "cache"
+    key = s3.second_key()
     with (
         RunningServer(
             [s3.url()],  # type: ignore[list-item]
             ["--model-control-mode", "poll", "--repository-poll-secs", "0.5"],
-            env={**s3.env(), "OPSERVE_CACHE_DIR": str(cache)},
+            env={**key, "OPSERVE_CACHE_DIR": str(cache)},
             log_path=tmp_path / "server.log",
         ) as server,
         httpclient.InferenceServerClient(server.url) as client,
@@ -201,6 +215,13 @@ def test_polling_serves_the_bucket_and_follows_it(s3: S3Server, tmp_path: Path) 
         wait_for(lambda: "appears" not in listed(), "'appears' to leave the index")
         assert not ready(client, "appears") and not (mirrored / "appears").exists()
         assert "addone" in listed()
+
+        s3.revoke(key["AWS_ACCESS_KEY_ID"])
+        wait_for(lambda: "cannot poll the model repositories" in server.log(), "a failed poll")
+        assert f"model repository '{s3.url()}'" in server.log()
+        np.testing.assert_array_equal(infer(client, "addone", "2"), [[11, 12, 13, 14]])
+        with pytest.raises(InferenceServerException, match="Access Key Id"):
+            client.get_model_repository_index()  # Triton's index polls the repository
     s3.delete(f"{PREFIX}/addone/2/")
 
 
