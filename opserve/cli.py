@@ -12,6 +12,7 @@ from pathlib import Path
 
 from opserve import __version__
 from opserve.errors import OpserveError
+from opserve.remote import RepositoryMirror, localize, repository_argument
 from opserve.triton_flags import add_triton_flags, parse_boolean, triton_values
 
 
@@ -33,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-repository",
         action="append",
         default=[],
-        type=Path,
+        type=repository_argument,
         metavar="DIR",
-        help="a Triton model repository (<DIR>/<model>/config.pbtxt and numeric version folders); "
+        help="a Triton model repository (<DIR>/<model>/config.pbtxt and numeric version folders), "
+        "or one in object storage (s3://bucket/path, s3://host:port/bucket/path, gs://bucket/path, "
+        "as://account/container/path; pip install 'opserve[remote]'); "
         "repeat the flag to serve several (--model-store is the same)",
     )
     serve.add_argument(
@@ -198,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-repository",
         action="append",
         required=True,
-        type=Path,
+        type=repository_argument,
         metavar="DIR",
-        help="a Triton model repository (repeatable)",
+        help="a Triton model repository, or its s3://, gs:// or as:// URL (repeatable)",
     )
     check.add_argument(
         "--op-library",
@@ -359,12 +362,15 @@ def add_build_command(ops_commands: argparse._SubParsersAction) -> None:  # type
     )
 
 
-def _repository_error(command: str, repositories: list[Path]) -> bool:
+def _repository_error(command: str, repositories: list[Path | str]) -> bool:
     """Print the one-line error of the first repository that cannot be served (it does not
-    exist, or it is one model's folder); `serve` and `check` say it alike."""
+    exist, or it is one model's folder); `serve` and `check` say it alike. A remote
+    repository is judged once fetched (`_localize`)."""
     from opserve.repository.layout import repository_problem
 
     for repository in repositories:
+        if not isinstance(repository, Path):
+            continue
         problem = repository_problem(repository)
         if problem is not None:
             print(f"opserve {command}: error: {problem}", file=sys.stderr)
@@ -372,12 +378,32 @@ def _repository_error(command: str, repositories: list[Path]) -> bool:
     return False
 
 
+def _localize(
+    command: str, repositories: list[Path | str]
+) -> tuple[list[Path], list[RepositoryMirror]] | None:
+    """Fetch the repositories given as URLs into their local mirrors (`opserve.remote`): the
+    folders to read and the mirrors; None once the error (naming the URL) is printed."""
+    if all(isinstance(r, Path) for r in repositories):
+        return [r for r in repositories if isinstance(r, Path)], []
+    try:
+        folders, mirrors = localize(repositories)
+    except OpserveError as exc:
+        print(f"opserve {command}: error: {exc.message}", file=sys.stderr)
+        return None
+    if _repository_error(command, list(folders)):
+        return None
+    return folders, mirrors
+
+
 def _check(args: argparse.Namespace) -> int:
     from opserve.check import check_repository, format_report
 
     if _repository_error("check", args.model_repository):
         return 2
-    report = check_repository(args.model_repository, args.op_library, args.op_library_root)
+    localized = _localize("check", args.model_repository)
+    if localized is None:
+        return 2
+    report = check_repository(localized[0], args.op_library, args.op_library_root)
     print(
         json.dumps(report.to_json(), indent=2)
         if args.json
@@ -551,7 +577,10 @@ def _serve(args: argparse.Namespace) -> int:
         server_log.install()
         for note in notes:
             logging.getLogger("opserve.cli").info("%s", note)
-        settings = ServerSettings.from_flags(args, triton)
+        localized = _localize("serve", [*args.model_repository, *triton["model_store"]])
+        if localized is None:
+            return 2
+        settings = ServerSettings.from_flags(args, triton, *localized)
     except (ValueError, OSError) as exc:
         print(f"opserve serve: error: {exc}", file=sys.stderr)
         return 2

@@ -182,7 +182,9 @@ class DataPlane:
         ]
 
     # repository --------------------------------------------------------------------------------
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's index polls the repository: remote ones are synced first."""
+        await self.manager.refresh()
         return self.manager.index(ready_only)
 
     async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:

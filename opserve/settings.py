@@ -14,6 +14,7 @@ from opserve.frontends.access import Restriction, compile_pattern, parse_restric
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.ops import library_framework
+from opserve.remote import RepositoryMirror
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
 from opserve.triton_flags import parse_boolean, split_setting
@@ -76,16 +77,29 @@ class ServerSettings:
     grpc_max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE  # --grpc-max-input-size
     max_instances_per_model: int = 64  # worker processes of one model, all versions
     max_instances_total: int = 512  # worker processes of all models
+    # repositories in object storage, mirrored into folders of `model_repositories`
+    remote_repositories: tuple[RepositoryMirror, ...] = ()
 
     @classmethod
-    def from_flags(cls, args: argparse.Namespace, triton: dict[str, Any]) -> ServerSettings:
-        """The settings an `opserve serve` command line gives (`triton`: Triton's flags)."""
+    def from_flags(
+        cls,
+        args: argparse.Namespace,
+        triton: dict[str, Any],
+        repositories: list[Path] | None = None,
+        remotes: list[RepositoryMirror] | None = None,
+    ) -> ServerSettings:
+        """The settings an `opserve serve` command line gives (`triton`: Triton's flags;
+        `repositories`: the folders to serve, remote ones already fetched, and their mirrors)."""
 
         cache = parse_cache_config(args.cache_config)
         if cache is None and triton["response_cache_byte_size"] is not None:
             cache = CacheSettings(triton["response_cache_byte_size"])
         return cls(
-            model_repositories=[*args.model_repository, *triton["model_store"]],
+            model_repositories=(
+                [*args.model_repository, *triton["model_store"]]
+                if repositories is None
+                else repositories
+            ),
             http_address=args.http_address,
             http_port=args.http_port,
             op_libraries=args.op_library,
@@ -146,6 +160,7 @@ class ServerSettings:
             ),
             max_instances_per_model=args.max_instances_per_model,
             max_instances_total=args.max_instances_total,
+            remote_repositories=tuple(remotes or ()),
         )
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from opserve.frontends.limits import HTTP_DEFAULT_MAX_INPUT_SIZE
+from opserve.remote.locations import repository_argument
 
 NO_EFFECT = "no effect"
 
@@ -87,7 +88,7 @@ TRITON_FLAGS: tuple[TritonFlag, ...] = (
     TritonFlag("--log-file", Path, None, "write the log to this file instead of stderr", "PATH"),
     TritonFlag(
         "--model-store",
-        Path,
+        repository_argument,
         [],
         "the same as --model-repository (repeatable)",
         "DIR",

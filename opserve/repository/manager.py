@@ -61,6 +61,7 @@ from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_
 from opserve.ops.needs import candidate_libraries, missing_op_in, unlisted_library_hint
 from opserve.ops.resolve import SOURCES_PARAMETER, model_op_sources
 from opserve.proto import ModelConfig
+from opserve.remote import RepositoryMirror
 from opserve.repository.confinement import confine_model_files
 from opserve.repository.layout import (
     find_models,
@@ -170,8 +171,11 @@ class ModelManager:
         default_max_batch_size: dict[str, int] | None = None,
         max_instances: tuple[int, int] = (64, 512),
         execution_timeout_s: float = 0.0,
+        remotes: Iterable[RepositoryMirror] = (),
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
+        # repositories in object storage: their mirrors are folders of `repositories`
+        self.remotes = list(remotes)
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
         self.server_op_libraries = _by_framework(p.resolve() for p in server_op_libraries or [])
         self.preloaded = _by_framework(preloaded_libraries())
@@ -309,6 +313,14 @@ class ModelManager:
             )
         return results
 
+    # repositories in object storage -----------------------------------------------------------
+    async def refresh(self, model: str | None = None) -> None:
+        """Bring the local mirrors of remote repositories up to date (only `model`'s folder
+        when named), off the event loop; the one place where they are synced after start-up.
+        Raises `RemoteRepositoryError` naming the URL."""
+        for mirror in self.remotes:
+            await asyncio.to_thread(mirror.sync, model)
+
     # polling -----------------------------------------------------------------------------------
     def start_polling(self, interval_s: float) -> None:
         """Mode poll: watch the repositories and follow what changes, model by model."""
@@ -331,6 +343,7 @@ class ModelManager:
     async def poll_once(self) -> None:
         """Load added models, reload changed ones (a hot swap), unload removed ones."""
         try:
+            await self.refresh()
             folders = find_models(self.repositories)
         except OpserveError as exc:
             log.error("cannot poll the model repositories: %s", exc.message)
@@ -374,6 +387,8 @@ class ModelManager:
     async def _load(self, name: str, config: ModelConfig | None) -> Model:
         async with self._locks.hold(name):
             try:
+                if self.control_mode == "explicit":  # poll and start-up have just synced
+                    await self.refresh(name)
                 folder = find_models(self.repositories).get(name)
             except OpserveError as exc:
                 raise InternalError(

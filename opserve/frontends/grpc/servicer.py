@@ -298,7 +298,7 @@ class InferenceServicer:
 
     @_unary
     async def RepositoryIndex(self, request: Any, context: CallContext) -> Any:
-        index = self.dataplane.repository_index(request.ready)
+        index = await self.dataplane.repository_index(request.ready)
         response = service_pb2.RepositoryIndexResponse()
         for entry in index:
             response.models.add(**entry)

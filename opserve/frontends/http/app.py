@@ -185,7 +185,7 @@ class HttpApp:
             ready = body.get("ready", False)
             if not isinstance(ready, bool):
                 raise InvalidArgumentError("'ready' must be a boolean")
-            return await _send_json(send, self.dataplane.repository_index(ready))
+            return await _send_json(send, await self.dataplane.repository_index(ready))
         if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
             name = parts[1]
             if parts[2] == "load":
