@@ -24,11 +24,13 @@ class Launcher:
     executable: str = sys.executable
     env: dict[str, str] | None = None  # None: the server's environment
 
-    def command(self, fds: tuple[int, ...], ring_capacity: int, title: str = "") -> list[str]:
+    def command(
+        self, fds: tuple[int, ...], ring_capacity: int, title: str = "", ring_limit: int = 0
+    ) -> list[str]:
         """The worker's command line; `title` (`<model>:<version>`) ends it, so that `ps`
-        names the model a worker serves."""
+        names the model a worker serves. The rings' size is `<capacity>[:<limit>]`."""
         command = [self.executable, "-m", WORKER_MODULE, *(str(fd) for fd in fds)]
-        command.append(str(ring_capacity))
+        command.append(f"{ring_capacity}:{ring_limit}" if ring_limit else str(ring_capacity))
         if title:
             command.append(f"opserve-worker:{title}")
         return command

@@ -284,6 +284,7 @@ class Worker:
                         f"the backend returned {len(replies)} replies for {len(requests)} requests"
                     )
                 with self.channel.lock:
+                    self.responses.ensure(sum(_outputs_nbytes(r) for r in replies))
                     wires = [
                         self._wire_response(i, reply)
                         for i, reply in enumerate(replies)
@@ -334,11 +335,7 @@ class Worker:
         )
 
     def _input_array(self, ref: TensorRef) -> np.ndarray:
-        data = (
-            ref.inline
-            if ref.inline is not None
-            else self.requests.buffer[ref.offset : ref.offset + ref.nbytes]
-        )
+        data = ref.inline if ref.inline is not None else self.requests.view(ref.offset, ref.nbytes)
         dtype = NUMPY_DTYPES[ref.datatype]
         if dtype is None:
             objects = np.empty(len(elements := deserialize_bytes(data)), dtype=np.object_)
@@ -466,6 +463,13 @@ class Worker:
 _GONE = CallResult(0, error=WireError("UNAVAILABLE", "the server has gone"))
 
 
+def _outputs_nbytes(reply: Reply | None) -> int:
+    """The bytes a reply's tensors take in the response ring (strings: their elements)."""
+    if reply is None or not reply.outputs:
+        return 0
+    return sum(getattr(array, "nbytes", 0) for array in reply.outputs.values())
+
+
 def _wire_error(exc: BaseException) -> WireError:
     if isinstance(exc, OpserveError):
         return WireError(exc.code.value, exc.message)
@@ -500,7 +504,8 @@ def _end_with_the_server() -> None:
 def main(argv: list[str]) -> int:
     _end_with_the_server()
     keep_freed_memory()  # tensors are copied into and out of the rings
-    sock_fd, request_fd, response_fd, capacity = (int(a) for a in argv[:4])
+    sock_fd, request_fd, response_fd = (int(a) for a in argv[:3])
+    capacity, _, limit = argv[3].partition(":")  # <capacity>[:<limit>]
     if len(argv) > 4:
         _name_process(argv[4])
     # Ctrl-C reaches the whole process group: the server decides when a worker ends (it closes
@@ -512,7 +517,9 @@ def main(argv: list[str]) -> int:
     )
     sock = socket.socket(fileno=sock_fd)
     worker = Worker(
-        BlockingChannel(sock), ShmRing(request_fd, capacity), ShmRing(response_fd, capacity)
+        BlockingChannel(sock),
+        ShmRing(request_fd, int(capacity)),
+        ShmRing(response_fd, int(capacity), int(limit or 0)),
     )
     try:
         worker.serve()

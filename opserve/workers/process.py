@@ -53,6 +53,8 @@ from opserve.workers.ring import ShmRing
 log = logging.getLogger(__name__)
 
 DEFAULT_RING_CAPACITY = 16 << 20
+# how far a ring grows for batches larger than its capacity (shared memory per direction)
+RING_LIMIT = 1 << 30
 
 
 @dataclass(slots=True)
@@ -190,11 +192,12 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._requests = ShmRing.create(self.ring_capacity, "opserve-requests")
-            self._responses = ShmRing.create(self.ring_capacity, "opserve-responses")
+            limit = max(self.ring_capacity, RING_LIMIT)
+            self._requests = ShmRing.create(self.ring_capacity, "opserve-requests", limit)
+            self._responses = ShmRing.create(self.ring_capacity, "opserve-responses", limit)
             fds = (child.fileno(), self._requests.fd, self._responses.fd)
             self._process = await asyncio.create_subprocess_exec(
-                *self.launcher.command(fds, self.ring_capacity, self.title),
+                *self.launcher.command(fds, self.ring_capacity, self.title, limit),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self.launcher.env,
@@ -253,6 +256,7 @@ class WorkerProcess:
         ring = self._requests
         assert ring is not None
         wires = [_wire_request(s.request) for s in batch]
+        ring.ensure(sum(len(t.data) for s in batch for t in s.request.inputs))
         if len(batch) == 1:
             for tensor, ref in zip(batch[0].request.inputs, wires[0].inputs, strict=True):
                 _place(ring, [tensor], [ref])
@@ -401,14 +405,15 @@ class WorkerProcess:
     ) -> list[Tensor]:
         """The tensors out of the response ring: copied into the client's shared memory for
         the outputs it asked there, else into bytes of their own."""
-        buffer = self._responses.buffer  # type: ignore[union-attr]
+        ring = self._responses
+        assert ring is not None
         tensors = []
         for ref in refs:
             data: bytes | memoryview
             if ref.inline is not None:
                 data = ref.inline
             else:
-                data = buffer[ref.offset : ref.offset + ref.nbytes]
+                data = ring.view(ref.offset, ref.nbytes)
             destination = destinations.get(ref.name) if destinations else None
             if destination is not None:
                 data = destination.write(data)
