@@ -1,0 +1,58 @@
+"""The Serve application of a model repository: `serve run opserve.ray:app model_repository=DIR`
+(Serve's application builder), or `app({...})` from Python."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from opserve.errors import OpserveError
+from opserve.ray.ingress import V2Ingress
+from opserve.ray.plan import INGRESS_NAME, plan_repository
+from opserve.ray.replica import ModelReplica
+
+# Requests a replica takes at once before Serve routes elsewhere or queues: opserve's scheduler
+# keeps a few in flight per instance and queues the rest, so a replica takes more than Serve's
+# default of 5; the ingress only forwards.
+MODEL_MAX_ONGOING = 32
+INGRESS_MAX_ONGOING = 256
+
+
+def app(args: dict[str, Any]) -> Any:
+    """Build the application. `args`: `model_repository` (a folder every node sees), optionally
+    `models` (names, a list or comma-separated: the default is every model) and, from Python,
+    `options` (model name -> Serve deployment options over the defaults, as a Serve config
+    file's `deployments` entries give them)."""
+    from ray import serve
+
+    repository = args.get("model_repository")
+    if not repository:
+        raise ValueError("opserve.ray:app needs model_repository=DIR (a Triton model repository)")
+    models = args.get("models")
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    overrides: Mapping[str, Mapping[str, Any]] = args.get("options") or {}
+    folder = Path(repository).resolve()
+    try:
+        plans = plan_repository(folder, models)
+    except OpserveError as exc:
+        raise ValueError(exc.message) from None
+    unknown = sorted(set(overrides) - {p.name for p in plans})
+    if unknown:
+        raise ValueError(f"options name no model of the application: {', '.join(unknown)}")
+    replica = serve.deployment(ModelReplica)
+    handles = {}
+    for plan in plans:
+        options = {"max_ongoing_requests": MODEL_MAX_ONGOING, **plan.options()}
+        options.update(overrides.get(plan.name, {}))
+        config = plan.replica_config
+        handles[plan.name] = replica.options(**options).bind(
+            str(folder), plan.name, None if config is None else config.SerializeToString()
+        )
+    ingress = serve.deployment(V2Ingress).options(
+        name=INGRESS_NAME,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(handles)
