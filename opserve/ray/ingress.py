@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # stay with a single server: a replica's process is not the client's host)
 EXTENSIONS = ("classification", "binary_tensor_data", "model_configuration", "statistics")
 ATTEMPTS = 3  # a request is sent again when its replica dies under it, at most this often
+ATTEMPTS_HEADER = b"opserve-attempts"  # on an answer that took more than one attempt
 _JSON = [(b"content-type", b"application/json")]
 # set by the response Serve sends, not taken from the replica's answer
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
@@ -104,8 +105,12 @@ class V2Ingress:
 
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                answer: Answer = await handle.forward.remote(method, path, headers, body)
-                return answer
+                status, out_headers, payload = await handle.forward.remote(
+                    method, path, headers, body
+                )
+                if attempt > 1:  # sent again: the answer says so
+                    out_headers.append((ATTEMPTS_HEADER, str(attempt).encode()))
+                return status, out_headers, payload
             except RayActorError as exc:  # the replica died (or is unreachable) under it
                 log.warning(
                     "%s %s: its replica is gone (%s); attempt %d", method, path, exc, attempt
