@@ -22,8 +22,8 @@ INGRESS_MAX_ONGOING = 256
 def app(args: dict[str, Any]) -> Any:
     """Build the application. `args`: `model_repository` (a folder every node sees), optionally
     `models` (names, a list or comma-separated: the default is every model) and, from Python,
-    `options` (model name -> Serve deployment options over the defaults, as a Serve config
-    file's `deployments` entries give them)."""
+    `options` (deployment name -> Serve deployment options over the defaults, as a Serve config
+    file's `deployments` entries give them: a model's name, or the ingress's)."""
     from ray import serve
 
     repository = args.get("model_repository")
@@ -38,9 +38,11 @@ def app(args: dict[str, Any]) -> Any:
         plans = plan_repository(folder, models)
     except OpserveError as exc:
         raise ValueError(exc.message) from None
-    unknown = sorted(set(overrides) - {p.name for p in plans})
+    if any(p.name == INGRESS_NAME for p in plans):
+        raise ValueError(f"a model named '{INGRESS_NAME}' would take the ingress's name")
+    unknown = sorted(set(overrides) - {p.name for p in plans} - {INGRESS_NAME})
     if unknown:
-        raise ValueError(f"options name no model of the application: {', '.join(unknown)}")
+        raise ValueError(f"options name no deployment of the application: {', '.join(unknown)}")
     replica = serve.deployment(ModelReplica)
     handles = {}
     for plan in plans:
@@ -51,8 +53,11 @@ def app(args: dict[str, Any]) -> Any:
             str(folder), plan.name, None if config is None else config.SerializeToString()
         )
     ingress = serve.deployment(V2Ingress).options(
-        name=INGRESS_NAME,
-        max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0},
+        **{
+            "name": INGRESS_NAME,
+            "max_ongoing_requests": INGRESS_MAX_ONGOING,
+            "ray_actor_options": {"num_cpus": 0},
+            **overrides.get(INGRESS_NAME, {}),
+        }
     )
     return ingress.bind(handles)
