@@ -21,7 +21,9 @@ INGRESS_MAX_ONGOING = 256
 
 def app(args: dict[str, Any]) -> Any:
     """Build the application. `args`: `model_repository` (a folder every node sees), optionally
-    `models` (names, a list or comma-separated: the default is every model) and, from Python,
+    `models` (names, a list or comma-separated: the default is every model), `num_cpus` (the
+    CPUs Ray reserves for each model replica, 1 by default: less fits more replicas on a small
+    machine) and, from Python,
     `options` (deployment name -> Serve deployment options over the defaults, as a Serve config
     file's `deployments` entries give them: a model's name, or the ingress's)."""
     from ray import serve
@@ -32,6 +34,10 @@ def app(args: dict[str, Any]) -> Any:
     models = args.get("models")
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        num_cpus = float(args.get("num_cpus", 1.0))
+    except ValueError:
+        raise ValueError(f"num_cpus must be a number, not {args['num_cpus']!r}") from None
     overrides: Mapping[str, Mapping[str, Any]] = args.get("options") or {}
     folder = Path(repository).resolve()
     try:
@@ -43,16 +49,18 @@ def app(args: dict[str, Any]) -> Any:
     unknown = sorted(set(overrides) - {p.name for p in plans} - {INGRESS_NAME})
     if unknown:
         raise ValueError(f"options name no deployment of the application: {', '.join(unknown)}")
-    replica = serve.deployment(ModelReplica)
+    # (Serve's overloads type a decorated class as a decorator factory: Any here)
+    replica: Any = serve.deployment(ModelReplica)
     handles = {}
     for plan in plans:
-        options = {"max_ongoing_requests": MODEL_MAX_ONGOING, **plan.options()}
+        options = {"max_ongoing_requests": MODEL_MAX_ONGOING, **plan.options(num_cpus)}
         options.update(overrides.get(plan.name, {}))
         config = plan.replica_config
         handles[plan.name] = replica.options(**options).bind(
             str(folder), plan.name, None if config is None else config.SerializeToString()
         )
-    ingress = serve.deployment(V2Ingress).options(
+    router: Any = serve.deployment(V2Ingress)
+    ingress = router.options(
         **{
             "name": INGRESS_NAME,
             "max_ongoing_requests": INGRESS_MAX_ONGOING,

@@ -33,10 +33,10 @@ class ModelPlan:
     num_gpus: float
     replica_config: ModelConfig | None
 
-    def options(self) -> dict[str, Any]:
-        """Serve's deployment options for this model; a Serve config file's `deployments`
-        entry of the same name overrides any of them."""
-        actor: dict[str, Any] = {"num_cpus": 1}
+    def options(self, num_cpus: float = 1.0) -> dict[str, Any]:
+        """Serve's deployment options for this model (`num_cpus`: what Ray reserves for each
+        replica); a Serve config file's `deployments` entry of the same name overrides any."""
+        actor: dict[str, Any] = {"num_cpus": num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
         return {
