@@ -42,7 +42,8 @@ RUN if [ -n "${TORCH_INDEX_URL}" ] && { [ "${EXTRA}" = pytorch ] || [ "${EXTRA}"
     fi
 COPY pyproject.toml README.md /src/
 COPY opserve /src/opserve
-RUN pip install "/src[${EXTRA}]" && rm -rf /src
+# remote: model repositories in object storage (s3://, gs://, as://) work in every image
+RUN pip install "/src[${EXTRA},remote]" && rm -rf /src
 
 # --- the image: the environment, a non-root user, health checks ------------------------------
 FROM base-${VARIANT} AS runtime

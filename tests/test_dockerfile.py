@@ -102,7 +102,7 @@ def test_build_arguments_choose_the_extra_and_cpu_or_cuda(dockerfile: Dockerfile
     ]
     assert accepted == {"onnxruntime", "pytorch", "tensorflow", "all"} and accepted <= set(extras)
     install = [r.arguments for r in build.all("RUN") if "pip install" in r.arguments]
-    assert any('"/src[${EXTRA}]"' in r for r in install)
+    assert any('"/src[${EXTRA},remote]"' in r for r in install)  # object storage in every image
     assert any('--index-url "${TORCH_INDEX_URL}" torch' in r for r in install)
 
 
