@@ -223,6 +223,14 @@ def inference_count(http: str) -> int:
     return sum(int(entry.get("inference_count", 0)) for entry in stats)
 
 
+def shape_bytes(shape: str) -> int:
+    """The bytes of an FP32 tensor of perf_analyzer's `--shape NAME:D1,D2,...`."""
+    elements = 1
+    for dim in shape.split(":", 1)[1].split(","):
+        elements *= int(dim)
+    return 4 * elements
+
+
 def perf_analyzer(
     peers: Path,
     endpoints: Endpoints,
@@ -259,6 +267,8 @@ def perf_analyzer(
         "--shared-memory",
         args.shared_memory,
     ]
+    if args.shared_memory != "none":  # the output region must hold the output (FP32 identity)
+        command += ["--output-shared-memory-size", str(shape_bytes(args.shape))]
     # at most max_trials windows, plus a generous margin for connecting and warming up
     limit = args.max_trials * args.measurement_interval / 1000 * 3 + 60
     cpu_before, count_before = tree_cpu_seconds(endpoints.pid), inference_count(endpoints.http)

@@ -17,6 +17,7 @@ A decoupled model answers each request with any number of responses, the last on
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -145,12 +146,15 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        # batching: a dispatch is due (called soon), and the timer of a batch's delay
+        self._dispatch_due = False
+        self._delay_timer: asyncio.TimerHandle | None = None
 
     # instances ---------------------------------------------------------------------------------
     def add_instance(self, worker: WorkerProcess) -> None:
         self.instances.append(worker)
         self._busy[worker] = 0
-        self._wakeup.set()
+        self._poke()
         self._wake_waiters()
 
     def remove_instance(self, worker: WorkerProcess) -> None:
@@ -277,9 +281,7 @@ class Scheduler:
             )
         if on_wait is not None and pending.request.client_gone is None:
             on_wait()
-        if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.ensure_future(self._dispatch())
-        self._wakeup.set()
+        self._poke()
 
     def _queue_full(self) -> None:
         self.stats.record_failure(0)
@@ -294,7 +296,7 @@ class Scheduler:
         pending.queue_timer = None
         if self._queue.expire(pending, pending.level) and not pending.finished_ns:
             pending.deliver(UnavailableError("Request timeout expired"), True)
-        self._wakeup.set()
+        self._poke()
 
     async def _acquire_and_run(self, pending: _Pending) -> None:
         try:
@@ -371,43 +373,98 @@ class Scheduler:
         except asyncio.TimeoutError:
             return False
 
-    async def _dispatch(self) -> None:
-        """With batching: wait for an idle instance, then for a batch, then run it."""
+    def _poke(self) -> None:
+        """Something changed (a request queued, an instance freed or added, a delay ended):
+        with batching, dispatch soon, once the requests arriving in this turn of the event loop
+        are queued too, so that they can share a batch."""
+        self._wakeup.set()
+        if self.batching and self._queue and not self._dispatch_due:
+            self._dispatch_due = True
+            asyncio.get_running_loop().call_soon(self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        """With batching: send batches while an instance is free and one is worth sending. As
+        Triton's dynamic batcher: the largest preferred size (or `max_batch_size`) at once, or
+        any preferred size the queued requests can fill, else whatever is queued once the delay
+        (counted from the first request's arrival) has passed; a timer wakes it then."""
+        self._dispatch_due = False
         while True:
             self._drop_cancelled()
             if not self._queue:
-                return  # started again by the next queued request
-            if self._free_instance() is None:
-                await self._wait()
-                continue
-            size = await self._gather()
-            self._drop_cancelled()
-            instance = self._free_instance()  # again: the wait may have cost one
-            if not self._queue or instance is None:
-                continue
+                return
+            instance = self._free_instance()
+            if instance is None:
+                return  # poked again when an execution returns or an instance is added
+            first = self._queue.first()
+            size = self._sendable(self._ready_size(first.key))
+            if not size:
+                remaining_ns = first.arrival_ns + self.delay_ns - time.monotonic_ns()
+                if remaining_ns > 0:
+                    self._wake_after(remaining_ns)
+                    return
+                size = self.target
             batch = self._take(size)
             self._busy[instance] += 1
-            self._background(self._run(instance, batch))
+            self._start(instance, batch)
+
+    def _wake_after(self, delay_ns: int) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay_ns / 1e9
+        timer = self._delay_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._delay_timer = loop.call_at(when, self._delay_ended)
+
+    def _delay_ended(self) -> None:
+        self._delay_timer = None
+        self._poke()
+
+    def _start(self, instance: WorkerProcess, batch: list[_Pending]) -> None:
+        """Send one batch to one instance (busy already counted); what follows happens in
+        `_returned`, called when the execution returns, without a task of its own."""
+        try:
+            execution, returned = instance.execute(batch)
+        except OpserveError as error:
+            self._executed(instance, batch, error)
+            return
+        for index, pending in enumerate(batch):
+            pending.execution = (instance, execution, index)
+        returned.add_done_callback(functools.partial(self._returned, instance, batch))
+
+    def _returned(
+        self, instance: WorkerProcess, batch: list[_Pending], returned: asyncio.Future[Timings]
+    ) -> None:
+        if returned.cancelled():
+            self._executed(instance, batch, UnavailableError(f"{self.label} is being unloaded"))
+            return
+        error = returned.exception()
+        if error is not None and not isinstance(error, OpserveError):
+            log.error("%s: an execution failed: %r", self.label, error)
+            error = InternalError(f"{self.label}: {error}")
+        self._executed(instance, batch, error or returned.result())
+
+    def _executed(
+        self, instance: WorkerProcess, batch: list[_Pending], outcome: Timings | OpserveError
+    ) -> None:
+        """An execution of the batching dispatcher returned (or failed to start)."""
+        if instance in self._busy:
+            self._busy[instance] -= 1
+        self._poke()
+        if isinstance(outcome, OpserveError):
+            for pending in batch:
+                if not pending.finished_ns:
+                    pending.deliver(outcome, True)
+            return
+        for pending in batch:
+            pending.returned = True
+        self._record(batch, outcome)
 
     def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-
-    async def _gather(self) -> int:
-        """Wait (up to the delay, counted from the first request's arrival) for a batch worth
-        sending; the size to send. As Triton's dynamic batcher: the largest preferred size (or
-        `max_batch_size`) at once, or any preferred size the queued requests can fill, else
-        whatever is there when the delay ends."""
-        first = self._queue.first()
-        deadline = first.arrival_ns + self.delay_ns
-        while True:
-            size = self._sendable(self._ready_size(first.key))
-            if size:
-                return size
-            remaining = deadline - time.monotonic_ns()
-            if remaining <= 0 or not await self._wait(remaining):
-                return self.target
 
     def _sendable(self, ready: int) -> int:
         """The batch size to send now with `ready` queued (0: better to wait)."""
@@ -458,11 +515,14 @@ class Scheduler:
             if self.batching:
                 if instance in self._busy:
                     self._busy[instance] -= 1
-                self._wakeup.set()
+                self._poke()
             else:
                 self._release(instance)
-        if timings is None:
-            return
+        if timings is not None:
+            self._record(batch, timings)
+
+    def _record(self, batch: list[_Pending], timings: Timings) -> None:
+        """An execution's statistics, and those of its requests that have finished."""
         self.stats.record_execution(
             sum(p.batch_size for p in batch), timings.input_ns, timings.infer_ns, timings.output_ns
         )
@@ -525,6 +585,8 @@ class Scheduler:
     async def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
         error = UnavailableError(f"{self.label} is being unloaded")
         for pending in self._queue.clear():
             if pending.waiting:
