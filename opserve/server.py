@@ -55,6 +55,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         default_max_batch_size=settings.default_max_batch_size,
         max_instances=(settings.max_instances_per_model, settings.max_instances_total),
         execution_timeout_s=settings.execution_timeout_secs,
+        shared_workers=settings.shared_workers,
     )
     if settings.cache is not None:
         manager.response_cache = ResponseCache(settings.cache.size)

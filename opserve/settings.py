@@ -76,6 +76,7 @@ class ServerSettings:
     grpc_max_input_size: int = GRPC_DEFAULT_MAX_INPUT_SIZE  # --grpc-max-input-size
     max_instances_per_model: int = 64  # worker processes of one model, all versions
     max_instances_total: int = 512  # worker processes of all models
+    shared_workers: bool = False  # --shared-workers: a worker per framework for plain models
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, triton: dict[str, Any]) -> ServerSettings:
@@ -146,6 +147,7 @@ class ServerSettings:
             ),
             max_instances_per_model=args.max_instances_per_model,
             max_instances_total=args.max_instances_total,
+            shared_workers=args.shared_workers,
         )
 
     def __post_init__(self) -> None:

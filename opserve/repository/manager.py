@@ -1,9 +1,12 @@
 """The lifecycle of the models in the repository: load, serve, restart, unload.
 
-Placement rule (the one place it lives: `_start`): every instance of a model version
-(`instance_group.count`) is a worker process of its own, never shared with another model. A
-model's op libraries therefore load and unload with it, never meet another model's libraries, and
-a crash takes down only that instance, which is then replaced.
+Placement (the rules live in `placement`, applied in `_new_worker`): every instance of a model
+version (`instance_group.count`) is a worker process of its own, never shared with another
+model, so a model's op libraries load and unload with it, never meet another model's libraries,
+and a crash takes down only that instance, which is then replaced. With `--shared-workers`, the
+instances of models that bring no op libraries and no environment of their own are slots of one
+shared worker per framework backend (`workers/shared`); a crash of that process ends each of its
+instances, and each is replaced as above.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -70,6 +73,7 @@ from opserve.repository.layout import (
     version_folders,
 )
 from opserve.repository.locks import NamedLocks
+from opserve.repository.placement import Placement, place
 from opserve.repository.supervision import execution_timeout, restart_delay
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
@@ -81,7 +85,8 @@ from opserve.warmup import WarmupSample, warmup_samples
 from opserve.workers.environments import environment_launcher, execution_environment
 from opserve.workers.launcher import Launcher
 from opserve.workers.messages import ModelLoaded
-from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerHost, WorkerProcess
+from opserve.workers.process import DEFAULT_RING_CAPACITY, Instance, WorkerHost, WorkerProcess
+from opserve.workers.shared import SharedInstance, SharedWorkers
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ class ModelVersion:
     directory: Path
     state: ModelState = ModelState.LOADING
     reason: str = ""
-    workers: list[WorkerProcess] = field(default_factory=list)  # one per instance
+    workers: list[Instance] = field(default_factory=list)  # one per instance
     # set once the model's config is complete (an ensemble's: once its graph is checked)
     scheduler: Scheduler | EnsembleScheduler | None = None
     stats: VersionStats = field(default_factory=VersionStats)
@@ -130,6 +135,7 @@ class Model:
     warmup: list[WarmupSample] = field(default_factory=list)  # model_warmup, ready to run
     labels: dict[str, list[bytes]] = field(default_factory=dict)  # output -> label_filename's
     execution_timeout_s: float = 0.0  # how long one `execute` may run (0: no limit)
+    placement: Placement = Placement(None, "")  # a shared worker, or processes of its own
 
     def latest_ready(self) -> ModelVersion | None:
         """The highest ready version (every request without a version asks: no sorting)."""
@@ -170,6 +176,7 @@ class ModelManager:
         default_max_batch_size: dict[str, int] | None = None,
         max_instances: tuple[int, int] = (64, 512),
         execution_timeout_s: float = 0.0,
+        shared_workers: bool = False,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # framework -> libraries; None holds preloaded libraries of no framework (every worker gets those)
@@ -198,6 +205,8 @@ class ModelManager:
         self.response_cache: ResponseCache | None = None  # --cache-config local,size=BYTES
         self.step_runner: StepRunner | None = None  # what runs an ensemble's steps (the dataplane)
         self.gpus = visible_gpus()
+        self.sharing = shared_workers  # --shared-workers
+        self.shared = SharedWorkers(self._shared_process)
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -548,6 +557,7 @@ class ModelManager:
             self._validate(model.config)
             model.labels = output_labels(model.config, folder)
             model.execution_timeout_s = execution_timeout(model.config, self.execution_timeout_s)
+            model.placement = self._placement(model.config)
             if model.config.response_cache.enable and self.response_cache is None:
                 log.warning(
                     "model '%s' enables response_cache, but the server has no cache "
@@ -557,7 +567,7 @@ class ModelManager:
             available = version_folders(folder)
             versions = select_versions(model.config, available)
             if not is_ensemble(model.config):
-                self._check_instance_count(name, model.config, len(versions))
+                self._check_instance_count(name, model.config, len(versions), model.placement)
         except OpserveError as exc:
             model.reason = exc.message
             log.error("model '%s' is unavailable: %s", name, exc.message)
@@ -596,10 +606,13 @@ class ModelManager:
         )
         return model
 
-    def _check_instance_count(self, name: str, config: ModelConfig, versions: int) -> None:
+    def _check_instance_count(
+        self, name: str, config: ModelConfig, versions: int, placement: Placement
+    ) -> None:
         """Refuse a config whose instances (one worker process each, in every version) pass
         --max-instances-per-model, or would pass --max-instances-total beside the workers of
-        the other models (a model being reloaded does not count against itself)."""
+        the other models (a model being reloaded does not count against itself). Instances in
+        a shared worker are no processes: they count against the first bound only."""
         per_version = sum(g.count for g in config.instance_group) or 1
         wanted = per_version * versions
         if wanted > self.max_instances_per_model:
@@ -609,12 +622,13 @@ class ModelManager:
                 f"{self.max_instances_per_model} allows"
             )
         running = sum(
-            len(entry.workers)
+            isinstance(worker, WorkerProcess)
             for other in self.models.values()
             if other.name != name
             for entry in other.versions.values()
+            for worker in entry.workers
         )
-        if running + wanted > self.max_instances_total:
+        if placement.shared is None and running + wanted > self.max_instances_total:
             raise InvalidArgumentError(
                 f"model '{name}' asks for {wanted} instances, but {running} of the "
                 f"--max-instances-total {self.max_instances_total} are in use by other models"
@@ -634,9 +648,16 @@ class ModelManager:
         for worker in entry.workers:
             entry.scheduler.add_instance(worker)
         entry.state = ModelState.READY
-        log.info("%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none")
+        log.info(
+            "%s is READY (op libraries: %s; %s)",
+            entry.label,
+            entry.op_libraries or "none",
+            f"in the shared {model.placement.shared} worker"
+            if model.placement.shared
+            else "a worker process per instance",
+        )
 
-    async def _warm_up(self, model: Model, entry: ModelVersion, worker: WorkerProcess) -> None:
+    async def _warm_up(self, model: Model, entry: ModelVersion, worker: Instance) -> None:
         """Run the config's `model_warmup` samples on one instance (not yet serving)."""
         scheduler = entry.scheduler
         if not isinstance(scheduler, Scheduler):
@@ -867,9 +888,21 @@ class ModelManager:
         fields = self._load_fields(model, entry, index, describe)
         return await worker.load(self.load_timeout_s, **fields)
 
-    async def _new_worker(self, model: Model, entry: ModelVersion) -> WorkerProcess:
+    async def _new_worker(self, model: Model, entry: ModelVersion) -> Instance:
         """A worker for an instance of `entry`, not started yet (in `entry.workers` already,
-        so that stopping the version stops it too)."""
+        so that stopping the version stops it too): a slot of the shared worker of its key, or
+        a process of its own."""
+        worker: Instance
+        if model.placement.shared is not None:
+            worker = SharedInstance(
+                self.shared,
+                model.placement.shared,
+                entry.label,
+                self._worker_exited,
+                model.execution_timeout_s,
+            )
+            entry.workers.append(worker)
+            return worker
         worker = WorkerProcess(
             entry.label,
             self.ring_capacity,
@@ -881,6 +914,28 @@ class ModelManager:
         )
         entry.workers.append(worker)
         return worker
+
+    def _placement(self, config: ModelConfig) -> Placement:
+        framework = BACKEND_FRAMEWORKS.get(config.backend)
+        outside = framework is not None and bool(
+            self.server_op_libraries.get(framework) or self.preloaded.get(framework)
+        )
+        return place(config, self.sharing, outside, frozenset(self.gpus))
+
+    def _shared_process(
+        self, key: str, on_exit: Callable[[WorkerProcess, str], None]
+    ) -> WorkerProcess:
+        """The process of a shared worker (`SharedWorkers` starts it): the server's interpreter
+        and environment."""
+        return WorkerProcess(
+            f"the models sharing the {key} worker",
+            self.ring_capacity,
+            on_exit,
+            Launcher(env=self._worker_environment()),
+            self.host,
+            title=f"shared-{key}",
+            shared=True,
+        )
 
     async def _launcher(self, model: Model) -> Launcher:
         """How this model's workers start: the server's interpreter, or the model's own
@@ -963,7 +1018,7 @@ class ModelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _worker_exited(self, worker: WorkerProcess, reason: str) -> None:
+    def _worker_exited(self, worker: Instance, reason: str) -> None:
         """A serving instance died: take it out of service and start another in its place.
         The version stays READY while another instance serves."""
         for model in self.models.values():
@@ -990,7 +1045,7 @@ class ModelManager:
             await asyncio.sleep(restart_delay(failures))
             if entry.stopped:
                 return
-            worker: WorkerProcess | None = None
+            worker: Instance | None = None
             try:
                 worker = await self._new_worker(model, entry)
                 await worker.start()
@@ -1038,6 +1093,7 @@ class ModelManager:
         await asyncio.gather(
             *(self._stop_version(e, timeout_s) for e in versions), return_exceptions=True
         )
+        await self.shared.close()
 
 
 def _refuse_unsupported_fields(config: ModelConfig, warn: bool = True) -> None:

@@ -24,13 +24,17 @@ class Launcher:
     executable: str = sys.executable
     env: dict[str, str] | None = None  # None: the server's environment
 
-    def command(self, fds: tuple[int, ...], ring_capacity: int, title: str = "") -> list[str]:
-        """The worker's command line; `title` (`<model>:<version>`) ends it, so that `ps`
-        names the model a worker serves."""
+    def command(
+        self, fds: tuple[int, ...], ring_capacity: int, title: str = "", shared: bool = False
+    ) -> list[str]:
+        """The worker's command line; `title` (`<model>:<version>`, or `shared-<backend>`) ends
+        it, so that `ps` names what a worker serves; `shared`: it hosts many models' instances."""
         command = [self.executable, "-m", WORKER_MODULE, *(str(fd) for fd in fds)]
         command.append(str(ring_capacity))
         if title:
             command.append(f"opserve-worker:{title}")
+        if shared:
+            command.append("--shared")
         return command
 
     @classmethod
