@@ -314,7 +314,7 @@ class ModelManager:
             for name in wave:
                 waiting.remove(name)
             results += await asyncio.gather(
-                *(self.load(name) for name in wave), return_exceptions=True
+                *(self.load(name, _folders=folders) for name in wave), return_exceptions=True
             )
         return results
 
@@ -367,23 +367,31 @@ class ModelManager:
             self._fingerprints.pop(name, None)
 
     async def load(
-        self, name: str, config: ModelConfig | None = None, _chain: tuple[str, ...] = ()
+        self,
+        name: str,
+        config: ModelConfig | None = None,
+        _chain: tuple[str, ...] = (),
+        _folders: dict[str, Path] | None = None,
     ) -> Model:
         """Load a model, or load it again (new files, new libraries): the new versions start
         while the old ones keep serving; then the old workers finish their requests and end.
         If the new load fails, the old model stays in service. In explicit mode, loading an
-        ensemble first loads the step models that are not loaded, as Triton does."""
+        ensemble first loads the step models that are not loaded, as Triton does. `_folders`:
+        the repositories' models as a scan just found them (start-up and polls scan once, not
+        once per model: a scan of a thousand models costs tens of milliseconds)."""
         if self.control_mode == "explicit":
-            await self._load_steps(name, config, (*_chain, name))
+            await self._load_steps(name, config, (*_chain, name), _folders)
         try:
-            return await self._load(name, config)
+            return await self._load(name, config, _folders)
         finally:
             self._refresh_dependents(name)
 
-    async def _load(self, name: str, config: ModelConfig | None) -> Model:
+    async def _load(
+        self, name: str, config: ModelConfig | None, folders: dict[str, Path] | None = None
+    ) -> Model:
         async with self._locks.hold(name):
             try:
-                folder = find_models(self.repositories).get(name)
+                folder = (folders or find_models(self.repositories)).get(name)
             except OpserveError as exc:
                 raise InternalError(
                     f"failed to load '{name}', failed to poll from model repository: {exc.message}"
@@ -447,9 +455,13 @@ class ModelManager:
             return model
 
     async def _load_steps(
-        self, name: str, config: ModelConfig | None, chain: tuple[str, ...]
+        self,
+        name: str,
+        config: ModelConfig | None,
+        chain: tuple[str, ...],
+        folders: dict[str, Path] | None = None,
     ) -> None:
-        folders = find_models(self.repositories)
+        folders = folders or find_models(self.repositories)
         if name not in folders:
             return
         steps = ensemble_steps(name, folders[name], config) or []
@@ -460,7 +472,7 @@ class ModelManager:
             if loaded is not None and not loaded.unloaded and loaded.state is ModelState.READY:
                 continue
             try:
-                await self.load(step, _chain=chain)
+                await self.load(step, _chain=chain, _folders=folders)
             except OpserveError as exc:  # the ensemble's load says why it cannot serve
                 log.error("model '%s', a step of ensemble '%s': %s", step, name, exc.message)
 
@@ -621,6 +633,8 @@ class ModelManager:
                 f"{versions} version(s)), more than --max-instances-per-model "
                 f"{self.max_instances_per_model} allows"
             )
+        if placement.shared is not None:
+            return
         running = sum(
             isinstance(worker, WorkerProcess)
             for other in self.models.values()
@@ -628,7 +642,7 @@ class ModelManager:
             for entry in other.versions.values()
             for worker in entry.workers
         )
-        if placement.shared is None and running + wanted > self.max_instances_total:
+        if running + wanted > self.max_instances_total:
             raise InvalidArgumentError(
                 f"model '{name}' asks for {wanted} instances, but {running} of the "
                 f"--max-instances-total {self.max_instances_total} are in use by other models"
