@@ -301,6 +301,14 @@ def _add_bound_flags(serve: argparse.ArgumentParser) -> None:
         help="worker processes of all models together (default: 512); a load that would pass "
         "it is refused",
     )
+    group.add_argument(
+        "--shared-workers",
+        action="store_true",
+        help="models without op libraries or an environment of their own (onnxruntime, "
+        "pytorch, tensorflow; CPU instances) share one worker process per backend, each "
+        "instance a slot of it: far less memory for many small models, but a crash of that "
+        'process restarts all of them; a model opts out with parameter SHARED_WORKER "false"',
+    )
 
 
 def add_build_command(ops_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -30,7 +30,7 @@ from opserve.inference import Delivery, InferenceRequest, InferenceResponse
 from opserve.proto import ModelConfig
 from opserve.queues import RequestQueue
 from opserve.stats import VersionStats
-from opserve.workers.process import Timings, WorkerProcess
+from opserve.workers.process import Instance, Timings
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ class _Pending:
     failed: bool = False
     finished_ns: int = 0  # when its final response came
     timings: Timings | None = None  # of the execution that served it, once it returned
-    execution: tuple[WorkerProcess, int, int] | None = None  # worker, execution id, index
+    execution: tuple[Instance, int, int] | None = None  # worker, execution id, index
     returned: bool = False  # the execution's `execute` returned
     counted: bool = False  # in the statistics
     timer: asyncio.TimerHandle | None = None  # the request's timeout, if it has one
     level: int = 0  # its priority level in the queue (dynamic batching)
     queue_timer: asyncio.TimerHandle | None = None  # its queue policy's timeout, while queued
-    waiter: asyncio.Future[WorkerProcess] | None = None  # while it waits for an instance
+    waiter: asyncio.Future[Instance] | None = None  # while it waits for an instance
     on_finish: Callable[[_Pending], None] | None = field(default=None, repr=False)
 
     def deliver(self, item: Delivery, final: bool) -> None:
@@ -123,7 +123,7 @@ class Scheduler:
         self.label = label
         self.stats = stats
         self.decoupled = decoupled
-        self.instances: list[WorkerProcess] = []
+        self.instances: list[Instance] = []
         self.batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
         self.max_batch_size = max(config.max_batch_size, 1)
         policy = config.dynamic_batching
@@ -136,13 +136,13 @@ class Scheduler:
         # executions an instance holds at once: a few keep it busy while answers travel back (and
         # cost no hand-over per request); one lets a batch grow while the instance is busy
         self.depth = 1 if self.batching else 4
-        self._busy: dict[WorkerProcess, int] = {}
+        self._busy: dict[Instance, int] = {}
         # batching: requests waiting to be batched, in the order they are to be served
         self._queue: RequestQueue[_Pending] = (
             RequestQueue.for_config(config) if self.batching else RequestQueue()
         )
         # no batching: requests waiting for an instance with room
-        self._waiters: deque[asyncio.Future[WorkerProcess]] = deque()
+        self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -151,18 +151,18 @@ class Scheduler:
         self._delay_timer: asyncio.TimerHandle | None = None
 
     # instances ---------------------------------------------------------------------------------
-    def add_instance(self, worker: WorkerProcess) -> None:
+    def add_instance(self, worker: Instance) -> None:
         self.instances.append(worker)
         self._busy[worker] = 0
         self._poke()
         self._wake_waiters()
 
-    def remove_instance(self, worker: WorkerProcess) -> None:
+    def remove_instance(self, worker: Instance) -> None:
         if worker in self._busy:
             self.instances.remove(worker)
             del self._busy[worker]
 
-    def _free_instance(self) -> WorkerProcess | None:
+    def _free_instance(self) -> Instance | None:
         best = None
         for worker in self.instances:
             load = self._busy[worker]
@@ -258,7 +258,7 @@ class Scheduler:
             if not pending.finished_ns:
                 pending.cancel()
 
-    def _idle_instance(self) -> WorkerProcess | None:
+    def _idle_instance(self) -> Instance | None:
         """With batching: an instance free now, when nothing queued and no delay could add
         company to a request (it would run alone at once anyway)."""
         if self._queue or self.delay_ns:
@@ -310,9 +310,7 @@ class Scheduler:
         else:  # its client went away meanwhile
             self._release(instance)
 
-    async def _acquire(
-        self, pending: _Pending, on_wait: Callable[[], None] | None
-    ) -> WorkerProcess:
+    async def _acquire(self, pending: _Pending, on_wait: Callable[[], None] | None) -> Instance:
         """Without batching: an instance with room at once, or after waiting in line for one
         (no dispatcher task, no hop)."""
         instance = self._free_instance() if not self._waiters else None
@@ -321,7 +319,7 @@ class Scheduler:
             return instance
         if len(self._waiters) >= self.max_queue_size:
             self._queue_full()
-        waiter: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         pending.waiter = waiter
         if on_wait is not None:
@@ -333,7 +331,7 @@ class Scheduler:
                 self._release(waiter.result())
             raise
 
-    def _release(self, instance: WorkerProcess) -> None:
+    def _release(self, instance: Instance) -> None:
         """An instance has room again: hand it to the first request still waiting."""
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -421,7 +419,7 @@ class Scheduler:
         self._delay_timer = None
         self._poke()
 
-    def _start(self, instance: WorkerProcess, batch: list[_Pending]) -> None:
+    def _start(self, instance: Instance, batch: list[_Pending]) -> None:
         """Send one batch to one instance (busy already counted); what follows happens in
         `_returned`, called when the execution returns, without a task of its own."""
         try:
@@ -434,7 +432,7 @@ class Scheduler:
         returned.add_done_callback(functools.partial(self._returned, instance, batch))
 
     def _returned(
-        self, instance: WorkerProcess, batch: list[_Pending], returned: asyncio.Future[Timings]
+        self, instance: Instance, batch: list[_Pending], returned: asyncio.Future[Timings]
     ) -> None:
         if returned.cancelled():
             self._executed(instance, batch, UnavailableError(f"{self.label} is being unloaded"))
@@ -446,7 +444,7 @@ class Scheduler:
         self._executed(instance, batch, error or returned.result())
 
     def _executed(
-        self, instance: WorkerProcess, batch: list[_Pending], outcome: Timings | OpserveError
+        self, instance: Instance, batch: list[_Pending], outcome: Timings | OpserveError
     ) -> None:
         """An execution of the batching dispatcher returned (or failed to start)."""
         if instance in self._busy:
@@ -497,7 +495,7 @@ class Scheduler:
                 pending.queue_timer.cancel()
         return batch
 
-    async def _run(self, instance: WorkerProcess, batch: list[_Pending]) -> None:
+    async def _run(self, instance: Instance, batch: list[_Pending]) -> None:
         """Execute one batch on one instance; its responses reach each request as they come."""
         timings = None
         try:
@@ -531,7 +529,7 @@ class Scheduler:
             if pending.finished_ns:
                 self._account(pending)
 
-    async def warm_up(self, instance: WorkerProcess, requests: list[InferenceRequest]) -> None:
+    async def warm_up(self, instance: Instance, requests: list[InferenceRequest]) -> None:
         """Execute `requests` as one batch on `instance` before it serves (counted in the
         statistics like any execution); raises the first error a request got. As in Triton the
         requests go straight to the instance: no sequence or queue rules apply to them."""

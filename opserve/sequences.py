@@ -35,7 +35,7 @@ from opserve.proto import ModelConfig
 from opserve.scheduler import Scheduler, _Pending
 from opserve.sequence_config import FLAG_SEQUENCE_END, FLAG_SEQUENCE_START, SequenceSettings
 from opserve.stats import VersionStats
-from opserve.workers.process import WorkerProcess
+from opserve.workers.process import Instance
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class _Sequence:
 class _Lane:
     """One instance and the sequences that hold its slots."""
 
-    worker: WorkerProcess
+    worker: Instance
     slots: list[_Sequence | None]
 
 
@@ -173,7 +173,7 @@ class SequenceScheduler(Scheduler):
         self._state_outputs = {s.output_name: s for s in self.settings.states}
 
     # instances ---------------------------------------------------------------------------------
-    def add_instance(self, worker: WorkerProcess) -> None:
+    def add_instance(self, worker: Instance) -> None:
         lane = _Lane(worker, [None] * self.settings.slots)
         self._lanes.append(lane)
         super().add_instance(worker)
@@ -181,7 +181,7 @@ class SequenceScheduler(Scheduler):
             self._fill(lane, slot)
         self._kick()
 
-    def remove_instance(self, worker: WorkerProcess) -> None:
+    def remove_instance(self, worker: Instance) -> None:
         """Its sequences are lost (their state lived with the requests it was running)."""
         super().remove_instance(worker)
         for lane in [lane for lane in self._lanes if lane.worker is worker]:
@@ -215,7 +215,7 @@ class SequenceScheduler(Scheduler):
     # requests ----------------------------------------------------------------------------------
     # `infer` and `stream` are the base class's: a request is refused or joins its sequence in
     # `_pending`, `_enqueue` only wakes the dispatcher, and no request runs outside a batch.
-    def _idle_instance(self) -> WorkerProcess | None:
+    def _idle_instance(self) -> Instance | None:
         return None
 
     def _enqueue(self, pending: _Pending, on_wait: Callable[[], None] | None) -> None:

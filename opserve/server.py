@@ -56,6 +56,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         max_instances=(settings.max_instances_per_model, settings.max_instances_total),
         execution_timeout_s=settings.execution_timeout_secs,
         remotes=settings.remote_repositories,
+        shared_workers=settings.shared_workers,
     )
     if settings.cache is not None:
         manager.response_cache = ResponseCache(settings.cache.size)

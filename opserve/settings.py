@@ -79,6 +79,7 @@ class ServerSettings:
     max_instances_total: int = 512  # worker processes of all models
     # repositories in object storage, mirrored into folders of `model_repositories`
     remote_repositories: tuple[RepositoryMirror, ...] = ()
+    shared_workers: bool = False  # --shared-workers: a worker per framework for plain models
 
     @classmethod
     def from_flags(
@@ -161,6 +162,7 @@ class ServerSettings:
             max_instances_per_model=args.max_instances_per_model,
             max_instances_total=args.max_instances_total,
             remote_repositories=tuple(remotes or ()),
+            shared_workers=args.shared_workers,
         )
 
     def __post_init__(self) -> None:

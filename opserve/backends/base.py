@@ -90,6 +90,7 @@ class BackendContext:
     library_frameworks: dict[str, str] = field(default_factory=dict)  # path -> framework
     services: ModelServices | None = None
     auto_complete: bool = True  # False: a Python model's auto_complete_config is not called
+    shared: bool = False  # in a worker shared with other models (repository/placement)
 
     @cached_property
     def config(self) -> ModelConfig:

@@ -88,8 +88,12 @@ class OnnxRuntimeBackend(Backend):
         model's own (`EXECUTION_ENV_PATH`) that has no protobuf."""
         config = self.context.config_dict
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
-        options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "0"))
+        intra = int(parameters.get("intra_op_thread_count", "0"))
+        inter = int(parameters.get("inter_op_thread_count", "0"))
+        options.intra_op_num_threads, options.inter_op_num_threads = intra, inter
+        if self.context.shared and not intra and not inter and _global_thread_pools():
+            # many models in one process: one pool of threads for all of them, not one per session
+            options.use_per_session_threads = False
         # Triton's `optimization { graph { level } }`: -1 basic, 1 extended, otherwise all
         level = int(config.get("optimization", {}).get("graph", {}).get("level", 0))
         options.graph_optimization_level = {
@@ -133,6 +137,23 @@ class OnnxRuntimeBackend(Backend):
         if self._session is None:
             raise UnavailableError(f"model '{self.context.model_name}' is not loaded")
         return self._session
+
+
+_GLOBAL_POOLS: bool | None = None
+
+
+def _global_thread_pools() -> bool:
+    """ONNX Runtime's process-wide thread pools (default sizes), set up before the first session
+    of a shared worker; False when they cannot be (an environment already exists)."""
+    global _GLOBAL_POOLS
+    if _GLOBAL_POOLS is None:
+        try:
+            ort.capi._pybind_state.set_global_thread_pool_sizes(0, 0)
+            _GLOBAL_POOLS = True
+        except Exception:  # an older runtime, or an environment made without global pools
+            log.warning("onnxruntime's global thread pools are not available: one per session")
+            _GLOBAL_POOLS = False
+    return _GLOBAL_POOLS
 
 
 def _bytes_to_str(name: str, array: np.ndarray) -> np.ndarray:

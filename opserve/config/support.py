@@ -64,7 +64,7 @@ BACKEND_PARAMETERS: dict[str, frozenset[str]] = {
 }
 # parameters opserve itself reads, whatever the backend
 SERVER_PARAMETERS = frozenset(
-    {"EXECUTION_ENV_PATH", "EXECUTION_TIMEOUT_SECS", "OP_LIBRARY_SOURCES"}
+    {"EXECUTION_ENV_PATH", "EXECUTION_TIMEOUT_SECS", "OP_LIBRARY_SOURCES", "SHARED_WORKER"}
 )
 
 

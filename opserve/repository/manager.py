@@ -1,9 +1,12 @@
 """The lifecycle of the models in the repository: load, serve, restart, unload.
 
-Placement rule (the one place it lives: `_start`): every instance of a model version
-(`instance_group.count`) is a worker process of its own, never shared with another model. A
-model's op libraries therefore load and unload with it, never meet another model's libraries, and
-a crash takes down only that instance, which is then replaced.
+Placement (the rules live in `placement`, applied in `_new_worker`): every instance of a model
+version (`instance_group.count`) is a worker process of its own, never shared with another
+model, so a model's op libraries load and unload with it, never meet another model's libraries,
+and a crash takes down only that instance, which is then replaced. With `--shared-workers`, the
+instances of models that bring no op libraries and no environment of their own are slots of one
+shared worker per framework backend (`workers/shared`); a crash of that process ends each of its
+instances, and each is replaced as above.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -71,6 +74,7 @@ from opserve.repository.layout import (
     version_folders,
 )
 from opserve.repository.locks import NamedLocks
+from opserve.repository.placement import Placement, place
 from opserve.repository.supervision import execution_timeout, restart_delay
 from opserve.response_cache import ResponseCache
 from opserve.scheduler import Scheduler
@@ -82,7 +86,8 @@ from opserve.warmup import WarmupSample, warmup_samples
 from opserve.workers.environments import environment_launcher, execution_environment
 from opserve.workers.launcher import Launcher
 from opserve.workers.messages import ModelLoaded
-from opserve.workers.process import DEFAULT_RING_CAPACITY, WorkerHost, WorkerProcess
+from opserve.workers.process import DEFAULT_RING_CAPACITY, Instance, WorkerHost, WorkerProcess
+from opserve.workers.shared import SharedInstance, SharedWorkers
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,7 @@ class ModelVersion:
     directory: Path
     state: ModelState = ModelState.LOADING
     reason: str = ""
-    workers: list[WorkerProcess] = field(default_factory=list)  # one per instance
+    workers: list[Instance] = field(default_factory=list)  # one per instance
     # set once the model's config is complete (an ensemble's: once its graph is checked)
     scheduler: Scheduler | EnsembleScheduler | None = None
     stats: VersionStats = field(default_factory=VersionStats)
@@ -131,6 +136,7 @@ class Model:
     warmup: list[WarmupSample] = field(default_factory=list)  # model_warmup, ready to run
     labels: dict[str, list[bytes]] = field(default_factory=dict)  # output -> label_filename's
     execution_timeout_s: float = 0.0  # how long one `execute` may run (0: no limit)
+    placement: Placement = Placement(None, "")  # a shared worker, or processes of its own
 
     def latest_ready(self) -> ModelVersion | None:
         """The highest ready version (every request without a version asks: no sorting)."""
@@ -172,6 +178,7 @@ class ModelManager:
         max_instances: tuple[int, int] = (64, 512),
         execution_timeout_s: float = 0.0,
         remotes: Iterable[RepositoryMirror] = (),
+        shared_workers: bool = False,
     ) -> None:
         self.repositories = [p.resolve() for p in repositories]
         # repositories in object storage: their mirrors are folders of `repositories`
@@ -202,6 +209,8 @@ class ModelManager:
         self.response_cache: ResponseCache | None = None  # --cache-config local,size=BYTES
         self.step_runner: StepRunner | None = None  # what runs an ensemble's steps (the dataplane)
         self.gpus = visible_gpus()
+        self.sharing = shared_workers  # --shared-workers
+        self.shared = SharedWorkers(self._shared_process)
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -309,7 +318,7 @@ class ModelManager:
             for name in wave:
                 waiting.remove(name)
             results += await asyncio.gather(
-                *(self.load(name) for name in wave), return_exceptions=True
+                *(self.load(name, _folders=folders) for name in wave), return_exceptions=True
             )
         return results
 
@@ -371,25 +380,33 @@ class ModelManager:
             self._fingerprints.pop(name, None)
 
     async def load(
-        self, name: str, config: ModelConfig | None = None, _chain: tuple[str, ...] = ()
+        self,
+        name: str,
+        config: ModelConfig | None = None,
+        _chain: tuple[str, ...] = (),
+        _folders: dict[str, Path] | None = None,
     ) -> Model:
         """Load a model, or load it again (new files, new libraries): the new versions start
         while the old ones keep serving; then the old workers finish their requests and end.
         If the new load fails, the old model stays in service. In explicit mode, loading an
-        ensemble first loads the step models that are not loaded, as Triton does."""
+        ensemble first loads the step models that are not loaded, as Triton does. `_folders`:
+        the repositories' models as a scan just found them (start-up and polls scan once, not
+        once per model: a scan of a thousand models costs tens of milliseconds)."""
         if self.control_mode == "explicit":
-            await self._load_steps(name, config, (*_chain, name))
+            await self._load_steps(name, config, (*_chain, name), _folders)
         try:
-            return await self._load(name, config)
+            return await self._load(name, config, _folders)
         finally:
             self._refresh_dependents(name)
 
-    async def _load(self, name: str, config: ModelConfig | None) -> Model:
+    async def _load(
+        self, name: str, config: ModelConfig | None, folders: dict[str, Path] | None = None
+    ) -> Model:
         async with self._locks.hold(name):
             try:
                 if self.control_mode == "explicit":  # poll and start-up have just synced
                     await self.refresh(name)
-                folder = find_models(self.repositories).get(name)
+                folder = (folders or find_models(self.repositories)).get(name)
             except OpserveError as exc:
                 raise InternalError(
                     f"failed to load '{name}', failed to poll from model repository: {exc.message}"
@@ -453,9 +470,13 @@ class ModelManager:
             return model
 
     async def _load_steps(
-        self, name: str, config: ModelConfig | None, chain: tuple[str, ...]
+        self,
+        name: str,
+        config: ModelConfig | None,
+        chain: tuple[str, ...],
+        folders: dict[str, Path] | None = None,
     ) -> None:
-        folders = find_models(self.repositories)
+        folders = folders or find_models(self.repositories)
         if name not in folders:
             return
         steps = ensemble_steps(name, folders[name], config) or []
@@ -466,7 +487,7 @@ class ModelManager:
             if loaded is not None and not loaded.unloaded and loaded.state is ModelState.READY:
                 continue
             try:
-                await self.load(step, _chain=chain)
+                await self.load(step, _chain=chain, _folders=folders)
             except OpserveError as exc:  # the ensemble's load says why it cannot serve
                 log.error("model '%s', a step of ensemble '%s': %s", step, name, exc.message)
 
@@ -563,6 +584,7 @@ class ModelManager:
             self._validate(model.config)
             model.labels = output_labels(model.config, folder)
             model.execution_timeout_s = execution_timeout(model.config, self.execution_timeout_s)
+            model.placement = self._placement(model.config)
             if model.config.response_cache.enable and self.response_cache is None:
                 log.warning(
                     "model '%s' enables response_cache, but the server has no cache "
@@ -572,7 +594,7 @@ class ModelManager:
             available = version_folders(folder)
             versions = select_versions(model.config, available)
             if not is_ensemble(model.config):
-                self._check_instance_count(name, model.config, len(versions))
+                self._check_instance_count(name, model.config, len(versions), model.placement)
         except OpserveError as exc:
             model.reason = exc.message
             log.error("model '%s' is unavailable: %s", name, exc.message)
@@ -611,10 +633,13 @@ class ModelManager:
         )
         return model
 
-    def _check_instance_count(self, name: str, config: ModelConfig, versions: int) -> None:
+    def _check_instance_count(
+        self, name: str, config: ModelConfig, versions: int, placement: Placement
+    ) -> None:
         """Refuse a config whose instances (one worker process each, in every version) pass
         --max-instances-per-model, or would pass --max-instances-total beside the workers of
-        the other models (a model being reloaded does not count against itself)."""
+        the other models (a model being reloaded does not count against itself). Instances in
+        a shared worker are no processes: they count against the first bound only."""
         per_version = sum(g.count for g in config.instance_group) or 1
         wanted = per_version * versions
         if wanted > self.max_instances_per_model:
@@ -623,11 +648,14 @@ class ModelManager:
                 f"{versions} version(s)), more than --max-instances-per-model "
                 f"{self.max_instances_per_model} allows"
             )
+        if placement.shared is not None:
+            return
         running = sum(
-            len(entry.workers)
+            isinstance(worker, WorkerProcess)
             for other in self.models.values()
             if other.name != name
             for entry in other.versions.values()
+            for worker in entry.workers
         )
         if running + wanted > self.max_instances_total:
             raise InvalidArgumentError(
@@ -649,9 +677,16 @@ class ModelManager:
         for worker in entry.workers:
             entry.scheduler.add_instance(worker)
         entry.state = ModelState.READY
-        log.info("%s is READY (op libraries: %s)", entry.label, entry.op_libraries or "none")
+        log.info(
+            "%s is READY (op libraries: %s; %s)",
+            entry.label,
+            entry.op_libraries or "none",
+            f"in the shared {model.placement.shared} worker"
+            if model.placement.shared
+            else "a worker process per instance",
+        )
 
-    async def _warm_up(self, model: Model, entry: ModelVersion, worker: WorkerProcess) -> None:
+    async def _warm_up(self, model: Model, entry: ModelVersion, worker: Instance) -> None:
         """Run the config's `model_warmup` samples on one instance (not yet serving)."""
         scheduler = entry.scheduler
         if not isinstance(scheduler, Scheduler):
@@ -882,9 +917,21 @@ class ModelManager:
         fields = self._load_fields(model, entry, index, describe)
         return await worker.load(self.load_timeout_s, **fields)
 
-    async def _new_worker(self, model: Model, entry: ModelVersion) -> WorkerProcess:
+    async def _new_worker(self, model: Model, entry: ModelVersion) -> Instance:
         """A worker for an instance of `entry`, not started yet (in `entry.workers` already,
-        so that stopping the version stops it too)."""
+        so that stopping the version stops it too): a slot of the shared worker of its key, or
+        a process of its own."""
+        worker: Instance
+        if model.placement.shared is not None:
+            worker = SharedInstance(
+                self.shared,
+                model.placement.shared,
+                entry.label,
+                self._worker_exited,
+                model.execution_timeout_s,
+            )
+            entry.workers.append(worker)
+            return worker
         worker = WorkerProcess(
             entry.label,
             self.ring_capacity,
@@ -896,6 +943,28 @@ class ModelManager:
         )
         entry.workers.append(worker)
         return worker
+
+    def _placement(self, config: ModelConfig) -> Placement:
+        framework = BACKEND_FRAMEWORKS.get(config.backend)
+        outside = framework is not None and bool(
+            self.server_op_libraries.get(framework) or self.preloaded.get(framework)
+        )
+        return place(config, self.sharing, outside, frozenset(self.gpus))
+
+    def _shared_process(
+        self, key: str, on_exit: Callable[[WorkerProcess, str], None]
+    ) -> WorkerProcess:
+        """The process of a shared worker (`SharedWorkers` starts it): the server's interpreter
+        and environment."""
+        return WorkerProcess(
+            f"the models sharing the {key} worker",
+            self.ring_capacity,
+            on_exit,
+            Launcher(env=self._worker_environment()),
+            self.host,
+            title=f"shared-{key}",
+            shared=True,
+        )
 
     async def _launcher(self, model: Model) -> Launcher:
         """How this model's workers start: the server's interpreter, or the model's own
@@ -978,7 +1047,7 @@ class ModelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _worker_exited(self, worker: WorkerProcess, reason: str) -> None:
+    def _worker_exited(self, worker: Instance, reason: str) -> None:
         """A serving instance died: take it out of service and start another in its place.
         The version stays READY while another instance serves."""
         for model in self.models.values():
@@ -1005,7 +1074,7 @@ class ModelManager:
             await asyncio.sleep(restart_delay(failures))
             if entry.stopped:
                 return
-            worker: WorkerProcess | None = None
+            worker: Instance | None = None
             try:
                 worker = await self._new_worker(model, entry)
                 await worker.start()
@@ -1053,6 +1122,7 @@ class ModelManager:
         await asyncio.gather(
             *(self._stop_version(e, timeout_s) for e in versions), return_exceptions=True
         )
+        await self.shared.close()
 
 
 def _refuse_unsupported_fields(config: ModelConfig, warn: bool = True) -> None:

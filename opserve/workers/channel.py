@@ -44,6 +44,7 @@ def encode(message: Message) -> bytes:
             message.id,
             [_request_fields(r) for r in message.requests],
             message.ring_end,
+            message.slot,
         )
     elif kind is Responses:
         assert isinstance(message, Responses)
@@ -65,7 +66,7 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
     if type(body) is not tuple:
         return body
     if body[0] == _EXECUTE:
-        return Execute(body[1], [_request(r) for r in body[2]], body[3])
+        return Execute(body[1], [_request(r) for r in body[2]], body[3], body[4])
     return Responses(body[1], [_response(r) for r in body[2]], body[3], body[4])
 
 

@@ -25,14 +25,22 @@ class Launcher:
     env: dict[str, str] | None = None  # None: the server's environment
 
     def command(
-        self, fds: tuple[int, ...], ring_capacity: int, title: str = "", ring_limit: int = 0
+        self,
+        fds: tuple[int, ...],
+        ring_capacity: int,
+        title: str = "",
+        shared: bool = False,
+        ring_limit: int = 0,
     ) -> list[str]:
-        """The worker's command line; `title` (`<model>:<version>`) ends it, so that `ps`
-        names the model a worker serves. The rings' size is `<capacity>[:<limit>]`."""
+        """The worker's command line; `title` (`<model>:<version>`, or `shared-<backend>`) ends
+        it, so that `ps` names what a worker serves; `shared`: it hosts many models' instances.
+        The rings' size is `<capacity>[:<limit>]`."""
         command = [self.executable, "-m", WORKER_MODULE, *(str(fd) for fd in fds)]
         command.append(f"{ring_capacity}:{ring_limit}" if ring_limit else str(ring_capacity))
         if title:
             command.append(f"opserve-worker:{title}")
+        if shared:
+            command.append("--shared")
         return command
 
     @classmethod

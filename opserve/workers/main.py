@@ -1,8 +1,14 @@
-"""The worker process: hosts one instance of one model version.
+"""The worker process: hosts one instance of one model version, or (`--shared`) the instances
+of many framework models, each in a slot of its own.
 
 Started by the server (see `launcher`) as `python -m opserve.workers.main SOCKET_FD
-REQUEST_RING_FD RESPONSE_RING_FD RING_CAPACITY`. The server never imports a framework; this
-process does.
+REQUEST_RING_FD RESPONSE_RING_FD RING_CAPACITY [TITLE] [--shared]`. The server never imports a
+framework; this process does.
+
+A shared worker (see `repository/placement`) runs each slot's executions in order, the slots at
+once on a pool of threads (`_Lanes`; framework calls let go of the GIL), and loads and unloads
+slots on a thread of their own, so the reader keeps handing out the other models' executions
+while one model loads or unloads; a slot unloads once its executions are done.
 
 Whoever waits reads (leader and followers): one thread at a time reads the socket, the thread
 that needs a message next. An idle main thread reads, so an execution that arrives runs on the
@@ -31,6 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,14 +87,78 @@ class _Execution:
     returned: bool = False  # `execute` has returned
 
 
+@dataclass
+class _Hosted:
+    """One model instance in this worker (slot 0 in a worker of its own)."""
+
+    backend: Backend
+    bf16_outputs: set[str] = field(default_factory=set)  # outputs whose 16-bit words are BF16
+
+
+# a shared worker's pool: executions of that many slots at once at most (threads are started only
+# while that many are busy), so a model's `instance_group` count stays its executions in flight
+SHARED_EXECUTION_THREADS = 64
+
+
+class _Lanes:
+    """A shared worker's executions: each slot's in order, different slots at once."""
+
+    def __init__(self, run: Any, threads: int = SHARED_EXECUTION_THREADS) -> None:
+        self._run = run
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="slot")
+        self._queues: dict[int, deque[tuple[Execute, list[int | bool]]]] = {}
+        self._changed = threading.Condition()
+
+    def submit(self, slot: int, execution: Execute, release: list[int | bool]) -> None:
+        with self._changed:
+            queue = self._queues.get(slot)
+            if queue is not None:  # the slot's thread takes it next
+                queue.append((execution, release))
+                return
+            self._queues[slot] = deque([(execution, release)])
+        self._pool.submit(self._drain, slot)
+
+    def _drain(self, slot: int) -> None:
+        while True:
+            with self._changed:
+                queue = self._queues[slot]
+                if not queue:
+                    del self._queues[slot]
+                    self._changed.notify_all()
+                    return
+                execution, release = queue[0]
+            try:
+                self._run(execution, release)
+            except Exception:  # `execute` answers its own failures; this is a bug
+                log.exception("execution %d failed", execution.id)
+            with self._changed:
+                queue.popleft()
+
+    def wait_idle(self, slot: int | None = None) -> None:
+        """Until the slot (None: every slot) has nothing queued or running."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: not self._queues if slot is None else slot not in self._queues
+            )
+
+
 class Worker:
-    def __init__(self, channel: BlockingChannel, requests: ShmRing, responses: ShmRing) -> None:
+    def __init__(
+        self,
+        channel: BlockingChannel,
+        requests: ShmRing,
+        responses: ShmRing,
+        shared: bool = False,
+    ) -> None:
         self.channel = channel
         self.requests = requests
         self.responses = responses
         self.releases = Releases(requests)
-        self.backend: Backend | None = None
-        self.bf16_outputs: set[str] = set()  # outputs whose 16-bit words are BF16
+        self.shared = shared
+        self.hosted: dict[int, _Hosted] = {}  # slot -> instance
+        # a shared worker: executions on the slots' lanes, loads and unloads on a thread of their own
+        self._lanes = _Lanes(self.execute) if shared else None
+        self._admin = ThreadPoolExecutor(1, thread_name_prefix="load") if shared else None
         # reading: who reads, and what was read for others; guarded by `_changed`'s lock
         self._changed = threading.Condition()
         self._reading = False  # a thread is reading the socket
@@ -104,15 +175,50 @@ class Worker:
             message, release = task
             if isinstance(message, Execute):
                 assert release is not None
-                self.execute(message, release)
+                if self._lanes is not None:
+                    self._lanes.submit(message.slot, message, release)
+                else:
+                    self.execute(message, release)
             elif isinstance(message, LoadModel):
-                self.channel.send(self.load(message))
+                if self._admin is not None:
+                    self._admin.submit(self._answer_load, message)
+                else:
+                    self.channel.send(self.load(message))
             elif isinstance(message, UnloadModel):
-                if self.backend is not None:
-                    self.backend.unload()
-                    self.backend = None
+                if message.slot is not None and self._admin is not None:
+                    self._admin.submit(self._unload_slot, message.id, message.slot)
+                    continue
+                if self._admin is not None and self._lanes is not None:
+                    self._admin.shutdown(wait=True)
+                    self._lanes.wait_idle()
+                for slot in list(self.hosted):
+                    self._unload(slot)
                 self.channel.send(Done(message.id))
                 return
+
+    def _answer_load(self, message: LoadModel) -> None:
+        try:
+            self.channel.send(self.load(message))
+        except OSError:  # the server has gone; the reader notices
+            pass
+
+    def _unload_slot(self, message_id: int, slot: int) -> None:
+        """A shared worker's slot leaves once its executions are done; the others go on."""
+        assert self._lanes is not None
+        self._lanes.wait_idle(slot)
+        self._unload(slot)
+        try:
+            self.channel.send(Done(message_id))
+        except OSError:
+            pass
+
+    def _unload(self, slot: int) -> None:
+        hosted = self.hosted.pop(slot, None)
+        if hosted is not None:
+            try:
+                hosted.backend.unload()
+            except Exception:
+                log.exception("unloading the model of slot %d failed", slot)
 
     def _next_task(self) -> tuple[Message, list[int | bool] | None] | None:
         """The main thread's next load, execution or unload; None once the server has gone."""
@@ -231,40 +337,44 @@ class Worker:
             library_frameworks=message.library_frameworks,
             services=self,
             auto_complete=message.auto_complete,
+            shared=self.shared,
         )
         config = context.config_dict
         try:
-            if self.backend is None:
-                self.backend = backend_class(config.get("backend", ""))(context)
+            hosted = self.hosted.get(message.slot)
+            if hosted is None:
+                backend = backend_class(config.get("backend", ""))(context)
+                hosted = self.hosted[message.slot] = _Hosted(backend)
             if message.describe:
-                description = self.backend.describe()
+                description = hosted.backend.describe()
                 return ModelLoaded(
                     message.id,
                     description.signature,
-                    [str(p) for p in self.backend.loaded_op_libraries],
+                    [str(p) for p in hosted.backend.loaded_op_libraries],
                     description.config_json,
                 )
-            self.backend.start(context)
+            hosted.backend.start(context)
         except OpserveError as exc:
             return Failed(message.id, exc.code.value, exc.message)
         except Exception as exc:  # a backend bug must not kill the worker silently
             log.exception("loading model '%s' failed", message.model_name)
             return Failed(message.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
-        self.bf16_outputs = {
+        hosted.bf16_outputs = {
             o["name"] for o in config.get("output", []) if o.get("data_type") == "TYPE_BF16"
         }
-        libraries = [str(p) for p in self.backend.loaded_op_libraries]
+        libraries = [str(p) for p in hosted.backend.loaded_op_libraries]
         return ModelLoaded(message.id, None, libraries)
 
     # executing ---------------------------------------------------------------------------------
     def execute(self, message: Execute, release: list[int | bool]) -> None:
         started = time.monotonic_ns()
-        backend = self.backend
+        hosted = self.hosted.get(message.slot)
         requests: list[Request] = []
         try:
             requests = [self._request(message.id, i, r) for i, r in enumerate(message.requests)]
-            if backend is None:
+            if hosted is None:
                 raise InternalError("no model is loaded in this worker")
+            backend = hosted.backend
             execution = _Execution(message.id, requests, release, set(range(len(requests))))
             with self._lock:  # a model may answer through response senders, even from `run`
                 self._executions[message.id] = execution
@@ -286,7 +396,7 @@ class Worker:
                 with self.channel.lock:
                     self.responses.ensure(sum(_outputs_nbytes(r) for r in replies))
                     wires = [
-                        self._wire_response(i, reply)
+                        self._wire_response(i, reply, hosted.bf16_outputs)
                         for i, reply in enumerate(replies)
                         if reply is not None
                     ]
@@ -358,7 +468,9 @@ class Worker:
             if reply is None:
                 wire = WireResponse(request.index, None, None, final)
             else:
-                wire = self._wire_response(request.index, reply, final)
+                hosted = self.hosted.get(0)
+                bf16 = hosted.bf16_outputs if hosted is not None else set()
+                wire = self._wire_response(request.index, reply, bf16, final)
             self.channel.send_locked(Responses(request.execution, [wire], self.responses.head))
         if final:
             self._maybe_finish(execution)
@@ -371,19 +483,22 @@ class Worker:
                 return
         self.releases.finish(execution.release)
 
-    def _wire_response(self, index: int, reply: Reply, final: bool = True) -> WireResponse:
-        """Outputs written into the response ring (the caller holds the channel's lock)."""
+    def _wire_response(
+        self, index: int, reply: Reply, bf16: set[str], final: bool = True
+    ) -> WireResponse:
+        """Outputs written into the response ring (the caller holds the channel's lock);
+        `bf16`: the outputs whose 16-bit words are BF16."""
         if reply.error is not None:
             return WireResponse(index, None, _wire_error(reply.error), final, reply.parameters)
         outputs = reply.outputs or {}
-        refs = [self.write_tensor(name, array) for name, array in outputs.items()]
+        refs = [self.write_tensor(name, array, name in bf16) for name, array in outputs.items()]
         return WireResponse(index, refs, None, final, reply.parameters)
 
-    def write_tensor(self, name: str, array: np.ndarray) -> TensorRef:
+    def write_tensor(self, name: str, array: np.ndarray, bf16: bool = False) -> TensorRef:
         """Copy one tensor into the response ring (the caller holds the channel's lock)."""
         array = np.asarray(array)
         datatype = numpy_to_v2(array.dtype)
-        if name in self.bf16_outputs and array.dtype.itemsize == 2:
+        if bf16 and array.dtype.itemsize == 2:
             datatype = "BF16"
         if datatype == "BYTES":
             data: bytes | memoryview = serialize_bytes(
@@ -504,6 +619,8 @@ def _end_with_the_server() -> None:
 def main(argv: list[str]) -> int:
     _end_with_the_server()
     keep_freed_memory()  # tensors are copied into and out of the rings
+    shared = "--shared" in argv
+    argv = [a for a in argv if a != "--shared"]
     sock_fd, request_fd, response_fd = (int(a) for a in argv[:3])
     capacity, _, limit = argv[3].partition(":")  # <capacity>[:<limit>]
     if len(argv) > 4:
@@ -520,6 +637,7 @@ def main(argv: list[str]) -> int:
         BlockingChannel(sock),
         ShmRing(request_fd, int(capacity)),
         ShmRing(response_fd, int(capacity), int(limit or 0)),
+        shared,
     )
     try:
         worker.serve()

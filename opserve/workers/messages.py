@@ -82,6 +82,7 @@ class LoadModel:
     repository: str = ""  # the model's repository folder
     library_frameworks: dict[str, str] = field(default_factory=dict)  # path -> framework
     auto_complete: bool = True  # False: --disable-auto-complete-config
+    slot: int = 0  # the instance's place in a shared worker (0 in a worker of its own)
 
 
 @dataclass(slots=True)
@@ -91,6 +92,7 @@ class Execute:
     id: int
     requests: list[WireRequest]
     ring_end: int
+    slot: int = 0  # the instance that runs it (a shared worker hosts many)
 
 
 @dataclass(slots=True)
@@ -103,7 +105,11 @@ class Cancel:
 
 @dataclass(slots=True)
 class UnloadModel:
+    """Unload one instance of a shared worker (`slot`), which goes on serving the others; or
+    (None) everything, after which the worker ends."""
+
     id: int
+    slot: int | None = None
 
 
 @dataclass(slots=True)

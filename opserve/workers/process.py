@@ -76,6 +76,32 @@ class Submission(Protocol):
     def deliver(self, item: Delivery, final: bool) -> None: ...
 
 
+class Instance(Protocol):
+    """One model instance as the scheduler and the manager see it: a `WorkerProcess` of its own,
+    or a slot of a shared one (`workers.shared.SharedInstance`)."""
+
+    label: str
+    exit_reason: str
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def load(self, timeout_s: float, **fields: Any) -> ModelLoaded: ...
+
+    def execute(self, batch: Sequence[Submission]) -> tuple[int, asyncio.Future[Timings]]: ...
+
+    def cancel(self, execution: int, index: int) -> None: ...
+
+    def presume_hung(self, error: OpserveError) -> None: ...
+
+    async def stop(self, timeout: float = 10.0) -> None: ...
+
+
 class WorkerHost(Protocol):
     """The server's side of what a model may ask for."""
 
@@ -134,8 +160,10 @@ class WorkerProcess:
         host: WorkerHost | None = None,
         title: str = "",
         execution_timeout_s: float = 0.0,
+        shared: bool = False,
     ) -> None:
         self.label = label
+        self.shared = shared  # hosts many models' instances, one slot each
         # how long one `execute` may run before the worker is presumed hung (0: no limit)
         self.execution_timeout_s = execution_timeout_s
         self.title = title  # `<model>:<version>`, what `ps` shows of the worker
@@ -197,7 +225,7 @@ class WorkerProcess:
             self._responses = ShmRing.create(self.ring_capacity, "opserve-responses", limit)
             fds = (child.fileno(), self._requests.fd, self._responses.fd)
             self._process = await asyncio.create_subprocess_exec(
-                *self.launcher.command(fds, self.ring_capacity, self.title, limit),
+                *self.launcher.command(fds, self.ring_capacity, self.title, self.shared, limit),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self.launcher.env,
@@ -236,22 +264,43 @@ class WorkerProcess:
 
     async def load(self, timeout_s: float, **fields: Any) -> ModelLoaded:
         """Load (or describe) the model; a load that takes longer than `timeout_s` (a hung
-        `initialize`, say) stops the worker."""
+        `initialize`, say) stops the worker. A shared worker (whose loads run one after the
+        other) is killed as a crashed one is, so that its other models start again elsewhere."""
         try:
             return await asyncio.wait_for(
                 self._submit(lambda i: LoadModel(id=i, **fields)), timeout_s
             )
         except asyncio.TimeoutError:
-            self._stopping = True  # no restart: the load failed
+            if not self.shared:
+                self._stopping = True  # no restart: the load failed
             self.kill()
+            label = f"model '{fields.get('model_name')}'" if self.shared else self.label
             raise UnavailableError(
-                f"{self.label} did not finish loading in {timeout_s:g} s "
-                "(--model-load-timeout-secs); its worker was stopped"
+                f"{label} did not finish loading in {timeout_s:g} s "
+                f"(--model-load-timeout-secs); its {'shared ' if self.shared else ''}worker was "
+                "stopped"
             ) from None
 
-    def execute(self, batch: Sequence[Submission]) -> tuple[int, asyncio.Future[Timings]]:
+    async def unload(self, slot: int, timeout_s: float) -> None:
+        """Unload one slot of a shared worker (after its executions); the others go on. With
+        `timeout_s` 0 the unload is sent without waiting for it."""
+        done = self._submit(lambda i: UnloadModel(i, slot))
+        if timeout_s <= 0:
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+        await asyncio.wait_for(done, timeout_s)
+
+    def execute(
+        self,
+        batch: Sequence[Submission],
+        slot: int = 0,
+        timeout_s: float | None = None,
+        label: str = "",
+    ) -> tuple[int, asyncio.Future[Timings]]:
         """Send a batch for one execution: its id, and a future of its timings, resolved when
-        `execute` has returned in the worker. Responses reach each submission's `deliver`."""
+        `execute` has returned in the worker. Responses reach each submission's `deliver`.
+        `slot`, `timeout_s` and `label`: the instance of a shared worker, its model's execution
+        timeout and name."""
         transport = self._check_alive()
         ring = self._requests
         assert ring is not None
@@ -270,13 +319,14 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         returned: asyncio.Future[Timings] = loop.create_future()
         running = _Running(batch, returned, set(range(len(batch))))
-        if self.execution_timeout_s > 0:
+        timeout = self.execution_timeout_s if timeout_s is None else timeout_s
+        if timeout > 0:
             running.deadline = loop.call_later(
-                self.execution_timeout_s, self._execution_expired, execution
+                timeout, self._execution_expired, execution, timeout, label or self.label
             )
         self._running[execution] = running
         self._busy += 1
-        transport.write(encode(Execute(execution, wires, ring.head)))
+        transport.write(encode(Execute(execution, wires, ring.head, slot)))
         return execution, returned
 
     def cancel(self, execution: int, index: int) -> None:
@@ -320,15 +370,17 @@ class WorkerProcess:
             running.open.clear()
         self.kill()
 
-    def _execution_expired(self, execution: int) -> None:
+    def _execution_expired(self, execution: int, timeout: float, label: str) -> None:
         running = self._running.get(execution)
         if running is None or running.returned.done():
             return
+        shared = f" (the shared worker {self.label}, with every model it holds)" * self.shared
         self.presume_hung(
             UnavailableError(
-                f"{self.label}: an execution did not return within {self.execution_timeout_s:g} s "
+                f"{label}: an execution did not return within {timeout:g} s "
                 "(the execution timeout: EXECUTION_TIMEOUT_SECS in the model's parameters, or "
-                "--execution-timeout-secs); its worker process was killed and is being replaced"
+                f"--execution-timeout-secs); its worker process{shared} was killed and is being "
+                "replaced"
             )
         )
 
