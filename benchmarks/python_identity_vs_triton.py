@@ -66,6 +66,18 @@ SHAPE = "INPUT0:16"
 TRANSPORTS = ("http", "grpc")
 CONCURRENCIES = (1, 4, 8)
 SERVERS = ("Triton", "opserve")
+_MIB = 262144  # FP32 elements in 1 MiB
+# --suite: (shape, concurrencies, --shared-memory) per table
+SUITES: dict[str, list[tuple[str, tuple[int, ...], str]]] = {
+    "wire": [(SHAPE, CONCURRENCIES, "none")],
+    "large": [
+        (f"INPUT0:{mib * _MIB}", (1, 4), memory)
+        for mib in (1, 16, 64)
+        for memory in ("none", "system")
+    ],
+    "batching": [(SHAPE, (64,), "none")],
+}
+SUITES["all"] = SUITES["wire"] + SUITES["large"] + SUITES["batching"]
 LOG_TAIL_LINES = 25
 
 
@@ -172,9 +184,16 @@ def running_triton(repository: Path, peers: Path, log: Path, timeout: float) -> 
 
 
 @contextmanager
-def running_opserve(repository: Path, log: Path, timeout: float) -> Iterator[Endpoints]:
+def running_opserve(
+    repository: Path, log: Path, timeout: float, body_bytes: int = 0
+) -> Iterator[Endpoints]:
+    """opserve on `repository`; an HTTP body of `body_bytes` is accepted (Triton 2.51 has no
+    limit; opserve's --http-max-input-size is 64 MiB by default, as later Tritons have)."""
     started = time.monotonic()
-    server = RunningServer([repository], log_path=log, startup_timeout=timeout)
+    limit = max(body_bytes + (1 << 20), 64 << 20)
+    server = RunningServer(
+        [repository], [f"--http-max-input-size={limit}"], log_path=log, startup_timeout=timeout
+    )
     try:
         server.__enter__()
     except RuntimeError as exc:  # exited, or not live in time; the message carries the whole log
@@ -337,7 +356,7 @@ def run_rounds(
             server = (
                 running_triton(repository, peers, log, args.startup_timeout)
                 if name == "Triton"
-                else running_opserve(repository, log, args.startup_timeout)
+                else running_opserve(repository, log, args.startup_timeout, shape_bytes(args.shape))
             )
             try:
                 with server as endpoints:
@@ -465,6 +484,14 @@ def main() -> int:
         default=CONCURRENCIES,
         help="the concurrencies measured, comma-separated (default 1,4,8)",
     )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        help="the cells of one of the performance issue's goals, one table per setting (its "
+        "shape, concurrencies and --shared-memory replace those options): wire (goal 1), large "
+        "(goal 2: 1, 16 and 64 MiB, in the request and in system shared memory), batching "
+        "(goal 4: concurrency 64), all",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -485,9 +512,20 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="python-identity-"))
     repository = workdir / "repository"
     prepare_repository(repository)
-    results, failed, cell_errors = run_rounds(servers, repository, peers, args, workdir)
-
-    rows = report(results, args)
+    settings = (
+        SUITES[args.suite] if args.suite else [(args.shape, args.concurrency, args.shared_memory)]
+    )
+    rows: list[dict[str, object]] = []
+    failed: set[str] = set()
+    cell_errors = False
+    for shape, concurrency, shared_memory in settings:
+        args.shape, args.concurrency, args.shared_memory = shape, concurrency, shared_memory
+        results, not_ready, errors = run_rounds(servers, repository, peers, args, workdir)
+        failed |= not_ready
+        cell_errors |= errors
+        rows += [
+            {"shape": shape, "shared_memory": shared_memory, **row} for row in report(results, args)
+        ]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if not failed and not cell_errors:
