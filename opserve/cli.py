@@ -9,10 +9,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opserve import __version__
 from opserve.errors import OpserveError
-from opserve.remote import RepositoryMirror, localize, repository_argument
+from opserve.remote.locations import repository_argument
+
+if TYPE_CHECKING:
+    from opserve.remote.mirror import RepositoryMirror
 from opserve.triton_flags import add_triton_flags, parse_boolean, triton_values
 
 
@@ -393,6 +397,8 @@ def _localize(
     folders to read and the mirrors; None once the error (naming the URL) is printed."""
     if all(isinstance(r, Path) for r in repositories):
         return [r for r in repositories if isinstance(r, Path)], []
+    from opserve.remote.repositories import localize
+
     try:
         folders, mirrors = localize(repositories)
     except OpserveError as exc:

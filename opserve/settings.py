@@ -14,7 +14,7 @@ from opserve.frontends.access import Restriction, compile_pattern, parse_restric
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.ops import library_framework
-from opserve.remote import RepositoryMirror
+from opserve.remote.mirror import RepositoryMirror
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
 from opserve.triton_flags import parse_boolean, split_setting

@@ -110,3 +110,15 @@ def test_check_counts_the_ops_of_a_library_unless_verbose(example_repository: Pa
     verbose = run("check", "--model-repository", str(example_repository), "--verbose")
     line = next(x for x in verbose.stdout.splitlines() if f"op library {library}" in x)
     assert len(line.split(": ", 1)[1].split(", ")) == count
+
+
+def test_the_command_line_loads_nothing_that_crashes_beside_a_preloaded_library() -> None:
+    """`opserve serve` hands LD_PRELOAD over to its workers after parsing its arguments; until
+    then nothing may load OpenSSL (hashlib, ssl): it crashes beside a preloaded TensorFlow."""
+    probe = (
+        "import sys, opserve.cli; "
+        "print(sorted(m for m in sys.modules if m in ('hashlib', '_hashlib', 'ssl', '_ssl')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

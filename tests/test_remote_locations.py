@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 from opserve.errors import InvalidArgumentError
-from opserve.remote import (
-    RepositoryMirror,
-    is_remote,
-    open_repository,
-    parse_location,
-    repository_argument,
-)
 from opserve.remote.credentials import match_credential, read_credential_file, storage_access
-from opserve.remote.mirror import _identity, _is_safe
+from opserve.remote.locations import is_remote, parse_location, repository_argument
+from opserve.remote.mirror import RepositoryMirror, _identity, _is_safe
+from opserve.remote.repositories import open_repository
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from opserve.remote import RemoteRepositoryError, localize
+from opserve.remote.mirror import RemoteRepositoryError
+from opserve.remote.repositories import localize
 from tests import models
 from tests.conftest import add_constant, custom_op_config
 from tests.serving import RunningServer, children, free_port, mapped

@@ -64,7 +64,7 @@ from opserve.ops.inspect import collisions, framework_mismatch, inspect_library_
 from opserve.ops.needs import candidate_libraries, missing_op_in, unlisted_library_hint
 from opserve.ops.resolve import SOURCES_PARAMETER, model_op_sources
 from opserve.proto import ModelConfig
-from opserve.remote import RepositoryMirror
+from opserve.remote.mirror import RepositoryMirror
 from opserve.repository.confinement import confine_model_files
 from opserve.repository.layout import (
     find_models,
