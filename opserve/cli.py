@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="shared memory per direction per worker for tensors (default: 16 MiB); "
-        "larger tensors are sent through the worker's socket instead",
+        help="shared memory per direction per worker for tensors, to begin with (default: 16 "
+        "MiB); it grows for larger batches up to 1 GiB, beyond which tensors are sent through "
+        "the worker's socket instead",
     )
     _add_bound_flags(serve)
     add_triton_flags(serve)
