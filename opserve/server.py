@@ -29,6 +29,9 @@ from opserve.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
+# pending connections the HTTP socket queues (uvicorn's default)
+HTTP_BACKLOG = 2048
+
 
 async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM; unload everything on the way out.
@@ -231,9 +234,12 @@ async def _serve_http(dataplane: DataPlane, settings: ServerSettings, stop: _Sto
     if settings.reuse_http_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.http_address, settings.http_port))
+    # listening before the log line names the port: a client that reads it may connect at once
+    sock.listen(HTTP_BACKLOG)
     limits = settings.http_limits
     config = uvicorn.Config(
-        HttpApp(
+        backlog=HTTP_BACKLOG,
+        app=HttpApp(
             dataplane, settings.http_restrictions, settings.http_forward, limits.max_input_size
         ),
         http=HttpConnection.bounded(limits),  # our HTTP/1.1 on httptools: one write per response
