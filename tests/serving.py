@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -131,3 +132,12 @@ class RunningServer:
                 self.process.kill()
                 self.process.wait()
         self._log_file.close()
+
+
+def eventually(condition: Callable[[], object], what: str, seconds: float = 30.0) -> None:
+    """Wait for `condition` (a bound on a wait for a fault to heal, not a timed assertion)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.05)

@@ -5,11 +5,9 @@ PyTorch and nvcc, and is skipped cleanly without them; the error paths run every
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from opserve.ops import cuda
 from opserve.ops.cuda import architecture_flags, find_nvcc
 from tests import framework_models, models
 from tests.oplibs import build
+from tests.oplibs.build import opserve
 from tests.serving import RunningServer
 
 KERNEL = build.SOURCES / "cuda" / "twice_plus_one.cu"
@@ -59,17 +58,6 @@ def why_no_cuda() -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA GPU"
     return why_no_nvcc()
-
-
-def opserve(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "opserve", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OPSERVE_CACHE_DIR": str(build.CACHE), **(env or {})},
-        cwd=cwd,
-    )
 
 
 def config(kind: str, operations: str) -> str:

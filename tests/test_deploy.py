@@ -37,8 +37,8 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from opserve.cli import build_parser, without_triton_program
 from opserve.triton_flags import triton_values
 from tests import dockerfile
-from tests.serving import RunningServer
-from tests.test_faults import eventually, python_model
+from tests.serving import RunningServer, eventually
+from tests.test_faults import python_model
 from tests.test_scheduling_policies import wait_for_log
 
 ROOT = Path(__file__).resolve().parents[1]

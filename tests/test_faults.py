@@ -13,9 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from tests import models
 from tests.clients import simple_answers
 from tests.conftest import SIMPLE_CONFIG, custom_op_config
 from tests.oplibs import build
-from tests.serving import RunningServer, children, free_port
+from tests.serving import RunningServer, children, eventually, free_port
 
 PYTHON_MODELS = Path(__file__).resolve().parent / "python_models"
 
@@ -107,15 +106,6 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def eventually(condition: Callable[[], object], what: str, seconds: float = 30.0) -> None:
-    """Wait for `condition` (a bound on a wait for a fault to heal, not a timed assertion)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 def index_entry(client: httpclient.InferenceServerClient, name: str) -> dict[str, str]:

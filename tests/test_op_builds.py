@@ -25,23 +25,13 @@ from opserve.proto import ModelConfig
 from tests import models
 from tests.conftest import ROOT
 from tests.oplibs import build
+from tests.oplibs.build import opserve
 from tests.serving import RunningServer
 
 ORT_SOURCE = build.SOURCES / "onnxruntime" / "my_ops.cc"
 # two onnxruntime releases pip installs for Python 3.10+; the headers the tests build with are
 # API 21, which both serve
 OLD_ORT, OTHER_ORT = "1.21.1", "1.23.2"
-
-
-def opserve(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "opserve", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OPSERVE_CACHE_DIR": str(build.CACHE), **(env or {})},
-        cwd=cwd,
-    )
 
 
 @pytest.fixture(scope="module")

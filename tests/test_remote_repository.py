@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from opserve.remote.mirror import RemoteRepositoryError
 from opserve.remote.repositories import localize
 from tests import models
 from tests.conftest import add_constant, custom_op_config
-from tests.serving import RunningServer, children, free_port, mapped
+from tests.serving import RunningServer, children, eventually, free_port, mapped
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
@@ -157,14 +157,6 @@ def infer(client: httpclient.InferenceServerClient, model: str, version: str = "
     return client.infer(model, inputs, model_version=version).as_numpy("OUTPUT0")
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def ready(client: httpclient.InferenceServerClient, model: str, version: str = "") -> bool:
     try:
         return bool(client.is_model_ready(model, version))
@@ -202,9 +194,9 @@ def test_polling_serves_the_bucket_and_follows_it(s3: S3Server, tmp_path: Path) 
         (staged / "addone" / "config.pbtxt").unlink()  # only the new version folder
         write_plain_model(staged, "appears", 100.0)
         s3.upload(staged)
-        wait_for(lambda: ready(client, "addone", "2"), "version 2 of addone")
+        eventually(lambda: ready(client, "addone", "2"), "version 2 of addone", seconds=60)
         np.testing.assert_array_equal(infer(client, "addone", "2"), [[11, 12, 13, 14]])
-        wait_for(lambda: ready(client, "appears"), "the new model 'appears'")
+        eventually(lambda: ready(client, "appears"), "the new model 'appears'", seconds=60)
         np.testing.assert_array_equal(infer(client, "appears"), [[101, 102, 103, 104]])
         assert model_file.stat().st_ino == before  # unchanged: not fetched again
 
@@ -213,12 +205,16 @@ def test_polling_serves_the_bucket_and_follows_it(s3: S3Server, tmp_path: Path) 
         def listed() -> set[str]:
             return {e["name"] for e in client.get_model_repository_index()}
 
-        wait_for(lambda: "appears" not in listed(), "'appears' to leave the index")
+        eventually(lambda: "appears" not in listed(), "'appears' to leave the index", seconds=60)
         assert not ready(client, "appears") and not (mirrored / "appears").exists()
         assert "addone" in listed()
 
         s3.revoke(key["AWS_ACCESS_KEY_ID"])
-        wait_for(lambda: "cannot poll the model repositories" in server.log(), "a failed poll")
+        eventually(
+            lambda: "cannot poll the model repositories" in server.log(),
+            "a failed poll",
+            seconds=60,
+        )
         assert f"model repository '{s3.url()}'" in server.log()
         np.testing.assert_array_equal(infer(client, "addone", "2"), [[11, 12, 13, 14]])
         with pytest.raises(InferenceServerException, match="Access Key Id"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def tensorflow_zero_out(name: str = "libzero_out.so", keep_last: bool = False) -
     """The classic ZeroOut op for TensorFlow, with the flags TensorFlow gives."""
     defines: dict[str, str | None] = {"KEEP_LAST": "1"} if keep_last else {}
     return _build("tensorflow", SOURCES / "tensorflow" / "zero_out.cc", name, defines)
+
+
+def opserve(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`opserve ARGS` as a command, sharing the test suite's builds (OPSERVE_CACHE_DIR)."""
+    return subprocess.run(
+        [sys.executable, "-m", "opserve", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OPSERVE_CACHE_DIR": str(CACHE), **(env or {})},
+        cwd=cwd,
+    )
 
 
 def copy_to(library: Path, target: Path) -> Path:
