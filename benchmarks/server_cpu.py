@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import resource
 import struct
 import sys
 import tempfile
@@ -288,7 +289,7 @@ async def measure(
     starters = (start_http if transport == "http" else start_grpc)(dataplane, concurrency, load)
     counter = CallCounter() if options.calls else None
     profile = cProfile.Profile() if options.profile else None
-    cpu, wall = time.process_time(), time.perf_counter()
+    usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if counter is not None:
         sys.setprofile(counter)
         import threading
@@ -305,10 +306,13 @@ async def measure(
         profile.dump_stats(f"{options.profile}.{transport}")
     if counter is not None:
         sys.setprofile(None)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
     inferences, executions = (a - b for a, b in zip(_counts(dataplane), before, strict=True))
     result = {
-        "cpu_us": cpu / total * 1e6,
+        "cpu_us": (user + system) / total * 1e6,
+        "system_us": system / total * 1e6,
         "wall_us": wall / total * 1e6,
         "per_execution": inferences / max(executions, 1),
     }
@@ -339,7 +343,8 @@ async def run(options: argparse.Namespace) -> None:
                     transport, options.concurrency, options.n, dataplane, options
                 )
                 line = (
-                    f"{transport} c={options.concurrency}: server CPU {result['cpu_us']:.0f} us/inf, "
+                    f"{transport} c={options.concurrency}: server CPU {result['cpu_us']:.0f} us/inf "
+                    f"({result['system_us']:.0f} of it in the kernel), "
                     f"wall {result['wall_us']:.0f} us/inf, {result['per_execution']:.2f} per execution"
                 )
                 if "calls" in result:
