@@ -368,7 +368,7 @@ def _require(method: str, allowed: str) -> None:
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
-    return {k.lower(): v for k, v in scope["headers"]}
+    return dict(scope["headers"])  # ASGI: the server gives header names in lower case
 
 
 async def _read_body(receive: Receive, limit: int = HTTP_DEFAULT_MAX_INPUT_SIZE) -> bytes:
