@@ -89,6 +89,8 @@ class RequestQueue(Generic[T]):
         self.policies = {n: (policies or {}).get(n, default_policy) for n in numbers}
         self._on_time: dict[int, deque[T]] = {n: deque() for n in numbers}
         self._delayed: dict[int, deque[T]] = {n: deque() for n in numbers}
+        # every queue in serving order, fixed once (walked several times per request)
+        self._ordered = tuple(q for n in numbers for q in (self._on_time[n], self._delayed[n]))
         self._size = 0
 
     @classmethod
@@ -132,7 +134,7 @@ class RequestQueue(Generic[T]):
         return True
 
     def __iter__(self) -> Iterator[T]:
-        for queue in self._ordered_queues():
+        for queue in self._ordered:
             yield from queue
 
     def __len__(self) -> int:
@@ -142,11 +144,14 @@ class RequestQueue(Generic[T]):
         return self._size > 0
 
     def first(self) -> T:
-        return next(iter(self))
+        for queue in self._ordered:
+            if queue:
+                return queue[0]
+        raise IndexError("the queue is empty")
 
     def drop_leading(self, unwanted: Callable[[T], bool]) -> None:
         """Forget the items at the head, in serving order, for which `unwanted` is true."""
-        for queue in self._ordered_queues():
+        for queue in self._ordered:
             while queue:
                 if not unwanted(queue[0]):
                     return
@@ -157,7 +162,7 @@ class RequestQueue(Generic[T]):
         """Remove and return, in serving order, the items `chosen` accepts (it is asked in
         serving order, so it may count what it has accepted)."""
         taken: list[T] = []
-        for queues in self._ordered_queues():
+        for queues in self._ordered:
             kept: deque[T] = deque()
             for item in queues:
                 (taken if chosen(item) else kept).append(item)
@@ -166,14 +171,9 @@ class RequestQueue(Generic[T]):
         self._size -= len(taken)
         return taken
 
-    def _ordered_queues(self) -> Iterator[deque[T]]:
-        for level in self._on_time:
-            yield self._on_time[level]
-            yield self._delayed[level]
-
     def clear(self) -> list[T]:
         items = list(self)
-        for queue in self._ordered_queues():
+        for queue in self._ordered:
             queue.clear()
         self._size = 0
         return items

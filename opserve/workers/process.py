@@ -245,8 +245,11 @@ class WorkerProcess:
     # requests ----------------------------------------------------------------------------------
     def _check_alive(self) -> asyncio.Transport:
         if not self.alive or self._transport is None or self._transport.is_closing():
+            returncode = self._returncode()
+            # between its socket closing and its exit being seen, the process is still there
+            state = "is ending (its connection closed)" if returncode is None else None
             raise InternalError(
-                f"the worker process of {self.label} {describe_exit(self._returncode())}"
+                f"the worker process of {self.label} {state or describe_exit(returncode)}"
             )
         return self._transport
 
