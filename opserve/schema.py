@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opserve.datatypes import config_to_v2
 from opserve.proto import ModelConfig, model_config_pb2
@@ -27,10 +27,10 @@ class ModelSchema:
     max_batch_size: int
     inputs: dict[str, TensorSchema]
     outputs: dict[str, TensorSchema]
+    batching: bool = field(init=False)  # max_batch_size > 0 (read several times per request)
 
-    @property
-    def batching(self) -> bool:
-        return self.max_batch_size > 0
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batching", self.max_batch_size > 0)
 
     @property
     def required_inputs(self) -> frozenset[str]:

@@ -151,6 +151,12 @@ def _decode_request(
     return request, output_format
 
 
+_INTS = frozenset([int])  # the type of every dimension (a JSON true is a bool: refused)
+_SHARED_MEMORY_KEYS = frozenset(
+    ["shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"]
+)
+
+
 def _object(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -179,6 +185,8 @@ def _flag(parameters: dict[str, Any], key: str) -> bool:
 
 def _shared_memory(name: str, parameters: dict[str, Any]) -> tuple[str, int, int] | None:
     """A tensor's region, offset and byte size, when its parameters place it in shared memory."""
+    if parameters.keys().isdisjoint(_SHARED_MEMORY_KEYS):
+        return None
     region = parameters.get("shared_memory_region")
     for key in ("shared_memory_offset", "shared_memory_byte_size"):
         value = parameters.get(key)
@@ -217,9 +225,7 @@ def _decode_input(
         raise InvalidArgumentError("every input needs a 'name'")
     if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
         raise InvalidArgumentError(f"input '{name}' has an unknown datatype: {datatype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in shape
-    ):
+    if not isinstance(shape, list) or not _INTS.issuperset(map(type, shape)):
         raise InvalidArgumentError(f"input '{name}' needs a 'shape' array of integers")
     parameters = _object(raw.get("parameters"), f"parameters of input '{name}'")
     placement = _shared_memory(name, parameters)
