@@ -261,3 +261,10 @@ def example_server(
     log = tmp_path_factory.mktemp("logs") / "examples.log"
     with RunningServer([example_repository], log_path=log) as running:
         yield running
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A run of the whole suite (not of a test or two) starts its slowest op builds in the
+    background at once (`build.prebuild_in_background`)."""
+    if len(session.items) > 200:
+        build.prebuild_in_background()

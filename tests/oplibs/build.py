@@ -7,10 +7,13 @@ ONNX Runtime's headers are fetched once into `.cache/opserve/onnxruntime-dev` wh
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from opserve.ops.build import build_library
@@ -29,12 +32,46 @@ def onnxruntime_headers() -> Path:
     return _onnxruntime_headers(BUILD_CACHE, fetch=True)
 
 
+_locks: dict[tuple[object, ...], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
 def _build(framework: str, source: Path, name: str, defines: dict[str, str | None]) -> Path:
-    """A build the README's `opserve ops build` commands share (same sources, flags, name)."""
-    built = build_library(
-        [source], framework, name=name, defines=defines, cache=BUILD_CACHE, fetch_headers=True
-    )
+    """A build the README's `opserve ops build` commands share (same sources, flags, name).
+    One build of a library at a time: a test that needs one the background is building waits
+    for it (two builds of one library in one process would write the same partial file)."""
+    key = (framework, str(source), name, tuple(sorted(defines.items())))
+    with _locks_guard:
+        lock = _locks.setdefault(key, threading.Lock())
+    with lock:
+        built = build_library(
+            [source], framework, name=name, defines=defines, cache=BUILD_CACHE, fetch_headers=True
+        )
     return built.path
+
+
+def prebuild_in_background() -> None:
+    """Start the suite's slowest builds (PyTorch and TensorFlow libraries, ~20-30 s each) one
+    after another on a thread of their own, while the first tests run: the suite runs one test
+    at a time and leaves the second core mostly idle. A build that fails here is left to the
+    test that needs it, which builds it again and reports why."""
+    builds: list[Callable[[], Path]] = []
+    if importlib.util.find_spec("torch") is not None:
+        builds += [pytorch_my_ops, lambda: pytorch_my_ops(2.0, name="libmy_torch_ops_v2.so")]
+    if importlib.util.find_spec("tensorflow") is not None:
+        builds += [
+            tensorflow_zero_out,
+            lambda: tensorflow_zero_out(name="libzero_out_last.so", keep_last=True),
+        ]
+
+    def run() -> None:
+        for build in builds:
+            try:
+                build()
+            except Exception:  # noqa: BLE001 - the test that needs it reports it
+                pass
+
+    threading.Thread(target=run, name="prebuild", daemon=True).start()
 
 
 def onnxruntime_my_ops(
