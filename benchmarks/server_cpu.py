@@ -28,6 +28,7 @@ import resource
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,8 +108,7 @@ class GrpcClient:
 
         self.encoder = hpack.Encoder()
         request = service_pb2.ModelInferRequest(model_name=MODEL)
-        tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
-        del tensor
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
         request.outputs.add(name="OUTPUT0")
         request.raw_input_contents.append(TENSOR)
         message = request.SerializeToString()
@@ -206,13 +206,18 @@ class _ServerState:
 
 
 class ClosedLoop:
-    """`concurrency` requests in flight; each answer sends the next, until `total` answered."""
+    """A request per starter in flight; each answer sends the next, until `total` answered."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.sent = 0
         self.answered = 0
         self.done = asyncio.get_running_loop().create_future()
+
+    def start(self, starters: list[Callable[[], None]]) -> None:
+        for send in starters:
+            self.sent += 1
+            send()
 
     def answers(self, count: int, send_next: Callable[[], None]) -> None:
         self.answered += count
@@ -229,7 +234,7 @@ def start_http(
 ) -> list[Callable[[], None]]:
     request = http_request()
     config = _HttpConfig(HttpApp(dataplane))
-    starters = []
+    starters: list[Callable[[], None]] = []
     for _ in range(concurrency):
         connection = HttpConnection(config, _ServerState(), _loop=asyncio.get_running_loop())
 
@@ -281,36 +286,30 @@ class CallCounter:
 async def measure(
     transport: str, concurrency: int, total: int, dataplane: DataPlane, options: argparse.Namespace
 ) -> dict[str, float]:
-    starters: list[Callable[[], None]]
     warm = ClosedLoop(min(2000, total))
-    starters = (start_http if transport == "http" else start_grpc)(dataplane, concurrency, warm)
-    for send in starters:
-        warm.sent += 1
-        send()
+    connect = start_http if transport == "http" else start_grpc
+    warm.start(connect(dataplane, concurrency, warm))
     await warm.done
     await asyncio.sleep(0.2)  # the warm-up's last answers leave
     before = _counts(dataplane)
     load = ClosedLoop(total)
-    starters = (start_http if transport == "http" else start_grpc)(dataplane, concurrency, load)
+    starters = connect(dataplane, concurrency, load)
     counter = CallCounter() if options.calls else None
     profile = cProfile.Profile() if options.profile else None
     usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if counter is not None:
         sys.setprofile(counter)
-        import threading
-
         threading.setprofile(counter)
     if profile is not None:
         profile.enable()
-    for send in starters:
-        load.sent += 1
-        send()
+    load.start(starters)
     await load.done
     if profile is not None:
         profile.disable()
         profile.dump_stats(f"{options.profile}.{transport}")
     if counter is not None:
         sys.setprofile(None)
+        threading.setprofile(None)
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_SELF)
     user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime

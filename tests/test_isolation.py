@@ -119,7 +119,7 @@ def test_two_libraries_of_one_model_that_register_the_same_op(collision_server) 
 @requires("torch")
 def test_colliding_pytorch_libraries(tmp_path: Path) -> None:
     one = build.pytorch_my_ops(1.0)
-    two = build.pytorch_my_ops(2.0, name="libmy_torch_ops_v2.so")
+    two = build.pytorch_my_ops_v2()
     model = framework_model("torch_add_one", "model.pt", one)
     repo = tmp_path / "repository"
     torch_model(repo, "torch_adds_1", {"libmy_torch_ops.so": one}, model)
@@ -141,7 +141,7 @@ def test_colliding_pytorch_libraries(tmp_path: Path) -> None:
 @requires("tensorflow")
 def test_colliding_tensorflow_libraries(tmp_path: Path) -> None:
     first = build.tensorflow_zero_out()
-    last = build.tensorflow_zero_out(name="libzero_out_last.so", keep_last=True)
+    last = build.tensorflow_zero_out_keeping_last()
     model = framework_model("tf_zero_out_savedmodel", "model.savedmodel", first)
     repo = tmp_path / "repository"
     tf_model(repo, "keeps_first", first, model)

@@ -122,9 +122,7 @@ class _Running:
     deadline: asyncio.TimerHandle | None = None  # the execution timeout, while `execute` runs
 
 
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "is still running"
+def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -246,11 +244,11 @@ class WorkerProcess:
     def _check_alive(self) -> asyncio.Transport:
         if not self.alive or self._transport is None or self._transport.is_closing():
             returncode = self._returncode()
-            # between its socket closing and its exit being seen, the process is still there
-            state = "is ending (its connection closed)" if returncode is None else None
-            raise InternalError(
-                f"the worker process of {self.label} {state or describe_exit(returncode)}"
-            )
+            if returncode is None:  # its socket closed before its exit was seen
+                state = "is ending (its connection closed)"
+            else:
+                state = describe_exit(returncode)
+            raise InternalError(f"the worker process of {self.label} {state}")
         return self._transport
 
     def _new_id(self) -> int:

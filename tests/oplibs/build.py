@@ -57,12 +57,9 @@ def prebuild_in_background() -> None:
     test that needs it, which builds it again and reports why."""
     builds: list[Callable[[], Path]] = []
     if importlib.util.find_spec("torch") is not None:
-        builds += [pytorch_my_ops, lambda: pytorch_my_ops(2.0, name="libmy_torch_ops_v2.so")]
+        builds += [pytorch_my_ops, pytorch_my_ops_v2]
     if importlib.util.find_spec("tensorflow") is not None:
-        builds += [
-            tensorflow_zero_out,
-            lambda: tensorflow_zero_out(name="libzero_out_last.so", keep_last=True),
-        ]
+        builds += [tensorflow_zero_out, tensorflow_zero_out_keeping_last]
 
     def run() -> None:
         for build in builds:
@@ -97,6 +94,16 @@ def tensorflow_zero_out(name: str = "libzero_out.so", keep_last: bool = False) -
     """The classic ZeroOut op for TensorFlow, with the flags TensorFlow gives."""
     defines: dict[str, str | None] = {"KEEP_LAST": "1"} if keep_last else {}
     return _build("tensorflow", SOURCES / "tensorflow" / "zero_out.cc", name, defines)
+
+
+def pytorch_my_ops_v2() -> Path:
+    """The same ops as `pytorch_my_ops` under the same names, adding 2: a colliding library."""
+    return pytorch_my_ops(2.0, name="libmy_torch_ops_v2.so")
+
+
+def tensorflow_zero_out_keeping_last() -> Path:
+    """ZeroOut registered under the same name, keeping the last element: a colliding library."""
+    return tensorflow_zero_out(name="libzero_out_last.so", keep_last=True)
 
 
 def opserve(
