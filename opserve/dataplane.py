@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,6 +261,61 @@ class DataPlane:
             if request.trace is not None:
                 self.tracer.finish(request.trace, str(entry.version))
         return self._finish(model, entry, request, response)
+
+    def submit(
+        self,
+        request: InferenceRequest,
+        done: Callable[[InferenceResponse | BaseException], None],
+    ) -> Callable[[], None] | None:
+        """`infer` without a task of its own, for the frontends' common case: the request is
+        validated and started now, and `done` gets its finished response (or the error) later,
+        from the event loop. Returns what cancels the request (its client went away: dropped if
+        queued, the model told if it runs); None, with the request untouched, when something
+        about it needs `infer` (large BYTES inputs to count off the loop, tracing). Raises what
+        `infer` raises before the request is queued (not found, invalid, decoupled, full)."""
+        if self.tracer.active:
+            return None
+        for tensor in request.inputs:
+            if tensor.datatype == "BYTES" and len(tensor.data) > OFFLOAD_BYTES:
+                return None
+        model, entry, scheduler, batch_size = self._prepare(request, False, {})
+        future: asyncio.Future[InferenceResponse]
+        cache = self.manager.response_cache
+        pending = None
+        if isinstance(scheduler, Scheduler) and (
+            cache is None or not model.config.response_cache.enable
+        ):
+            pending = scheduler.submit(request, batch_size, request.on_wait)
+        cancel: Callable[[], Any]
+        if pending is not None:
+            assert pending.future is not None
+            future, cancel = pending.future, pending.cancel
+        else:  # waits for an instance, runs an ensemble or looks in the cache: a task of its own
+            future = asyncio.ensure_future(
+                self._answer(model, entry, scheduler, request, batch_size)
+            )
+            cancel = future.cancel
+
+        def finished(future: asyncio.Future[InferenceResponse]) -> None:
+            if future.cancelled():
+                done(asyncio.CancelledError())
+            elif (error := future.exception()) is not None:
+                done(error)
+            else:
+                try:
+                    response = self._finish(model, entry, request, future.result())
+                except Exception as exc:  # `done` answers every error, a bug's too
+                    done(exc)
+                    return
+                done(response)
+
+        future.add_done_callback(finished)
+
+        def cancelled() -> None:  # the client went away
+            if not future.done():
+                cancel()
+
+        return cancelled
 
     async def _answer(
         self,

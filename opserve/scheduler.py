@@ -209,6 +209,38 @@ class Scheduler:
                 )
             )
 
+    def submit(
+        self,
+        request: InferenceRequest,
+        batch_size: int,
+        on_wait: Callable[[], None] | None = None,
+    ) -> _Pending | None:
+        """Start a request of a model that answers once, without a task of its own: its
+        `_Pending`, whose future resolves with the response. None, with nothing started, when
+        there is no batching and every instance is busy (`infer` then waits in line for one).
+        `on_wait` is called if the request has to wait in the queue."""
+        if not self.batching and (self._waiters or self._free_instance() is None):
+            return None
+        pending = self._pending(request, batch_size)
+        if self.batching:
+            instance = self._idle_instance()
+            if instance is None:
+                try:
+                    self._enqueue(pending, on_wait)
+                except OpserveError:
+                    if pending.timer is not None:
+                        pending.timer.cancel()
+                    raise
+                return pending
+            # an idle instance and nothing to wait for: a batch of one, without the
+            # dispatcher's hops
+        else:
+            instance = self._free_instance()
+        assert instance is not None
+        self._busy[instance] += 1
+        self._start(instance, [pending])
+        return pending
+
     async def infer(
         self,
         request: InferenceRequest,
@@ -217,22 +249,18 @@ class Scheduler:
     ) -> InferenceResponse:
         """The one response of a model that is not decoupled; `on_wait` is called if the
         request has to wait for an instance."""
-        pending = self._pending(request, batch_size)
+        pending = self.submit(request, batch_size, on_wait)
+        if pending is None:  # no batching, every instance busy: in line for one
+            pending = self._pending(request, batch_size)
+            try:
+                instance = await self._acquire(pending, on_wait)
+            except asyncio.CancelledError:
+                pending.cancel()
+                raise
+            self._start(instance, [pending])
         assert pending.future is not None
         try:
-            if self.batching:
-                instance = self._idle_instance()
-                if instance is None:
-                    self._enqueue(pending, on_wait)
-                    return await pending.future  # cancelled when its client goes away
-                # an idle instance and nothing to wait for: a batch of one, without the
-                # dispatcher's hops
-                self._busy[instance] += 1
-                await self._run(instance, [pending])
-                return pending.future.result()
-            instance = await self._acquire(pending, on_wait)
-            await self._run(instance, [pending])
-            return pending.future.result()
+            return await pending.future  # cancelled when its client goes away
         except asyncio.CancelledError:  # the client went away: a running model is told
             pending.cancel()
             raise
@@ -446,10 +474,14 @@ class Scheduler:
     def _executed(
         self, instance: Instance, batch: list[_Pending], outcome: Timings | OpserveError
     ) -> None:
-        """An execution of the batching dispatcher returned (or failed to start)."""
-        if instance in self._busy:
-            self._busy[instance] -= 1
-        self._poke()
+        """An execution started by `_start` returned (or failed to start): its instance has
+        room again."""
+        if self.batching:
+            if instance in self._busy:
+                self._busy[instance] -= 1
+            self._poke()
+        else:
+            self._release(instance)
         if isinstance(outcome, OpserveError):
             for pending in batch:
                 if not pending.finished_ns:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import queue
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -418,6 +419,51 @@ def test_a_faulty_model_gives_clear_errors(
     )
     assert response.status_code == status
     assert faulty(client, "ok").as_numpy("OUT")[0] > 0  # the model keeps serving
+
+
+def wait_for_log(server: RunningServer, line: str, count: int, timeout: float = 30.0) -> None:
+    """Until `line` shows `count` times in the server's log."""
+    deadline = time.monotonic() + timeout
+    while server.log().count(line) < count:
+        assert time.monotonic() < deadline, f"{line!r} not {count} times in the log"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_a_client_that_leaves_cancels_its_running_request(
+    server: RunningServer, transport: str
+) -> None:
+    """A unary request whose client goes away while `execute` runs is cancelled for the model
+    (`is_cancelled`): over HTTP the connection closes, over gRPC the call is cancelled."""
+    waiting, cancelled = "faulty waits for a cancellation", "faulty cancelled=True"
+    before = server.log().count(waiting), server.log().count(cancelled)
+    mode = np.array([b"until_cancelled"], dtype=np.object_)
+    if transport == "http":
+        body = json.dumps(
+            {
+                "inputs": [
+                    {"name": "MODE", "datatype": "BYTES", "shape": [1], "data": ["until_cancelled"]}
+                ]
+            }
+        ).encode()
+        host, port = server.url.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(
+                b"POST /v2/models/faulty/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+            wait_for_log(server, waiting, before[0] + 1)
+    else:
+        user = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            call = user.async_infer(
+                "faulty", [tensor(grpcclient, "MODE", mode, "BYTES")], callback=lambda *_: None
+            )
+            wait_for_log(server, waiting, before[0] + 1)
+            call.cancel()
+        finally:
+            user.close()
+    wait_for_log(server, cancelled, before[1] + 1, timeout=20)
 
 
 def worker_pid_once_serving(client, timeout: float = 30.0) -> int:

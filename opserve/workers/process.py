@@ -419,24 +419,29 @@ class WorkerProcess:
             for wire in message.responses
         ]
         self._responses.release(message.ring_end)  # type: ignore[union-attr]
+        if message.timings is not None:
+            # the execution returned: resolved first, so that its statistics are recorded
+            # (`returned`'s callbacks run first) before any of its requests' waiters resumes
+            self._returned(running, message.timings)
         for wire, item in deliveries:
             if wire.final:
                 running.open.discard(wire.index)
             running.batch[wire.index].deliver(item, wire.final)
-        if message.timings is not None:
-            self._executed(message.id, message.timings)
-        elif not running.open and running.returned.done():
+        if not running.open and running.returned.done():
             del self._running[message.id]
 
     def _executed(self, execution: int, timings: tuple[int, int, int, int]) -> None:
         running = self._running.get(execution)
         if running is None:
             return
+        self._returned(running, timings)
+        if not running.open:
+            del self._running[execution]
+
+    def _returned(self, running: _Running, timings: tuple[int, int, int, int]) -> None:
         if running.deadline is not None:
             running.deadline.cancel()
         self._busy -= 1
-        if not running.open:
-            del self._running[execution]
         if not running.returned.done():
             running.returned.set_result(Timings(*timings))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
+import functools
 import logging
 import struct
 import urllib.parse
@@ -66,10 +67,14 @@ class CallError(Exception):
 class CallContext:
     """What a handler sees of its call."""
 
-    __slots__ = ("metadata",)
+    __slots__ = ("metadata", "on_cancel")
 
     def __init__(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         self.metadata = metadata
+        # called when the client resets the call's stream, for a call taken by
+        # `Method.answer_now` (a task is cancelled instead): queued, it is dropped; running,
+        # the model is told
+        self.on_cancel: Callable[[], None] | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self.metadata
@@ -84,6 +89,10 @@ class Method:
     request_type: Any  # a protobuf message class
     handler: Callable[..., Any]
     streaming: bool  # bidirectional streaming (ModelStreamInfer); else unary
+    # a unary method's task-free way: `answer_now(request, context, done)` starts the call and
+    # calls `done` later with the response or a `CallError`; False when it cannot (the handler
+    # then runs in a task)
+    answer_now: Callable[[Any, CallContext, Callable[[Any], None]], bool] | None = None
 
 
 CONTENT_TYPE = encode_literal(b"content-type", b"application/grpc")
@@ -151,6 +160,7 @@ class Call:
         "deadline",
         "expired",
         "started",
+        "answering",
     )
 
     def __init__(
@@ -172,6 +182,7 @@ class Call:
         self.deadline: asyncio.TimerHandle | None = None
         self.expired = False
         self.started = False  # response headers sent
+        self.answering = False  # a unary call taken by its method's `answer_now`
 
     def message(self, response: Any) -> list[bytes | memoryview]:
         """The response as a length-prefixed message, in parts that follow one another (a
@@ -304,6 +315,8 @@ class GrpcCalls:
     def on_reset(self, stream: Stream) -> None:
         call = stream.handler_state
         if isinstance(call, Call):
+            if call.context.on_cancel is not None:
+                call.context.on_cancel()
             if call.task is not None:
                 call.task.cancel()
             if call.deadline is not None:
@@ -332,7 +345,7 @@ class GrpcCalls:
                 self._message(call, payload, bool(compressed))
             finally:
                 payload.release()  # the body may be resized below
-            if call.task is not None and not call.method.streaming:
+            if (call.task is not None or call.answering) and not call.method.streaming:
                 break  # a unary call takes one message; more are ignored
         body = call.body
         if view.obj is body:
@@ -344,7 +357,7 @@ class GrpcCalls:
             if call.method.streaming:
                 assert call.requests is not None
                 call.requests.put_nowait(None)
-            elif call.task is None:
+            elif call.task is None and not call.answering:
                 if body:
                     raise CallError(Status.INTERNAL, "the request message ended early")
                 raise CallError(Status.INTERNAL, "the call ended without a request message")
@@ -366,8 +379,16 @@ class GrpcCalls:
         if call.method.streaming:
             assert call.requests is not None
             call.requests.put_nowait(request)
-        elif call.task is None:
-            call.task = asyncio.ensure_future(self._unary(call, request))
+        elif call.task is None and not call.answering:
+            now = call.method.answer_now
+            if (
+                now is not None
+                and call.deadline is None
+                and now(request, call.context, functools.partial(self._answered, call))
+            ):
+                call.answering = True
+            else:
+                call.task = asyncio.ensure_future(self._unary(call, request))
 
     # running ---------------------------------------------------------------------------
     async def _unary(self, call: Call, request: Any) -> None:
@@ -382,10 +403,26 @@ class GrpcCalls:
             log.exception("gRPC %s failed", call.method.name)
             self._end_call(call, Status.INTERNAL, f"{type(exc).__name__}: {exc}")
         else:
-            if call.deadline is not None:
-                call.deadline.cancel()
-            call.stream.send_response(call.headers, call.message(response), OK_TRAILERS)
-            self.calls.discard(call)
+            self._respond(call, response)
+
+    def _answered(self, call: Call, outcome: Any) -> None:
+        """What `Method.answer_now` started has its answer: the response, or a `CallError`."""
+        if call not in self.calls:  # the client reset the stream meanwhile
+            return
+        if isinstance(outcome, CallError):
+            self._end_call(call, outcome.status, outcome.message)
+            return
+        try:
+            self._respond(call, outcome)
+        except Exception as exc:  # a bug: the client gets its text, the log its traceback
+            log.exception("gRPC %s failed", call.method.name)
+            self._end_call(call, Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _respond(self, call: Call, response: Any) -> None:
+        if call.deadline is not None:
+            call.deadline.cancel()
+        call.stream.send_response(call.headers, call.message(response), OK_TRAILERS)
+        self.calls.discard(call)
 
     async def _stream(self, call: Call) -> None:
         status, message = Status.OK, ""

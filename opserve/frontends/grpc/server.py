@@ -29,6 +29,7 @@ def methods_of(servicer: Any, service: Any) -> dict[str, Method]:
             message_factory.GetMessageClass(method.input_type),
             getattr(servicer, method.name),
             method.client_streaming or method.server_streaming,
+            getattr(servicer, f"{method.name}Now", None),
         )
     return methods
 

@@ -36,6 +36,7 @@ from opserve.frontends.grpc.codec import (
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.grpc.server import GrpcServer, methods_of, tls_context
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
+from opserve.inference import InferenceResponse
 from opserve.proto import service_pb2
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,42 @@ async def _answer(context: CallContext, call: Callable[[], Awaitable[T]]) -> T:
         await context.abort(GRPC_STATUS.get(error.code, Status.UNKNOWN), error.message)
 
 
+def _infer_error(error: OpserveError) -> OpserveError:
+    """An inference's error as `ModelInfer` tells it (a decoupled model in Triton's words)."""
+    if isinstance(error, DecoupledModelError):
+        return UnsupportedError(
+            "ModelInfer RPC doesn't support models with decoupled transaction policy"
+        )
+    return error
+
+
+def _call_error(exc: BaseException) -> CallError:
+    """An exception of `ModelInfer` as the status that ends its call."""
+    if isinstance(exc, CallError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):  # the server stops
+        return CallError(Status.UNAVAILABLE, "the request was cancelled: the server stops")
+    error = as_opserve_error(exc, "ModelInfer") if isinstance(exc, Exception) else None
+    if error is None:
+        return CallError(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+    error = _infer_error(error)
+    return CallError(GRPC_STATUS.get(error.code, Status.UNKNOWN), error.message)
+
+
+def _infer_answer(outcome: InferenceResponse | BaseException) -> Any:
+    """The response message for `ModelInfer`'s outcome, or the `CallError` that ends it."""
+    if isinstance(outcome, BaseException):
+        return _call_error(outcome)
+    try:
+        return encode_infer_answer(outcome)
+    except Exception as exc:
+        return _call_error(exc)
+
+
+def _typed_bytes_elements(request: Any) -> int:
+    return sum(len(t.contents.bytes_contents) for t in request.inputs)
+
+
 def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """A unary method inside the error boundary."""
 
@@ -102,8 +139,7 @@ class InferenceServicer:
         """The request as the dataplane takes it; one with many typed BYTES elements (their
         length-prefixed layout is built element by element) is decoded in a thread, which lets
         go of the GIL between chunks, so the event loop keeps answering meanwhile."""
-        elements = sum(len(t.contents.bytes_contents) for t in request.inputs)
-        if elements > OFFLOAD_ELEMENTS:
+        if _typed_bytes_elements(request) > OFFLOAD_ELEMENTS:
             return await asyncio.to_thread(
                 decode_infer_request, request, self.dataplane.shared_memory
             )
@@ -167,13 +203,34 @@ class InferenceServicer:
                 return encode_infer_answer(response)
             regions.place_outputs(response)
             return encode_infer_answer(response, regions.outputs)
-        except DecoupledModelError:  # Triton's words
-            raise UnsupportedError(
-                "ModelInfer RPC doesn't support models with decoupled transaction policy"
-            ) from None
+        except OpserveError as error:
+            raise _infer_error(error) from None
         finally:
             if regions is not None:
                 regions.release()
+
+    def ModelInferNow(
+        self, request: Any, context: CallContext, done: Callable[[Any], None]
+    ) -> bool:
+        """`ModelInfer` without a task (`Method.answer_now`): decoded, validated and queued now;
+        `done` gets the response message, or a `CallError`, when the model has answered. False
+        for what needs the task: forwarded headers, shared memory, many typed BYTES elements,
+        or what the dataplane cannot start so (`DataPlane.submit`)."""
+        if self.forward is not None or _typed_bytes_elements(request) > OFFLOAD_ELEMENTS:
+            return False
+        try:
+            inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+            if regions is not None:  # leases to release whatever happens: the task's way
+                regions.release()
+                return False
+            cancel = self.dataplane.submit(inference, lambda outcome: done(_infer_answer(outcome)))
+            if cancel is None:
+                return False
+            context.on_cancel = cancel
+            return True
+        except Exception as exc:
+            done(_call_error(exc))
+            return True
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: CallContext

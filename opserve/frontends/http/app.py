@@ -23,15 +23,16 @@ from opserve.errors import (
     InvalidArgumentError,
     NotFoundError,
     OpserveError,
+    UnavailableError,
     UnsupportedError,
 )
 from opserve.frontends.access import Restriction, forwarded, http_category, refusal
 from opserve.frontends.http import shared_memory as shm_routes
-from opserve.frontends.http.codec import decode_request, encode_response
+from opserve.frontends.http.codec import OutputFormat, decode_request, encode_response
 from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
 from opserve.frontends.http.protocol import Exchange
 from opserve.frontends.limits import HTTP_DEFAULT_MAX_INPUT_SIZE, body_too_large, inflate
-from opserve.inference import Delivery
+from opserve.inference import Delivery, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,57 @@ class HttpApp:
         self.forward = forward  # --http-header-forward-pattern
         self.max_input_size = max_input_size  # --http-max-input-size, inflated bodies too
 
+    def answer_now(self, exchange: Exchange) -> bool:
+        """Our protocol's way in for `POST /v2/models/<m>[/versions/<v>]/infer`: the request is
+        decoded, validated and queued now, and answered from a callback when its response
+        comes, with no task, no ASGI messages and no routing. False (nothing done) for anything
+        else, or for what needs a task (a compressed body or answer, forwarded headers, access
+        restrictions, shared memory, a trace, large BYTES inputs): the ASGI path takes those."""
+        scope = exchange.scope
+        path: str = scope["path"]
+        if (
+            scope["method"] != "POST"
+            or not path.startswith("/v2/models/")
+            or not path.endswith("/infer")
+            or self.restrictions
+            or self.forward is not None
+        ):
+            return False
+        parts = path[11:-6].split("/")  # <m>, or <m>/versions/<v>
+        if len(parts) == 1 and parts[0]:
+            name, version = parts[0], ""
+        elif len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+            name, version = parts[0], parts[2]
+        else:
+            return False
+        headers = _headers(scope)
+        if b"content-encoding" in headers or b"accept-encoding" in headers:
+            return False
+        try:
+            request, output_format = decode_request(
+                exchange.body,
+                _header_length(headers),
+                name,
+                version,
+                self.dataplane.shared_memory,
+            )
+            if output_format.regions is not None:  # leases to release whatever happens
+                output_format.regions.release()
+                return False
+            request.client_gone = lambda: exchange.disconnected
+            cancel = self.dataplane.submit(
+                request, lambda outcome: _answer(exchange, outcome, output_format)
+            )
+            if cancel is None:
+                return False
+            exchange.on_disconnect = cancel
+        except OpserveError as error:
+            _respond_error(exchange, _infer_error(error))
+        except Exception as exc:  # never crash a connection on a bug: report it
+            log.exception("unhandled error for POST %s", path)
+            _respond_error(exchange, _internal(exc), 500)
+        return True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
@@ -72,9 +124,7 @@ class HttpApp:
             await _send_error(send, exc)
         except Exception as exc:  # never crash a connection on a bug: report it
             log.exception("unhandled error for %s %s", scope["method"], scope["path"])
-            await _send_error(
-                send, OpserveError(f"internal error: {type(exc).__name__}: {exc}"), 500
-            )
+            await _send_error(send, _internal(exc), 500)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -208,15 +258,8 @@ class HttpApp:
             body = await asyncio.to_thread(
                 inflate, body, encoding.decode("latin-1"), self.max_input_size
             )
-        header_length = headers.get(b"inference-header-content-length")
-        try:
-            length = int(header_length) if header_length is not None else None
-        except ValueError:
-            raise InvalidArgumentError(
-                "Inference-Header-Content-Length must be an integer"
-            ) from None
         request, output_format = decode_request(
-            body, length, name, version, self.dataplane.shared_memory
+            body, _header_length(headers), name, version, self.dataplane.shared_memory
         )
         regions = output_format.regions
         if self.forward is not None:
@@ -237,10 +280,8 @@ class HttpApp:
             response = await self.dataplane.infer(request)
             if regions is not None:
                 regions.place_outputs(response)
-        except DecoupledModelError:  # Triton's words
-            raise UnsupportedError(
-                "HTTP end point doesn't support models with decoupled transaction policy"
-            ) from None
+        except OpserveError as error:
+            raise _infer_error(error) from None
         except asyncio.CancelledError:
             if (
                 watchers
@@ -257,14 +298,7 @@ class HttpApp:
             if regions is not None:
                 regions.release()
         parts, json_length = encode_response(response, output_format)
-        out_headers = [
-            (
-                b"content-type",
-                b"application/octet-stream" if json_length is not None else b"application/json",
-            )
-        ]
-        if json_length is not None:
-            out_headers.append((b"inference-header-content-length", str(json_length).encode()))
+        out_headers = _answer_headers(json_length)
         accept = headers.get(b"accept-encoding")
         if accept:
             payload = _maybe_compress(b"".join(parts), accept, out_headers)
@@ -338,6 +372,74 @@ class HttpApp:
             watcher.cancel()
             await iterator.aclose()  # type: ignore[attr-defined]
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _header_length(headers: dict[bytes, bytes]) -> int | None:
+    """The binary extension's Inference-Header-Content-Length, if the request has one."""
+    value = headers.get(b"inference-header-content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        raise InvalidArgumentError("Inference-Header-Content-Length must be an integer") from None
+
+
+def _infer_error(error: OpserveError) -> OpserveError:
+    """An inference's error as HTTP tells it (a decoupled model in Triton's words)."""
+    if isinstance(error, DecoupledModelError):
+        return UnsupportedError(
+            "HTTP end point doesn't support models with decoupled transaction policy"
+        )
+    return error
+
+
+def _internal(exc: BaseException) -> OpserveError:
+    return OpserveError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _answer_headers(json_length: int | None) -> list[tuple[bytes, bytes]]:
+    """An inference response's headers: JSON, or the binary extension's."""
+    if json_length is None:
+        return [(b"content-type", b"application/json")]
+    return [
+        (b"content-type", b"application/octet-stream"),
+        (b"inference-header-content-length", str(json_length).encode()),
+    ]
+
+
+def _answer(
+    exchange: Exchange, outcome: InferenceResponse | BaseException, output_format: OutputFormat
+) -> None:
+    """The response to a request of `HttpApp.answer_now`, once the model has answered."""
+    try:
+        if isinstance(outcome, OpserveError):
+            _respond_error(exchange, _infer_error(outcome))
+        elif isinstance(outcome, asyncio.CancelledError):  # the server is stopping
+            _respond_error(
+                exchange, UnavailableError("the request was cancelled: the server stops")
+            )
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            parts, json_length = encode_response(outcome, output_format)
+            exchange.respond(200, _answer_headers(json_length), parts)
+    except OpserveError as error:
+        _respond_error(exchange, error)
+    except Exception as exc:  # never leave a client waiting on a bug: report it
+        log.exception("unhandled error answering an inference")
+        _respond_error(exchange, _internal(exc), 500)
+
+
+def _respond_error(exchange: Exchange, error: OpserveError, status: int | None = None) -> None:
+    if not exchange.started:
+        exchange.respond(_error_status(error, status), _JSON, _error_body(error))
+
+
+def _error_status(error: OpserveError, status: int | None = None) -> int:
+    return status or HTTP_STATUS.get(error.code, 400)
+
+
+def _error_body(error: OpserveError) -> bytes:
+    return orjson.dumps({"error": error.message})
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any] | None) -> bool:
@@ -427,5 +529,4 @@ async def _send_json(send: Send, value: Any) -> None:
 
 
 async def _send_error(send: Send, error: OpserveError, status: int | None = None) -> None:
-    status = status or HTTP_STATUS.get(error.code, 400)
-    await _send(send, status, orjson.dumps({"error": error.message}), _JSON)
+    await _send(send, _error_status(error, status), _error_body(error), _JSON)

@@ -77,6 +77,7 @@ class Exchange:
         "_pending_head",
         "_chunked",
         "_head_written",
+        "on_disconnect",
     )
 
     def __init__(
@@ -94,6 +95,9 @@ class Exchange:
         self._pending_head: tuple[int, Headers] | None = None  # started, not yet written
         self._chunked = False
         self._head_written = False
+        # called if the client goes away before the response is complete (`HttpApp.answer_now`
+        # cancels its request so); an ASGI application watches `receive` instead
+        self.on_disconnect: Callable[[], None] | None = None
 
     @property
     def started(self) -> bool:
@@ -224,6 +228,8 @@ class HttpConnection(asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.app: App = config.app
+        # the application's task-free way for what it can answer so (`HttpApp.answer_now`)
+        self.answer_now: Callable[[Exchange], bool] | None = getattr(config.app, "answer_now", None)
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.keep_alive_timeout: float = config.timeout_keep_alive
@@ -294,6 +300,8 @@ class HttpConnection(asyncio.Protocol):
         if current is not None and not current.complete:
             current.disconnected = True
             current.wake()
+            if current.on_disconnect is not None:
+                current.on_disconnect()
         self.queue.clear()
         self._resume()
 
@@ -374,6 +382,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self.current = exchange
+        if self.answer_now is not None and self.answer_now(exchange):
+            return  # an inference, answered from a callback without a task
         task = self.loop.create_task(self._run(exchange))
         tasks = self.server_state.tasks
         tasks.add(task)

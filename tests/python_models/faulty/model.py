@@ -1,5 +1,6 @@
 """Fails in the way MODE asks: raise, too many responses, a wrong type, a TritonError response,
-a crash of the whole process, a hang, or an answer (ok; sender: through the response sender)."""
+a crash of the whole process, a hang, a wait for its client to go away (until_cancelled), or an
+answer (ok; sender: through the response sender)."""
 
 import os
 import time
@@ -32,6 +33,13 @@ class TritonPythonModel:
             os.abort()
         if mode == "hang":
             time.sleep(3600)
+        if mode == "until_cancelled":  # its client goes away (or 30 s pass)
+            pb_utils.Logger.log_info("faulty waits for a cancellation")
+            deadline = time.monotonic() + 30
+            while not requests[0].is_cancelled() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pb_utils.Logger.log_info(f"faulty cancelled={requests[0].is_cancelled()}")
+            return [ok for _ in requests]
         if mode == "sender":  # a model that is not decoupled may answer through the sender too
             requests[0].get_response_sender().send(
                 ok, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
