@@ -431,8 +431,8 @@ def _json(value: dict[str, Any]) -> str:
 
 
 def _parameters_dict(parameters: dict[str, Any] | str | None) -> dict[str, Any]:
-    if parameters is None:
-        return {}
+    if parameters is None or (not parameters and isinstance(parameters, (dict, str))):
+        return {}  # the common case, on every request and response
     if isinstance(parameters, str):
         try:
             parameters = json.loads(parameters) if parameters else {}

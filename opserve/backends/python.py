@@ -46,6 +46,7 @@ class PythonBackend(Backend):
         super().__init__(context)
         self._module: ModuleType | None = None
         self._model: Any = None
+        self._outputs: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.decoupled = False  # answers through response senders, not execute's return
 
@@ -108,6 +109,8 @@ class PythonBackend(Backend):
         self.context = context
         policy = context.config_dict.get("model_transaction_policy") or {}
         self.decoupled = bool(policy.get("decoupled", False))
+        # the config's outputs: what a request that names none asks for
+        self._outputs = [o.get("name", "") for o in context.config_dict.get("output", [])]
         model_class = self._import()
         pb_utils._install(context.services, context.model_name, str(context.version_dir))
         self._load_op_libraries()
@@ -182,10 +185,6 @@ class PythonBackend(Backend):
         return self._loop
 
     # executing ---------------------------------------------------------------------------------
-    @property
-    def _outputs(self) -> list[str]:
-        return [o.get("name", "") for o in self.context.config_dict.get("output", [])]
-
     def run(self, requests: list[Request]) -> list[Reply | None] | None:
         model = self._model
         if model is None:

@@ -506,7 +506,7 @@ class Worker:
             )
         else:
             data = np.ascontiguousarray(array).data.cast("B")
-        shape = tuple(int(d) for d in array.shape)
+        shape = array.shape  # numpy's: a tuple of ints
         offset = self.responses.write(data)
         if offset is None:
             return TensorRef(name, datatype, shape, inline=bytes(data))

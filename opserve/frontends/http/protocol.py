@@ -255,6 +255,7 @@ class HttpConnection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.size = 0
         self.declared_size = b""  # the request's Content-Length
+        self.expect = b""  # its Expect header
         self.keep_alive = True
 
     # asyncio.Protocol
@@ -320,6 +321,7 @@ class HttpConnection(asyncio.Protocol):
         self.chunks = []
         self.size = 0
         self.declared_size = b""
+        self.expect = b""
         self.served = self.reading = True
         self.headers_done = False
         self.began_at = self.now
@@ -331,6 +333,8 @@ class HttpConnection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-length":
             self.declared_size = value
+        elif name == b"expect":
+            self.expect = value
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -342,10 +346,9 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse_body(body_too_large(declared, limit))
         parser = self.parser
         self.keep_alive = parser.should_keep_alive() and parser.get_http_version() != "1.0"
-        if self.current is None and not self.queue:
-            for name, value in self.headers:
-                if name == b"expect" and value.lower() == b"100-continue":
-                    self.transport.write(_CONTINUE)
+        if self.expect and self.current is None and not self.queue:
+            if self.expect.lower() == b"100-continue":
+                self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
