@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -178,31 +177,6 @@ def capture_routes(http: str) -> dict[str, str]:
     return routes
 
 
-def cpu_split(root: int) -> tuple[float, float]:
-    """User and system CPU seconds of `root` and every process below it (from /proc)."""
-    parents: dict[int, int] = {}
-    times: dict[int, tuple[float, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) / tick, int(fields[12]) / tick)
-    user = system = 0.0
-    for pid, (pid_user, pid_system) in times.items():
-        ancestor = pid
-        while ancestor not in (0, 1) and ancestor != root:
-            ancestor = parents.get(ancestor, 0)
-        if ancestor == root:
-            user += pid_user
-            system += pid_system
-    return user, system
-
-
 def measure(
     name: str,
     endpoints: side_by_side.Endpoints,
@@ -211,11 +185,17 @@ def measure(
     results: dict[tuple[str, int], list[tuple[float, float, float]]],
 ) -> None:
     for concurrency in CONCURRENCIES:
-        before = cpu_split(endpoints.pid), side_by_side.inference_count(endpoints.http)
+        before = (
+            side_by_side.tree_cpu_split(endpoints.pid),
+            side_by_side.inference_count(endpoints.http),
+        )
         measurement = side_by_side.perf_analyzer(
             args.peers, endpoints, "http", concurrency, args, workdir
         )
-        after = cpu_split(endpoints.pid), side_by_side.inference_count(endpoints.http)
+        after = (
+            side_by_side.tree_cpu_split(endpoints.pid),
+            side_by_side.inference_count(endpoints.http),
+        )
         count = max(after[1] - before[1], 1)
         user = (after[0][0] - before[0][0]) / count * 1e6
         system = (after[0][1] - before[0][1]) / count * 1e6

@@ -210,10 +210,10 @@ def running_opserve(
         server.__exit__(None, None, None)
 
 
-def tree_cpu_seconds(root: int) -> float:
+def tree_cpu_split(root: int) -> tuple[float, float]:
     """User and system CPU seconds of `root` and every process below it (from /proc)."""
     parents: dict[int, int] = {}
-    times: dict[int, float] = {}
+    times: dict[int, tuple[float, float]] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -224,15 +224,21 @@ def tree_cpu_seconds(root: int) -> float:
             continue  # gone meanwhile
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        times[pid] = (int(fields[11]) + int(fields[12])) / tick
-    total = 0.0
-    for pid, seconds in times.items():
+        times[pid] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    user = system = 0.0
+    for pid, (pid_user, pid_system) in times.items():
         ancestor = pid
         while ancestor not in (0, 1) and ancestor != root:
             ancestor = parents.get(ancestor, 0)
         if ancestor == root:
-            total += seconds
-    return total
+            user += pid_user
+            system += pid_system
+    return user, system
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User and system CPU seconds of `root` and every process below it, together."""
+    return sum(tree_cpu_split(root))
 
 
 def inference_count(http: str) -> int:

@@ -474,14 +474,8 @@ class Scheduler:
     def _executed(
         self, instance: Instance, batch: list[_Pending], outcome: Timings | OpserveError
     ) -> None:
-        """An execution started by `_start` returned (or failed to start): its instance has
-        room again."""
-        if self.batching:
-            if instance in self._busy:
-                self._busy[instance] -= 1
-            self._poke()
-        else:
-            self._release(instance)
+        """An execution started by `_start` returned (or failed to start)."""
+        self._room_again(instance)
         if isinstance(outcome, OpserveError):
             for pending in batch:
                 if not pending.finished_ns:
@@ -542,14 +536,19 @@ class Scheduler:
                 if not pending.finished_ns:
                     pending.deliver(error, True)
         finally:
-            if self.batching:
-                if instance in self._busy:
-                    self._busy[instance] -= 1
-                self._poke()
-            else:
-                self._release(instance)
+            self._room_again(instance)
         if timings is not None:
             self._record(batch, timings)
+
+    def _room_again(self, instance: Instance) -> None:
+        """An execution of `instance` ended: with batching, a dispatch may send the next batch;
+        without, the instance passes to the first request waiting for one."""
+        if self.batching:
+            if instance in self._busy:
+                self._busy[instance] -= 1
+            self._poke()
+        else:
+            self._release(instance)
 
     def _record(self, batch: list[_Pending], timings: Timings) -> None:
         """An execution's statistics, and those of its requests that have finished."""

@@ -108,6 +108,15 @@ def running(pid: int) -> bool:
         return False
 
 
+def serving_again(
+    server: RunningServer, client: httpclient.InferenceServerClient, model: str, gone: int
+) -> bool:
+    """A worker other than `gone` serves `model`, and the model is READY (a dead worker is a
+    zombie until the server reaps it, and the model READY until the server has seen it)."""
+    fresh = any(pid != gone and running(pid) for pid in workers_of(server, model))
+    return fresh and client.is_model_ready(model)
+
+
 def index_entry(client: httpclient.InferenceServerClient, name: str) -> dict[str, str]:
     return next(e for e in client.get_model_repository_index(headers=KEY) if e["name"] == name)
 
@@ -189,7 +198,7 @@ def test_a_spinning_op_is_killed_after_the_execution_timeout(
     assert "killed and is being replaced" in message
     assert simple_answers(client)
     eventually(lambda: not running(before), "the spinning worker is gone")
-    eventually(lambda: client.is_model_ready("spin"), "spin READY again")
+    eventually(lambda: serving_again(server, client, "spin", before), "spin READY again")
     assert client.infer("spin", values(3.0)).as_numpy("OUTPUT0").tolist() == [[3.0] * 4]
 
 
@@ -207,7 +216,7 @@ def test_a_stopped_worker_is_presumed_hung_and_replaced(
     finally:
         if running(stopped):
             os.kill(stopped, signal.SIGCONT)
-    eventually(lambda: client.is_model_ready("spin"), "spin READY again")
+    eventually(lambda: serving_again(server, client, "spin", stopped), "spin READY again")
     assert client.infer("spin", values(4.0)).as_numpy("OUTPUT0").tolist() == [[4.0] * 4]
     assert "did not return within 1 s" in server.log()
 
