@@ -58,7 +58,18 @@ EXTENSIONS = (
 
 
 class DecoupledModelError(UnsupportedError):
-    """A decoupled model was asked for a single response; each frontend words it its way."""
+    """A decoupled model was asked for a single response; each frontend words it its way
+    (`as_told_by`)."""
+
+
+def as_told_by(error: OpserveError, endpoint: str) -> OpserveError:
+    """An inference's error as `endpoint` (Triton's name for it) tells it: a decoupled model
+    in Triton's words, any other error as it is."""
+    if isinstance(error, DecoupledModelError):
+        return UnsupportedError(
+            f"{endpoint} doesn't support models with decoupled transaction policy"
+        )
+    return error
 
 
 @dataclass(frozen=True, slots=True)

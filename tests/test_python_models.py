@@ -236,6 +236,29 @@ def test_decoupled_model_streams_over_grpc(server: RunningServer) -> None:
     assert {r.get_response().id for r, _ in received} == {"s-1"}
 
 
+def test_a_decoupled_model_asked_for_one_response_gets_tritons_error(
+    client, server: RunningServer
+) -> None:
+    """HTTP's infer and gRPC's ModelInfer refuse a decoupled model in Triton's words."""
+    values = np.array([1, 2], dtype=np.int32)
+    with pytest.raises(InferenceServerException) as http_error:
+        client.infer("repeat", [tensor(httpclient, "IN", values, "INT32")])
+    assert http_error.value.status() == "501"
+    assert http_error.value.message() == (
+        "HTTP end point doesn't support models with decoupled transaction policy"
+    )
+    user = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as grpc_error:
+            user.infer("repeat", [tensor(grpcclient, "IN", values, "INT32")])
+    finally:
+        user.close()
+    assert grpc_error.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert grpc_error.value.message() == (
+        "ModelInfer RPC doesn't support models with decoupled transaction policy"
+    )
+
+
 def test_decoupled_final_flag_comes_as_an_empty_response_when_asked(server) -> None:
     received = stream_repeat(server, [1, 2], empty_final=True)
     flags = [r.get_response().parameters["triton_final_response"].bool_param for r, _ in received]

@@ -17,14 +17,13 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
-from opserve.dataplane import DataPlane, DecoupledModelError
+from opserve.dataplane import DataPlane, as_told_by
 from opserve.errors import (
     ErrorCode,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
     OpserveError,
-    UnsupportedError,
 )
 from opserve.frontends.access import Restriction, forwarded
 from opserve.frontends.grpc.calls import CallContext, CallError, GrpcCalls, Status
@@ -81,12 +80,7 @@ async def _answer(context: CallContext, call: Callable[[], Awaitable[T]]) -> T:
 
 
 def _infer_error(error: OpserveError) -> OpserveError:
-    """An inference's error as `ModelInfer` tells it (a decoupled model in Triton's words)."""
-    if isinstance(error, DecoupledModelError):
-        return UnsupportedError(
-            "ModelInfer RPC doesn't support models with decoupled transaction policy"
-        )
-    return error
+    return as_told_by(error, "ModelInfer RPC")
 
 
 def _call_error(exc: BaseException) -> CallError:
@@ -95,10 +89,9 @@ def _call_error(exc: BaseException) -> CallError:
         return exc
     if isinstance(exc, asyncio.CancelledError):  # the server stops
         return CallError(Status.UNAVAILABLE, "the request was cancelled: the server stops")
-    error = as_opserve_error(exc, "ModelInfer") if isinstance(exc, Exception) else None
-    if error is None:
+    if not isinstance(exc, Exception):
         return CallError(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
-    error = _infer_error(error)
+    error = _infer_error(as_opserve_error(exc, "ModelInfer"))
     return CallError(GRPC_STATUS.get(error.code, Status.UNKNOWN), error.message)
 
 

@@ -17,14 +17,13 @@ from typing import Any
 
 import orjson
 
-from opserve.dataplane import DataPlane, DecoupledModelError
+from opserve.dataplane import DataPlane, as_told_by
 from opserve.errors import (
     ErrorCode,
     InvalidArgumentError,
     NotFoundError,
     OpserveError,
     UnavailableError,
-    UnsupportedError,
 )
 from opserve.frontends.access import Restriction, forwarded, http_category, refusal
 from opserve.frontends.http import shared_memory as shm_routes
@@ -384,12 +383,7 @@ def _header_length(headers: dict[bytes, bytes]) -> int | None:
 
 
 def _infer_error(error: OpserveError) -> OpserveError:
-    """An inference's error as HTTP tells it (a decoupled model in Triton's words)."""
-    if isinstance(error, DecoupledModelError):
-        return UnsupportedError(
-            "HTTP end point doesn't support models with decoupled transaction policy"
-        )
-    return error
+    return as_told_by(error, "HTTP end point")
 
 
 def _internal(exc: BaseException) -> OpserveError:
@@ -418,7 +412,8 @@ def _answer(
                 exchange, UnavailableError("the request was cancelled: the server stops")
             )
         elif isinstance(outcome, BaseException):
-            raise outcome
+            log.error("unhandled error in an inference", exc_info=outcome)
+            _respond_error(exchange, _internal(outcome), 500)
         else:
             parts, json_length = encode_response(outcome, output_format)
             exchange.respond(200, _answer_headers(json_length), parts)
