@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from opserve import __version__
 from opserve.errors import OpserveError
+from opserve.polling import DEFAULT_BUDGET_US
 from opserve.remote.locations import repository_argument
 
 if TYPE_CHECKING:
@@ -313,6 +314,16 @@ def _add_bound_flags(serve: argparse.ArgumentParser) -> None:
         "pytorch, tensorflow; CPU instances) share one worker process per backend, each "
         "instance a slot of it: far less memory for many small models, but a crash of that "
         'process restarts all of them; a model opts out with parameter SHARED_WORKER "false"',
+    )
+    group.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=DEFAULT_BUDGET_US,
+        metavar="US",
+        help="while the server holds at most one request, its event loop and the worker "
+        "running it poll for that many microseconds after each request instead of sleeping "
+        f"(waking a sleeping process costs more than a small request; default: "
+        f"{DEFAULT_BUDGET_US}; 0: always sleep, for the least CPU at low load)",
     )
 
 

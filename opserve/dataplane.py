@@ -34,6 +34,7 @@ from opserve.errors import (
 )
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.logs import LogSettings, ServerLog
+from opserve.polling import LowLoadPolling
 from opserve.proto import ModelConfig, model_config_pb2
 from opserve.repository.manager import Model, ModelManager, ModelState, ModelVersion
 from opserve.response_cache import cache_key
@@ -97,6 +98,7 @@ class DataPlane:
         strict_readiness: bool = True,
         log: ServerLog | None = None,
         tracer: Tracer | None = None,
+        polling: LowLoadPolling | None = None,
     ) -> None:
         self.manager = manager
         self.server_id = server_id  # --id: the name in the server metadata, as in Triton
@@ -105,6 +107,8 @@ class DataPlane:
         self.tracer = tracer or Tracer()
         manager.step_runner = self  # an ensemble's steps are requests through the dataplane
         self.shared_memory = SharedMemoryRegistry()  # regions clients registered
+        # the requests in flight, and polling rather than sleeping while they are few
+        self.polling = polling or LowLoadPolling()
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -262,6 +266,13 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """The one response to a request (a decoupled model must be streamed)."""
+        self.polling.began()
+        try:
+            return await self._infer(request)
+        finally:
+            self.polling.ended()
+
+    async def _infer(self, request: InferenceRequest) -> InferenceResponse:
         counted = await count_large_bytes(request.inputs)
         model, entry, scheduler, batch_size = self._prepare(request, False, counted)
         if self.tracer.active:
@@ -308,6 +319,7 @@ class DataPlane:
             cancel = future.cancel
 
         def finished(future: asyncio.Future[InferenceResponse]) -> None:
+            self.polling.ended()
             if future.cancelled():
                 done(asyncio.CancelledError())
             elif (error := future.exception()) is not None:
@@ -321,6 +333,7 @@ class DataPlane:
                 done(response)
 
         future.add_done_callback(finished)
+        self.polling.began()
 
         def cancelled() -> None:  # the client went away
             if not future.done():
@@ -360,6 +373,16 @@ class DataPlane:
         """Every response to a request, the last flagged final: one for most models, any
         number (even none: only the final flag) for a decoupled one. Errors after the request
         was accepted come as items; a request that is refused raises."""
+        self.polling.began()
+        try:
+            async for item in self._stream(request):
+                yield item
+        finally:
+            self.polling.ended()
+
+    async def _stream(
+        self, request: InferenceRequest
+    ) -> AsyncIterator[tuple[InferenceResponse | OpserveError | None, bool]]:
         counted = await count_large_bytes(request.inputs)
         model, entry, scheduler, batch_size = self._prepare(request, True, counted)
         if self.tracer.active:

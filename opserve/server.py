@@ -21,6 +21,7 @@ from opserve.frontends.http import HttpApp
 from opserve.frontends.http.protocol import HttpConnection
 from opserve.logs import ServerLog
 from opserve.metrics import MetricsServer
+from opserve.polling import LowLoadPolling
 from opserve.repository import ModelManager
 from opserve.response_cache import ResponseCache
 from opserve.services import ServerServices
@@ -70,7 +71,12 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
     tracer = Tracer(settings.trace)
     tracer.start()
     dataplane = DataPlane(
-        manager, settings.server_id, settings.strict_readiness, server_log, tracer
+        manager,
+        settings.server_id,
+        settings.strict_readiness,
+        server_log,
+        tracer,
+        LowLoadPolling(settings.busy_poll_us),
     )
     manager.host = ServerServices(dataplane, custom_metrics)
     startup = asyncio.ensure_future(

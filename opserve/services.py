@@ -89,6 +89,9 @@ class ServerServices:
     def worker_ended(self, worker: WorkerProcess) -> None:
         self.metrics.release(worker)
 
+    def poll_us(self) -> int:
+        return self.dataplane.polling.worker_budget_us()
+
 
 async def _bounded(
     stream: AsyncIterator[tuple[Delivery, bool]], deadline: float | None, model: str

@@ -14,6 +14,7 @@ from opserve.frontends.access import Restriction, compile_pattern, parse_restric
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.ops import library_framework
+from opserve.polling import DEFAULT_BUDGET_US
 from opserve.remote.mirror import RepositoryMirror
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
@@ -80,6 +81,7 @@ class ServerSettings:
     # repositories in object storage, mirrored into folders of `model_repositories`
     remote_repositories: tuple[RepositoryMirror, ...] = ()
     shared_workers: bool = False  # --shared-workers: a worker per framework for plain models
+    busy_poll_us: int = DEFAULT_BUDGET_US  # --busy-poll-us: poll, not sleep, at low load
 
     @classmethod
     def from_flags(
@@ -163,6 +165,7 @@ class ServerSettings:
             max_instances_total=args.max_instances_total,
             remote_repositories=tuple(remotes or ()),
             shared_workers=args.shared_workers,
+            busy_poll_us=args.busy_poll_us,
         )
 
     def __post_init__(self) -> None:
@@ -172,6 +175,8 @@ class ServerSettings:
             raise ValueError(
                 f"--model-control-mode must be none, explicit or poll, not {self.model_control_mode!r}"
             )
+        if self.busy_poll_us < 0:
+            raise ValueError(f"--busy-poll-us must not be negative, not {self.busy_poll_us}")
         if self.model_load_thread_count < 1:
             raise ValueError("--model-load-thread-count must be at least 1")
         if self.model_load_retry_count < 0:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 from opserve.signature import ModelSignature, TensorSpec
-from opserve.workers.channel import FrameDecoder, encode
+from opserve.workers.channel import BlockingChannel, FrameDecoder, encode
 from opserve.workers.messages import (
     BlsRequest,
     Call,
@@ -34,6 +38,8 @@ MESSAGES = [
             )
         ],
         4096,
+        slot=3,
+        poll_us=250,
     ),
     Responses(
         7,
@@ -59,3 +65,22 @@ def test_every_message_survives_the_trip_in_pieces() -> None:
     for start in range(0, len(stream), 7):  # arrives in odd-sized pieces
         received.extend(decoder.feed(stream[start : start + 7]))
     assert received == MESSAGES
+
+
+def test_a_polling_receive_takes_what_arrives_while_it_polls_and_sleeps_after() -> None:
+    server, worker = socket.socketpair()
+    channel = BlockingChannel(worker)
+    try:
+        early = threading.Timer(0.002, lambda: server.sendall(encode(Call(0, "log", {"n": 1}))))
+        early.start()
+        assert channel.receive(poll_us=2_000_000) == Call(0, "log", {"n": 1})
+        # nothing within the poll: the thread goes on to sleep on the socket, and still gets it
+        late = threading.Timer(0.05, lambda: server.sendall(encode(Call(0, "log", {"n": 2}))))
+        started = time.monotonic()
+        late.start()
+        assert channel.receive(poll_us=1000) == Call(0, "log", {"n": 2})
+        assert time.monotonic() - started >= 0.05
+        server.close()
+        assert channel.receive(poll_us=1000) is None  # the other side has gone
+    finally:
+        worker.close()

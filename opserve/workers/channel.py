@@ -6,10 +6,12 @@ from a thread of its own (`BlockingChannel`), and writes from any thread under o
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +47,7 @@ def encode(message: Message) -> bytes:
             [_request_fields(r) for r in message.requests],
             message.ring_end,
             message.slot,
+            message.poll_us,
         )
     elif kind is Responses:
         assert isinstance(message, Responses)
@@ -66,7 +69,7 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
     if type(body) is not tuple:
         return body
     if body[0] == _EXECUTE:
-        return Execute(body[1], [_request(r) for r in body[2]], body[3], body[4])
+        return Execute(body[1], [_request(r) for r in body[2]], body[3], body[4], body[5])
     return Responses(body[1], [_response(r) for r in body[2]], body[3], body[4])
 
 
@@ -144,14 +147,30 @@ class BlockingChannel:
         self._ready: deque[Message] = deque()
         self.lock = threading.Lock()  # held while a message (and its ring writes) is sent
 
-    def receive(self) -> Message | None:
-        """The next message, or None when the other side has gone."""
+    def receive(self, poll_us: int = 0) -> Message | None:
+        """The next message, or None when the other side has gone. With `poll_us`, the socket
+        is polled that long, yielding the core on every round, before the thread sleeps on it
+        (see `opserve.polling`)."""
         while not self._ready:
-            data = self._sock.recv(1 << 16)
+            data = self._poll(poll_us) if poll_us else None
+            if data is None:
+                data = self._sock.recv(1 << 16)
             if not data:
                 return None
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
+
+    def _poll(self, poll_us: int) -> bytes | None:
+        """What arrives within `poll_us`, or None."""
+        recv = self._sock.recv
+        deadline = time.monotonic_ns() + poll_us * 1000
+        while True:
+            try:
+                return recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.monotonic_ns() >= deadline:
+                    return None
+                os.sched_yield()
 
     def receive_ready(self) -> Message | None:
         """The next message if it has arrived whole, without waiting; else None. An

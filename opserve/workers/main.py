@@ -168,6 +168,7 @@ class Worker:
         self._executions: dict[int, _Execution] = {}
         self._lock = threading.Lock()  # guards _executions
         self._ids = itertools.count(1)
+        self._poll_us = 0  # how long to poll before sleeping: the last execution's `poll_us`
 
     # threads -----------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -253,7 +254,7 @@ class Worker:
         try:
             while True:
                 try:
-                    message = self.channel.receive()
+                    message = self.channel.receive(self._poll_us)
                 except OSError:
                     message = None
                 with self._changed:
@@ -300,6 +301,7 @@ class Worker:
             if isinstance(message, BlsResult):
                 self._deliver(message.id, message, release)
             else:
+                self._poll_us = message.poll_us
                 self._tasks.append((message, release))
         elif isinstance(message, CallResult):
             self._deliver(message.id, message, [0, True])

@@ -93,6 +93,9 @@ class Execute:
     requests: list[WireRequest]
     ring_end: int
     slot: int = 0  # the instance that runs it (a shared worker hosts many)
+    # at low load: how long the worker polls for its next message, after this execution,
+    # before it sleeps (see `opserve.polling`)
+    poll_us: int = 0
 
 
 @dataclass(slots=True)

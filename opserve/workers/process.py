@@ -113,6 +113,11 @@ class WorkerHost(Protocol):
 
     def worker_ended(self, worker: WorkerProcess) -> None: ...
 
+    def poll_us(self) -> int:
+        """How long a worker polls for its next message after an execution starting now,
+        instead of sleeping (see `opserve.polling`)."""
+        ...
+
 
 @dataclass(slots=True)
 class _Running:
@@ -327,7 +332,8 @@ class WorkerProcess:
             )
         self._running[execution] = running
         self._busy += 1
-        transport.write(encode(Execute(execution, wires, ring.head, slot)))
+        poll_us = self.host.poll_us() if self.host is not None else 0
+        transport.write(encode(Execute(execution, wires, ring.head, slot, poll_us)))
         return execution, returned
 
     def cancel(self, execution: int, index: int) -> None:
