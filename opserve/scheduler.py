@@ -475,7 +475,7 @@ class Scheduler:
         self, instance: Instance, batch: list[_Pending], outcome: Timings | OpserveError
     ) -> None:
         """An execution started by `_start` returned (or failed to start)."""
-        self._room_again(instance)
+        self._room_again(instance, at_once=True)
         if isinstance(outcome, OpserveError):
             for pending in batch:
                 if not pending.finished_ns:
@@ -540,13 +540,18 @@ class Scheduler:
         if timings is not None:
             self._record(batch, timings)
 
-    def _room_again(self, instance: Instance) -> None:
-        """An execution of `instance` ended: with batching, a dispatch may send the next batch;
-        without, the instance passes to the first request waiting for one."""
+    def _room_again(self, instance: Instance, at_once: bool = False) -> None:
+        """An execution of `instance` ended: with batching, a dispatch may send the next batch
+        (`at_once`: now, before the ended execution's answers are written, so the instance works
+        while they are); without, the instance passes to the first request waiting for one."""
         if self.batching:
             if instance in self._busy:
                 self._busy[instance] -= 1
-            self._poke()
+            if at_once:
+                self._wakeup.set()
+                self._dispatch_now()
+            else:
+                self._poke()
         else:
             self._release(instance)
 
