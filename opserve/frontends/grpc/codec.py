@@ -54,58 +54,67 @@ def decode_infer_request(
 
 
 def _decode_infer_request(request: Any, leases: PendingLeases) -> InferenceRequest:
+    # each field of the message is read once: every read of a protobuf field builds an object
     raw = request.raw_input_contents
-    placements = [_shared_memory(tensor) for tensor in request.inputs]
-    for tensor, placement in zip(request.inputs, placements, strict=True):
-        if raw and placement is None and tensor.HasField("contents"):  # Triton's words
+    model = request.model_name
+    tensors = list(request.inputs)
+    placements = [_shared_memory(t) if t.parameters else None for t in tensors]
+    if raw:
+        for tensor, placement in zip(tensors, placements, strict=True):
+            if placement is None and tensor.HasField("contents"):  # Triton's words
+                raise InvalidArgumentError(
+                    "contents field must not be specified when using raw_input_contents for "
+                    f"'{tensor.name}' for model '{model}'"
+                )
+        expected = placements.count(None)  # inputs in shared memory have no entry
+        if len(raw) != expected:
             raise InvalidArgumentError(
-                "contents field must not be specified when using raw_input_contents for "
-                f"'{tensor.name}' for model '{request.model_name}'"
+                f"expected {expected} raw input contents, one per input not in shared memory, "
+                f"but got {len(raw)}"
             )
-    expected = sum(1 for p in placements if p is None)  # inputs in shared memory have no entry
-    if raw and len(raw) != expected:
-        raise InvalidArgumentError(
-            f"expected {expected} raw input contents, one per input not in shared memory, but "
-            f"got {len(raw)}"
-        )
     inputs = []
     index = 0
-    for tensor, placement in zip(request.inputs, placements, strict=True):
-        if tensor.datatype not in NUMPY_DTYPES:
-            raise InvalidArgumentError(
-                f"input '{tensor.name}' has an unknown datatype: {tensor.datatype!r}"
-            )
-        shape = tuple(int(d) for d in tensor.shape)
+    for tensor, placement in zip(tensors, placements, strict=True):
+        name, datatype = tensor.name, tensor.datatype
+        if datatype not in NUMPY_DTYPES:
+            raise InvalidArgumentError(f"input '{name}' has an unknown datatype: {datatype!r}")
         data: bytes | memoryview
         if placement is not None:
             if tensor.HasField("contents"):  # Triton's words
                 raise InvalidArgumentError(
                     "unexpected 'content' provided when using shared memory for input tensor "
-                    f"'{tensor.name}' for model '{request.model_name}'"
+                    f"'{name}' for model '{model}'"
                 )
             data = leases.get().input(*placement)
         elif raw:
             data = raw[index]
             index += 1
         else:
-            data = _typed_contents(tensor, request.model_name)
-        inputs.append(Tensor(tensor.name, tensor.datatype, shape, data))
+            data = _typed_contents(tensor, model)
+        inputs.append(Tensor(name, datatype, tuple(tensor.shape), data))
+    requested = None
     buffers = {}
     classification = {}
-    for output in request.outputs:
-        placement = _shared_memory(output)
-        if "classification" in output.parameters:
-            classification[output.name] = _classification(output.parameters["classification"])
-        if placement is not None:
-            if "classification" in output.parameters:  # Triton's words
-                raise InvalidArgumentError(
-                    "output can't set both 'shared_memory_region' and 'classification'"
-                )
-            buffers[output.name] = leases.get().output(output.name, *placement)
-    requested = [o.name for o in request.outputs] or None
-    parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
+    outputs = request.outputs
+    if outputs:
+        for output in outputs:
+            parameters = output.parameters
+            if not parameters:
+                continue
+            placement = _shared_memory(output)
+            if "classification" in parameters:
+                classification[output.name] = _classification(parameters["classification"])
+            if placement is not None:
+                if "classification" in parameters:  # Triton's words
+                    raise InvalidArgumentError(
+                        "output can't set both 'shared_memory_region' and 'classification'"
+                    )
+                buffers[output.name] = leases.get().output(output.name, *placement)
+        requested = [o.name for o in outputs]
+    given = request.parameters
+    parameters = {k: parameter_value(v) for k, v in given.items()} if given else {}
     inference = InferenceRequest(
-        request.model_name, request.model_version, inputs, requested, request.id, parameters
+        model, request.model_version, inputs, requested, request.id, parameters
     )
     if buffers:
         inference.output_buffers = dict(buffers)
