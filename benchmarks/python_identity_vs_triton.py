@@ -49,7 +49,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,14 +185,22 @@ def running_triton(repository: Path, peers: Path, log: Path, timeout: float) -> 
 
 @contextmanager
 def running_opserve(
-    repository: Path, log: Path, timeout: float, body_bytes: int = 0
+    repository: Path,
+    log: Path,
+    timeout: float,
+    body_bytes: int = 0,
+    flags: Sequence[str] = (),
 ) -> Iterator[Endpoints]:
-    """opserve on `repository`; an HTTP body of `body_bytes` is accepted (Triton 2.51 has no
-    limit; opserve's --http-max-input-size is 64 MiB by default, as later Tritons have)."""
+    """opserve on `repository`, with `flags` added to its command line; an HTTP body of
+    `body_bytes` is accepted (Triton 2.51 has no limit; opserve's --http-max-input-size is 64 MiB
+    by default, as later Tritons have)."""
     started = time.monotonic()
     limit = max(body_bytes + (1 << 20), 64 << 20)
     server = RunningServer(
-        [repository], [f"--http-max-input-size={limit}"], log_path=log, startup_timeout=timeout
+        [repository],
+        [f"--http-max-input-size={limit}", *flags],
+        log_path=log,
+        startup_timeout=timeout,
     )
     try:
         server.__enter__()
@@ -362,7 +370,13 @@ def run_rounds(
             server = (
                 running_triton(repository, peers, log, args.startup_timeout)
                 if name == "Triton"
-                else running_opserve(repository, log, args.startup_timeout, shape_bytes(args.shape))
+                else running_opserve(
+                    repository,
+                    log,
+                    args.startup_timeout,
+                    shape_bytes(args.shape),
+                    args.opserve_flag,
+                )
             )
             try:
                 with server as endpoints:
@@ -497,6 +511,14 @@ def main() -> int:
         "shape, concurrencies and --shared-memory replace those options): wire (goal 1), large "
         "(goal 2: 1, 16 and 64 MiB, in the request and in system shared memory), batching "
         "(goal 4: concurrency 64), all",
+    )
+    parser.add_argument(
+        "--opserve-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a flag added to opserve's command line (repeatable), e.g. --opserve-flag="
+        "--busy-poll-us=0 to measure it without polling",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

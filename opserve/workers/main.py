@@ -301,7 +301,9 @@ class Worker:
             if isinstance(message, BlsResult):
                 self._deliver(message.id, message, release)
             else:
-                self._poll_us = message.poll_us
+                # a shared worker's reader hands executions to other threads: polling, it
+                # would hold up their every wait for the GIL
+                self._poll_us = 0 if self.shared else message.poll_us
                 self._tasks.append((message, release))
         elif isinstance(message, CallResult):
             self._deliver(message.id, message, [0, True])
@@ -387,6 +389,9 @@ class Worker:
             self._fail_execution(message.id, requests or message.requests, release, exc)
             return
         if replies is None:  # decoupled: every answer goes through a response sender
+            # from the model's own threads, most likely: a reader polling for the next message
+            # would hold up their every wait for the GIL
+            self._poll_us = 0
             timings = (started, prepared - started, executed - prepared, 0)
             self.channel.send(Executed(message.id, timings))
         else:
