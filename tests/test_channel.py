@@ -84,3 +84,22 @@ def test_a_polling_receive_takes_what_arrives_while_it_polls_and_sleeps_after() 
         assert channel.receive(poll_us=1000) is None  # the other side has gone
     finally:
         worker.close()
+
+
+def test_a_receive_sleeps_at_once_when_the_recent_waits_outlast_its_poll() -> None:
+    server, worker = socket.socketpair()
+    channel = BlockingChannel(worker)
+    try:
+        for _ in range(4):  # waits of 60 ms, far beyond a poll of 20 ms
+            timer = threading.Timer(0.06, lambda: server.sendall(encode(Call(0, "log", {}))))
+            timer.start()
+            assert channel.receive(poll_us=20_000) == Call(0, "log", {})
+        timer = threading.Timer(0.06, lambda: server.sendall(encode(Call(0, "log", {"n": 5}))))
+        cpu = time.thread_time()
+        timer.start()
+        assert channel.receive(poll_us=20_000) == Call(0, "log", {"n": 5})
+        # polling would have spent about 20 ms of this thread's time before sleeping
+        assert time.thread_time() - cpu < 0.01
+    finally:
+        server.close()
+        worker.close()

@@ -145,16 +145,23 @@ class BlockingChannel:
         self._sock = sock
         self._decoder = FrameDecoder()
         self._ready: deque[Message] = deque()
+        self._wait_ns = 0  # how long `receive` has waited for data of late
         self.lock = threading.Lock()  # held while a message (and its ring writes) is sent
 
     def receive(self, poll_us: int = 0) -> Message | None:
         """The next message, or None when the other side has gone. With `poll_us`, the socket
         is polled that long, yielding the core on every round, before the thread sleeps on it
-        (see `opserve.polling`)."""
+        (see `opserve.polling`), unless the recent waits were longer: polling would then only
+        burn the core before sleeping all the same."""
         while not self._ready:
-            data = self._poll(poll_us) if poll_us else None
+            started = time.monotonic_ns()
+            data = None
+            if poll_us and self._wait_ns < poll_us * 1000:
+                data = self._poll(poll_us)
             if data is None:
                 data = self._sock.recv(1 << 16)
+            # the recent waits: an average that follows the last few
+            self._wait_ns += (time.monotonic_ns() - started - self._wait_ns) >> 2
             if not data:
                 return None
             self._ready.extend(self._decoder.feed(data))
