@@ -8,8 +8,9 @@ size of the data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -375,14 +376,16 @@ class DataPlane:
         was accepted come as items; a request that is refused raises."""
         self.polling.began()
         try:
-            async for item in self._stream(request):
-                yield item
+            # closed with this generator, so that its own `finally` runs then, not when collected
+            async with contextlib.aclosing(self._stream(request)) as items:
+                async for item in items:
+                    yield item
         finally:
             self.polling.ended()
 
     async def _stream(
         self, request: InferenceRequest
-    ) -> AsyncIterator[tuple[InferenceResponse | OpserveError | None, bool]]:
+    ) -> AsyncGenerator[tuple[InferenceResponse | OpserveError | None, bool], None]:
         counted = await count_large_bytes(request.inputs)
         model, entry, scheduler, batch_size = self._prepare(request, True, counted)
         if self.tracer.active:
