@@ -34,13 +34,18 @@ QUIET_NS = 50_000_000  # no polling until this long after two requests were in f
 LOADED_SHARE = 5  # under load a worker polls for this share of the budget (see above)
 
 
+def checked_budget(budget_us: int) -> int:
+    """`--busy-poll-us` as given, refused when negative."""
+    if budget_us < 0:
+        raise ValueError(f"--busy-poll-us must not be negative, not {budget_us}")
+    return budget_us
+
+
 class LowLoadPolling:
     """Counts the server's requests in flight, and polls the event loop while there are few."""
 
     def __init__(self, budget_us: int = 0) -> None:
-        if budget_us < 0:
-            raise ValueError(f"--busy-poll-us must not be negative, not {budget_us}")
-        self.budget_us = budget_us
+        self.budget_us = checked_budget(budget_us)
         self.in_flight = 0
         self._until_ns = 0  # poll until then (monotonic)
         self._busy_until_ns = 0  # no polling before then (monotonic)
@@ -66,15 +71,19 @@ class LowLoadPolling:
 
     def worker_budget_us(self) -> int:
         """How long the worker of an execution starting now should poll for its next message."""
-        if self.in_flight <= 1 and time.monotonic_ns() >= self._busy_until_ns:
+        if self._quiet(time.monotonic_ns()):
             return self.budget_us
         return self.budget_us // LOADED_SHARE
+
+    def _quiet(self, now_ns: int) -> bool:
+        """At most one request in flight, and none other at once for `QUIET_NS`."""
+        return self.in_flight <= 1 and now_ns >= self._busy_until_ns
 
     def _extend(self) -> None:
         if not self.budget_us:
             return
         now = time.monotonic_ns()
-        if now < self._busy_until_ns:
+        if not self._quiet(now):
             return
         self._until_ns = now + self.budget_us * 1000
         if self._loop is None:

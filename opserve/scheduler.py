@@ -399,12 +399,14 @@ class Scheduler:
         except asyncio.TimeoutError:
             return False
 
-    def _poke(self) -> None:
+    def _poke(self, at_once: bool = False) -> None:
         """Something changed (a request queued, an instance freed or added, a delay ended):
         with batching, dispatch soon, once the requests arriving in this turn of the event loop
-        are queued too, so that they can share a batch."""
+        are queued too, so that they can share a batch (`at_once`: now)."""
         self._wakeup.set()
-        if self.batching and self._queue and not self._dispatch_due:
+        if at_once and self.batching:
+            self._dispatch_now()
+        elif self.batching and self._queue and not self._dispatch_due:
             self._dispatch_due = True
             asyncio.get_running_loop().call_soon(self._dispatch_now)
 
@@ -547,11 +549,7 @@ class Scheduler:
         if self.batching:
             if instance in self._busy:
                 self._busy[instance] -= 1
-            if at_once:
-                self._wakeup.set()
-                self._dispatch_now()
-            else:
-                self._poke()
+            self._poke(at_once)
         else:
             self._release(instance)
 

@@ -14,7 +14,7 @@ from opserve.frontends.access import Restriction, compile_pattern, parse_restric
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.ops import library_framework
-from opserve.polling import DEFAULT_BUDGET_US
+from opserve.polling import DEFAULT_BUDGET_US, checked_budget
 from opserve.remote.mirror import RepositoryMirror
 from opserve.response_cache import CacheSettings, parse_cache_config
 from opserve.tracing import TraceConfig, TraceSettings, parse_trace_config
@@ -175,8 +175,7 @@ class ServerSettings:
             raise ValueError(
                 f"--model-control-mode must be none, explicit or poll, not {self.model_control_mode!r}"
             )
-        if self.busy_poll_us < 0:
-            raise ValueError(f"--busy-poll-us must not be negative, not {self.busy_poll_us}")
+        checked_budget(self.busy_poll_us)
         if self.model_load_thread_count < 1:
             raise ValueError("--model-load-thread-count must be at least 1")
         if self.model_load_retry_count < 0:
