@@ -317,6 +317,7 @@ class GrpcCalls:
         if isinstance(call, Call):
             if call.context.on_cancel is not None:
                 call.context.on_cancel()
+                call.context.on_cancel = None
             if call.task is not None:
                 call.task.cancel()
             if call.deadline is not None:
@@ -407,6 +408,8 @@ class GrpcCalls:
 
     def _answered(self, call: Call, outcome: Any) -> None:
         """What `Method.answer_now` started has its answer: the response, or a `CallError`."""
+        # nothing to cancel any more; what it holds would keep a cycle through this call
+        call.context.on_cancel = None
         if call not in self.calls:  # the client reset the stream meanwhile
             return
         if isinstance(outcome, CallError):

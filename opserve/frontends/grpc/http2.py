@@ -374,6 +374,7 @@ class Http2Connection(asyncio.Protocol):
             if stream is not None:
                 stream.remote_closed = stream.local_closed = True
                 self.handler.on_reset(stream)
+                stream.handler_state = None
                 self._close_if_done()
         elif kind == GOAWAY:
             self.going_away = True
@@ -677,6 +678,7 @@ class Http2Connection(asyncio.Protocol):
     def _forget_if_done(self, stream: Stream) -> None:
         if stream.remote_closed and stream.local_closed and not stream.pending:
             self.streams.pop(stream.id, None)
+            stream.handler_state = None  # the call refers to its stream: no cycle left behind
             self._close_if_done()
 
     # keepalive -----------------------------------------------------------------------------

@@ -191,6 +191,9 @@ class Exchange:
         if self.complete:
             return
         self.complete = True
+        # nothing to cancel any more; and what it holds (the request, its future) would form a
+        # cycle with this exchange, left for the garbage collector
+        self.on_disconnect = None
         self.wake()
         self._connection.response_complete(self)
 
