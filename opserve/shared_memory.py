@@ -172,8 +172,10 @@ class OutputBuffer:
 
     name: str
     view: memoryview
-    leases: RegionLeases
     written: memoryview | None = None
+    # set when its request's leases are released (no link back to them: that would make a
+    # reference cycle of every request in shared memory)
+    released: bool = False
 
     def write(self, data: bytes | memoryview) -> memoryview:
         """Copy `data` to the front of the slice: the bytes written, as a view."""
@@ -184,7 +186,7 @@ class OutputBuffer:
                 f"({len(self.view)} bytes) should be at least {size} bytes to hold the results"
             )
         target = self.view[:size]
-        if not self.leases.released:  # a request that is over writes nothing
+        if not self.released:  # a request that is over writes nothing
             target[:] = data
         self.written = target
         return target
@@ -208,7 +210,7 @@ class RegionLeases:
     def output(self, tensor: str, region: str, offset: int, byte_size: int) -> OutputBuffer:
         held, view = self.registry._lease(region, offset, byte_size)
         self._held.append(held)
-        buffer = OutputBuffer(tensor, view, self)
+        buffer = OutputBuffer(tensor, view)
         self.outputs[tensor] = buffer
         return buffer
 
@@ -227,6 +229,8 @@ class RegionLeases:
         for region in self._held:
             region.users -= 1
         self._held.clear()
+        for buffer in self.outputs.values():
+            buffer.released = True
 
 
 @dataclass(slots=True)

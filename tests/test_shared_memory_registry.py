@@ -6,6 +6,7 @@ the same way); no server.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from opserve.errors import (
     NotFoundError,
 )
 from opserve.inference import InferenceResponse, Tensor
-from opserve.shared_memory import SharedMemoryRegistry
+from opserve.shared_memory import OutputBuffer, RegionLeases, SharedMemoryRegistry
 
 SIZE = 3 * mmap.ALLOCATIONGRANULARITY  # room for a registration at an unaligned offset
 
@@ -153,6 +154,25 @@ def test_a_released_lease_writes_nothing(registry: SharedMemoryRegistry, root: P
     leases.release()
     buffer.write(b"late")
     assert (root / "obj").read_bytes()[:8] == before
+
+
+def test_leases_are_freed_without_the_cycle_collector(registry: SharedMemoryRegistry) -> None:
+    """A request's leases and its output buffers do not refer to each other both ways: once
+    the request is done they go at once, not at the next garbage collection."""
+    registry.register("out", "/obj", 0, 8)
+    leases = registry.leases()
+    buffer = leases.output("OUTPUT0", "out", 0, 8)
+    leases.release()
+    assert buffer.released
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        del leases, buffer
+        gc.collect()
+        assert not [o for o in gc.garbage if isinstance(o, (RegionLeases, OutputBuffer))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
 
 
 def test_unregistering_while_a_view_lives_does_not_crash(registry: SharedMemoryRegistry) -> None:
