@@ -423,13 +423,16 @@ class Scheduler:
             instance = self._free_instance()
             if instance is None:
                 return  # poked again when an execution returns or an instance is added
-            first = self._queue.first()
-            size = self._sendable(self._ready_size(first.key))
-            if not size:
-                remaining_ns = first.arrival_ns + self.delay_ns - time.monotonic_ns()
-                if remaining_ns > 0:
-                    self._wake_after(remaining_ns)
-                    return
+            if self.preferred or self.delay_ns:
+                first = self._queue.first()
+                size = self._sendable(self._ready_size(first.key))
+                if not size:
+                    remaining_ns = first.arrival_ns + self.delay_ns - time.monotonic_ns()
+                    if remaining_ns > 0:
+                        self._wake_after(remaining_ns)
+                        return
+                    size = self.target
+            else:  # nothing to wait for: whatever is queued goes, up to the target
                 size = self.target
             batch = self._take(size)
             self._busy[instance] += 1
