@@ -1,13 +1,17 @@
-"""Two opserve configurations side by side on the identity `model.py`: what a flag changes.
+"""Two opserve configurations side by side on the identity `model.py`: what a flag, or a commit,
+changes.
 
 Both servers run at once on the same model folder (../shared/peers/identity, as in
-`python_identity_vs_triton.py`), one with the flags of `--a`, the other with those of `--b`;
+`python_identity_vs_triton.py`), one with the flags of `--a`, the other with those of `--b`
+(and, with `--a-source` or `--b-source`, the code of another checkout: `git worktree add
+/tmp/base <commit>`, then `--a-source=/tmp/base` measures that commit against this one);
 perf_analyzer loads one, then the other, cell by cell, A B in one round and B A in the next, so
 that the machine's slow and fast spells fall on both alike. Per cell it prints each
 configuration's median throughput and CPU per inference, and the ratio B / A of every round:
 on these shared machines a round's ratio moves far less than either server's throughput.
 
     python benchmarks/opserve_flags_ab.py --a=--busy-poll-us=0 [--b=...] [--rounds 4]
+        [--a-source DIR] [--b-source DIR]
         [--concurrency 1,4,8] [--transport http,grpc] [--measurement-interval 2000]
 
 perf_analyzer and Triton's installer come from ../shared/peers/ (see
@@ -33,6 +37,12 @@ def main() -> int:
     )
     parser.add_argument("--a", default="", help="configuration A's flags, as one string")
     parser.add_argument("--b", default="", help="configuration B's flags, as one string")
+    parser.add_argument(
+        "--a-source", type=Path, help="a checkout of opserve whose code configuration A runs"
+    )
+    parser.add_argument(
+        "--b-source", type=Path, help="a checkout of opserve whose code configuration B runs"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
     parser.add_argument(
         "--concurrency",
@@ -57,12 +67,20 @@ def main() -> int:
     repository = workdir / "repository"
     side.prepare_repository(repository)
     configurations = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
+    sources = {"A": args.a_source, "B": args.b_source}
+    for source in sources.values():
+        if source is not None and not (source / "opserve" / "__init__.py").is_file():
+            parser.error(f"{source} is not a checkout of opserve (no opserve/__init__.py)")
     results: dict[tuple[str, int, str], list[side.Measurement]] = {}
     with ExitStack() as stack:
         endpoints = {
             name: stack.enter_context(
                 side.running_opserve(
-                    repository, workdir / f"{name}.log", args.startup_timeout, flags=flags
+                    repository,
+                    workdir / f"{name}.log",
+                    args.startup_timeout,
+                    flags=flags,
+                    source=sources[name],
                 )
             )
             for name, flags in configurations.items()
@@ -82,7 +100,12 @@ def main() -> int:
                     )
                     results.setdefault((transport, concurrency, name), []).append(measured)
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"A: opserve {args.a or '(defaults)'}; B: opserve {args.b or '(defaults)'}")
+    described = {
+        name: f"opserve{f' from {sources[name]}' if sources[name] else ''} "
+        f"{' '.join(flags) or '(defaults)'}"
+        for name, flags in configurations.items()
+    }
+    print(f"A: {described['A']}; B: {described['B']}")
     print(
         "| transport | concurrency | A infer/s | B infer/s | B / A (median) | B / A by round "
         "| A CPU µs/inf | B CPU µs/inf |"

@@ -190,17 +190,21 @@ def running_opserve(
     timeout: float,
     body_bytes: int = 0,
     flags: Sequence[str] = (),
+    source: Path | None = None,
 ) -> Iterator[Endpoints]:
     """opserve on `repository`, with `flags` added to its command line; an HTTP body of
     `body_bytes` is accepted (Triton 2.51 has no limit; opserve's --http-max-input-size is 64 MiB
-    by default, as later Tritons have)."""
+    by default, as later Tritons have). `source`: a checkout of opserve whose code the server
+    and its workers run instead of this one's (run from there, and first on their path)."""
     started = time.monotonic()
     limit = max(body_bytes + (1 << 20), 64 << 20)
     server = RunningServer(
         [repository],
         [f"--http-max-input-size={limit}", *flags],
+        env={"PYTHONPATH": str(source)} if source is not None else None,
         log_path=log,
         startup_timeout=timeout,
+        cwd=source,
     )
     try:
         server.__enter__()
