@@ -423,17 +423,19 @@ class Scheduler:
             instance = self._free_instance()
             if instance is None:
                 return  # poked again when an execution returns or an instance is added
+            size = self.target
+            # only preferred sizes or a delay can make waiting worth it; without them what is
+            # queued goes, up to the target, without counting what is ready first
             if self.preferred or self.delay_ns:
                 first = self._queue.first()
-                size = self._sendable(self._ready_size(first.key))
-                if not size:
+                sendable = self._sendable(self._ready_size(first.key))
+                if sendable:
+                    size = sendable
+                else:
                     remaining_ns = first.arrival_ns + self.delay_ns - time.monotonic_ns()
                     if remaining_ns > 0:
                         self._wake_after(remaining_ns)
                         return
-                    size = self.target
-            else:  # nothing to wait for: whatever is queued goes, up to the target
-                size = self.target
             batch = self._take(size)
             self._busy[instance] += 1
             self._start(instance, batch)

@@ -281,6 +281,7 @@ class Http2Connection(asyncio.Protocol):
         for stream in streams.values():
             if not (stream.remote_closed and stream.local_closed):
                 self.handler.on_reset(stream)
+            self._forget(stream)
         if self.on_close is not None:
             self.on_close(self)
 
@@ -374,7 +375,7 @@ class Http2Connection(asyncio.Protocol):
             if stream is not None:
                 stream.remote_closed = stream.local_closed = True
                 self.handler.on_reset(stream)
-                stream.handler_state = None
+                self._forget(stream)
                 self._close_if_done()
         elif kind == GOAWAY:
             self.going_away = True
@@ -669,17 +670,23 @@ class Http2Connection(asyncio.Protocol):
             self._flush(stream)
 
     def reset_stream(self, stream: Stream, code: int) -> None:
-        if self.streams.pop(stream.id, None) is not None:
-            self.blocked.pop(stream.id, None)
+        if stream.id in self.streams:
             stream.remote_closed = stream.local_closed = True
+            self._forget(stream)
             self._write(frame(RST_STREAM, 0, stream.id, struct.pack(">I", code)))
             self._close_if_done()
 
     def _forget_if_done(self, stream: Stream) -> None:
         if stream.remote_closed and stream.local_closed and not stream.pending:
-            self.streams.pop(stream.id, None)
-            stream.handler_state = None  # the call refers to its stream: no cycle left behind
+            self._forget(stream)
             self._close_if_done()
+
+    def _forget(self, stream: Stream) -> None:
+        """A stream that is over leaves the connection's tables and lets go of its handler's
+        state (the gRPC call refers to its stream: no reference cycle is left behind)."""
+        self.streams.pop(stream.id, None)
+        self.blocked.pop(stream.id, None)
+        stream.handler_state = None
 
     # keepalive -----------------------------------------------------------------------------
     def _keepalive(self) -> None:
