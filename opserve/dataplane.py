@@ -241,24 +241,7 @@ class DataPlane:
                 "must be streamed (gRPC ModelStreamInfer, or HTTP generate_stream)"
             )
         schema = self.schema(model)
-        if request.raw_input:
-            request.inputs = deduce_raw_input(model.name, model.config, request.inputs)
-        request.inputs = validate_inputs(model.name, schema, request, counted)
-        if request.parameters:
-            take_server_parameters(request)
-        if request.requested_outputs is not None:
-            if len(set(request.requested_outputs)) != len(request.requested_outputs):
-                twice = next(
-                    n for n in request.requested_outputs if request.requested_outputs.count(n) > 1
-                )
-                raise InvalidArgumentError(  # Triton's words
-                    f"output '{twice}' already exists in request for model '{model.name}'"
-                )
-            for name in request.requested_outputs:
-                if name not in schema.outputs:
-                    raise InvalidArgumentError(
-                        f"unexpected inference output '{name}' for model '{model.name}'"
-                    )
+        check_request(model, schema, request, counted)
         scheduler = entry.scheduler
         if scheduler is None:
             raise UnavailableError(f"{entry.label} is not ready: {entry.reason}")
@@ -455,6 +438,51 @@ async def count_large_bytes(inputs: list[Tensor]) -> dict[str, int]:
     if not large:
         return {}
     return await asyncio.to_thread(lambda: {t.name: count_bytes_elements(t.data) for t in large})
+
+
+def check_request(
+    model: Model, schema: ModelSchema, request: InferenceRequest, counted: dict[str, int]
+) -> None:
+    """Check a request against its model's config: its inputs (reshaped as the model wants
+    them), server parameters and requested outputs. A request whose signature passed once is
+    trusted (`ModelSchema.validated`): only its inputs' shapes are set and its server
+    parameters taken; one that passes is remembered so, unless it holds BYTES, whose element
+    counts its data decide. `counted`: element counts of BYTES inputs already taken."""
+    signature = request.signature
+    if signature is not None and signature in schema.validated:
+        shapes = schema.validated[signature]
+        if shapes is not None:
+            request.inputs = [
+                Tensor(t.name, t.datatype, shape, t.data)
+                for t, shape in zip(request.inputs, shapes, strict=True)
+            ]
+        if request.parameters:
+            take_server_parameters(request)
+        return
+    given = request.inputs
+    if request.raw_input:
+        request.inputs = deduce_raw_input(model.name, model.config, request.inputs)
+    request.inputs = validate_inputs(model.name, schema, request, counted)
+    if request.parameters:
+        take_server_parameters(request)
+    if request.requested_outputs is not None:
+        if len(set(request.requested_outputs)) != len(request.requested_outputs):
+            twice = next(
+                n for n in request.requested_outputs if request.requested_outputs.count(n) > 1
+            )
+            raise InvalidArgumentError(  # Triton's words
+                f"output '{twice}' already exists in request for model '{model.name}'"
+            )
+        for name in request.requested_outputs:
+            if name not in schema.outputs:
+                raise InvalidArgumentError(
+                    f"unexpected inference output '{name}' for model '{model.name}'"
+                )
+    if signature is not None and not request.raw_input:
+        prepared = request.inputs
+        if all(t.datatype != "BYTES" for t in prepared):
+            reshaped = any(a.shape != b.shape for a, b in zip(given, prepared, strict=True))
+            schema.remember_valid(signature, tuple(t.shape for t in prepared) if reshaped else None)
 
 
 def validate_inputs(

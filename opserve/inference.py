@@ -91,6 +91,10 @@ class InferenceRequest:
     # the body was one tensor without a header (HTTP's raw binary request): the model's one
     # input, its datatype and shape deduced from the config
     raw_input: bool = False
+    # requests with the same signature (a frontend's decoded header, `frontends/http/templates`)
+    # have inputs of the same names, datatypes, shapes and sizes, the same requested outputs and
+    # parameters: the dataplane checks the first of them against the config, and trusts the rest
+    signature: object | None = None
 
 
 @dataclass(slots=True)

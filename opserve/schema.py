@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from opserve.datatypes import config_to_v2
 from opserve.proto import ModelConfig, model_config_pb2
 
+VALIDATED = 256  # request signatures a schema remembers as valid
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSchema:
@@ -28,13 +30,26 @@ class ModelSchema:
     inputs: dict[str, TensorSchema]
     outputs: dict[str, TensorSchema]
     batching: bool = field(init=False)  # max_batch_size > 0 (read several times per request)
+    required_inputs: frozenset[str] = field(init=False)
+    # request signatures (`InferenceRequest.signature`) whose requests passed the checks against
+    # this schema, with the input shapes the model wants (None: as the client gave them); a
+    # schema is made anew when its model's config changes, and forgets them with it
+    validated: dict[object, tuple[tuple[int, ...], ...] | None] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batching", self.max_batch_size > 0)
+        required = frozenset(n for n, t in self.inputs.items() if not t.optional)
+        object.__setattr__(self, "required_inputs", required)
+        object.__setattr__(self, "validated", {})
 
-    @property
-    def required_inputs(self) -> frozenset[str]:
-        return frozenset(n for n, t in self.inputs.items() if not t.optional)
+    def remember_valid(self, signature: object, shapes: tuple[tuple[int, ...], ...] | None) -> None:
+        """The requests of `signature` passed the checks (the oldest of `VALIDATED` forgotten)."""
+        validated = self.validated
+        if len(validated) >= VALIDATED:
+            del validated[next(iter(validated))]
+        validated[signature] = shapes
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> ModelSchema:

@@ -151,7 +151,7 @@ def test_an_answered_grpc_call_is_freed_without_the_collector(garbage) -> None:
     async def serve() -> bytes:
         loop = asyncio.get_running_loop()
 
-        def answer_now(request: Any, context: CallContext, done: Callable[[Any], None]) -> bool:
+        def answer_now(message: Any, context: CallContext, done: Callable[[Any], None]) -> bool:
             # as ModelInferNow: the context holds what cancels the request, and the request's
             # answer holds `done`, which holds the call: a cycle while the request runs
             state = {"done": done}

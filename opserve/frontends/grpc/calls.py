@@ -89,10 +89,13 @@ class Method:
     request_type: Any  # a protobuf message class
     handler: Callable[..., Any]
     streaming: bool  # bidirectional streaming (ModelStreamInfer); else unary
-    # a unary method's task-free way: `answer_now(request, context, done)` starts the call and
-    # calls `done` later with the response or a `CallError`; False when it cannot (the handler
-    # then runs in a task)
-    answer_now: Callable[[Any, CallContext, Callable[[Any], None]], bool] | None = None
+    # a unary method's task-free way: `answer_now(message, context, done)` starts the call from
+    # the request message's bytes (valid during the call only) and calls `done` later with the
+    # response or a `CallError`; False when it cannot (the message is then parsed, and the
+    # handler runs in a task)
+    answer_now: Callable[[memoryview | bytes, CallContext, Callable[[Any], None]], bool] | None = (
+        None
+    )
 
 
 CONTENT_TYPE = encode_literal(b"content-type", b"application/grpc")
@@ -371,23 +374,26 @@ class GrpcCalls:
                     Status.INTERNAL, "a compressed message without a grpc-encoding header"
                 )
             data = _decompress(bytes(payload), call.encoding, self.max_message_bytes)
-        try:
-            request = call.method.request_type.FromString(data)
-        except Exception as exc:  # protobuf's DecodeError
-            raise CallError(
-                Status.INTERNAL, f"could not parse the request message: {exc}"
-            ) from None
-        if call.method.streaming:
-            assert call.requests is not None
-            call.requests.put_nowait(request)
-        elif call.task is None and not call.answering:
-            now = call.method.answer_now
+        method = call.method
+        if method.streaming or call.task is None and not call.answering:
+            now = method.answer_now
             if (
                 now is not None
+                and not method.streaming
                 and call.deadline is None
-                and now(request, call.context, functools.partial(self._answered, call))
+                and now(data, call.context, functools.partial(self._answered, call))
             ):
                 call.answering = True
+                return
+            try:
+                request = method.request_type.FromString(data)
+            except Exception as exc:  # protobuf's DecodeError
+                raise CallError(
+                    Status.INTERNAL, f"could not parse the request message: {exc}"
+                ) from None
+            if method.streaming:
+                assert call.requests is not None
+                call.requests.put_nowait(request)
             else:
                 call.task = asyncio.ensure_future(self._unary(call, request))
 

@@ -34,6 +34,7 @@ from opserve.frontends.grpc.codec import (
 )
 from opserve.frontends.grpc.http2 import KeepaliveSettings
 from opserve.frontends.grpc.server import GrpcServer, methods_of, tls_context
+from opserve.frontends.grpc.templates import InferTemplates
 from opserve.frontends.limits import GRPC_DEFAULT_MAX_INPUT_SIZE, ConnectionLimits
 from opserve.inference import InferenceResponse
 from opserve.proto import service_pb2
@@ -127,6 +128,7 @@ class InferenceServicer:
     ) -> None:
         self.dataplane = dataplane
         self.forward = forward  # --grpc-header-forward-pattern
+        self.templates = InferTemplates()  # ModelInfer messages decoded lately
 
     async def _decode(self, request: Any) -> Any:
         """The request as the dataplane takes it; one with many typed BYTES elements (their
@@ -203,19 +205,33 @@ class InferenceServicer:
                 regions.release()
 
     def ModelInferNow(
-        self, request: Any, context: CallContext, done: Callable[[Any], None]
+        self, message: memoryview | bytes, context: CallContext, done: Callable[[Any], None]
     ) -> bool:
-        """`ModelInfer` without a task (`Method.answer_now`): decoded, validated and queued now;
+        """`ModelInfer` without a task (`Method.answer_now`), from the message's bytes: decoded
+        (from a template when it is like one seen lately, `templates`), validated and queued now;
         `done` gets the response message, or a `CallError`, when the model has answered. False
-        for what needs the task: forwarded headers, shared memory, many typed BYTES elements,
-        or what the dataplane cannot start so (`DataPlane.submit`)."""
-        if self.forward is not None or _typed_bytes_elements(request) > OFFLOAD_ELEMENTS:
+        for what needs the task: forwarded headers, shared memory, many typed BYTES elements, a
+        message protobuf cannot parse (the task's way reports it), or what the dataplane cannot
+        start so (`DataPlane.submit`)."""
+        if self.forward is not None:
             return False
-        try:
-            inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
-            if regions is not None:  # leases to release whatever happens: the task's way
-                regions.release()
+        inference = self.templates.request(message)
+        request = None
+        if inference is None:
+            try:
+                request = service_pb2.ModelInferRequest.FromString(message)
+            except Exception:
                 return False
+            if _typed_bytes_elements(request) > OFFLOAD_ELEMENTS:
+                return False
+        try:
+            if request is not None:
+                inference, regions = decode_infer_request(request, self.dataplane.shared_memory)
+                if regions is not None:  # leases to release whatever happens: the task's way
+                    regions.release()
+                    return False
+                self.templates.remember(message, request, inference)
+            assert inference is not None
             cancel = self.dataplane.submit(inference, lambda outcome: done(_infer_answer(outcome)))
             if cancel is None:
                 return False

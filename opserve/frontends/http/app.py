@@ -30,6 +30,7 @@ from opserve.frontends.http import shared_memory as shm_routes
 from opserve.frontends.http.codec import OutputFormat, decode_request, encode_response
 from opserve.frontends.http.generate import decode_generate, encode_generate, server_sent_event
 from opserve.frontends.http.protocol import Exchange
+from opserve.frontends.http.templates import RequestTemplates
 from opserve.frontends.limits import HTTP_DEFAULT_MAX_INPUT_SIZE, body_too_large, inflate
 from opserve.inference import Delivery, InferenceResponse
 
@@ -62,6 +63,7 @@ class HttpApp:
         self.restrictions = restrictions or {}  # --http-restricted-api
         self.forward = forward  # --http-header-forward-pattern
         self.max_input_size = max_input_size  # --http-max-input-size, inflated bodies too
+        self.templates = RequestTemplates()  # inference headers decoded lately
 
     def answer_now(self, exchange: Exchange) -> bool:
         """Our protocol's way in for `POST /v2/models/<m>[/versions/<v>]/infer`: the request is
@@ -90,7 +92,7 @@ class HttpApp:
         if b"content-encoding" in headers or b"accept-encoding" in headers:
             return False
         try:
-            request, output_format = decode_request(
+            request, output_format = self.templates.decode(
                 exchange.body,
                 _header_length(headers),
                 name,
