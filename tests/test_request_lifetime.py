@@ -32,34 +32,7 @@ from opserve.frontends.grpc.http2 import (
 )
 from opserve.frontends.http.protocol import Exchange, HttpConnection
 from opserve.proto import service_pb2
-
-
-class Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-
-    def write(self, data: Any) -> None:
-        self.written += data
-
-    def writelines(self, parts: Any) -> None:
-        for part in parts:
-            self.written += part
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+from tests.protocols import HttpConfig, ServerState, Transport
 
 
 @pytest.fixture
@@ -80,24 +53,6 @@ def garbage() -> Iterator[Callable[[], list[object]]]:
         gc.garbage.clear()
 
 
-class _App:
-    def __init__(self, answer_now: Callable[[Exchange], bool]) -> None:
-        self.answer_now = answer_now
-
-
-class _Config:
-    def __init__(self, answer_now: Callable[[Exchange], bool]) -> None:
-        self.app = _App(answer_now)
-        self.timeout_keep_alive = 5
-
-
-class _State:
-    def __init__(self) -> None:
-        self.connections: set[Any] = set()
-        self.tasks: set[Any] = set()
-        self.total_requests = 0
-
-
 HTTP_REQUEST = (
     b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
     b"Content-Type: application/json\r\n\r\n{}"
@@ -116,7 +71,7 @@ def test_an_answered_http_request_is_freed_without_the_collector(garbage) -> Non
             loop.call_soon(exchange.respond, 200, [(b"content-type", b"application/json")], b"{}")
             return True
 
-        connection = HttpConnection(_Config(answer_now), _State(), _loop=loop)  # type: ignore[arg-type]
+        connection = HttpConnection(HttpConfig(answer_now), ServerState(), _loop=loop)  # type: ignore[arg-type]
         transport = Transport()
         connection.connection_made(transport)
         for _ in range(3):

@@ -21,6 +21,7 @@ import http
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import unquote
 
@@ -58,6 +59,16 @@ def _head(status: int, headers: Headers, extra: bytes) -> list[bytes]:
         parts += (name, b": ", value, b"\r\n")
     parts.append(extra)
     return parts
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownHead:
+    """A request's head (request line, headers, blank line) as it came, and what it parsed to."""
+
+    head: bytes
+    size: int  # with its body
+    scope: dict[str, Any]  # copied for each request (its `headers` list is shared: read only)
+    keep_alive: bool
 
 
 class Exchange:
@@ -260,6 +271,14 @@ class HttpConnection(asyncio.Protocol):
         self.declared_size = b""  # the request's Content-Length
         self.expect = b""  # its Expect header
         self.keep_alive = True
+        self.plain = True  # framed by its Content-Length alone (no Transfer-Encoding, no upgrade)
+        self.last: tuple[dict[str, Any], bytes] | None = None  # the last scope and body parsed
+        # the last request's head when it came whole in one read: a read that holds the same
+        # head and a whole body is a request like it, taken without the parser (perf_analyzer
+        # and most clients send the same head each time)
+        self.known_head: _KnownHead | None = None
+        self.completed = 0  # requests completed in the read being parsed
+        self.begun_in_chunk = False  # the request being parsed began in that read
 
     # asyncio.Protocol
 
@@ -277,14 +296,31 @@ class HttpConnection(asyncio.Protocol):
         if self.discarding:
             return
         self.idle_since = self.now = self.loop.time()
+        known = self.known_head
+        if (
+            known is not None
+            and not self.reading
+            and len(data) == known.size
+            and data.startswith(known.head)
+        ):  # the last request's head again, with a whole body: nothing to parse
+            self.served = True
+            body = data[len(known.head) :]
+            self._received(Exchange(self, dict(known.scope), body, known.keep_alive))
+            return
+        self.completed = 0
+        self.begun_in_chunk = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # no upgrades here: the request is answered as it is
+            self.plain = False  # no upgrades here: the request is answered as it is
         except httptools.HttpParserError:
+            self.last = None
             if not self.closing:  # else a callback refused the request and stopped the parser
                 self._refuse(400, b"Invalid HTTP request received.")
             return
+        if self.completed == 1 and self.begun_in_chunk and not self.reading:
+            self._learn_head(data)
+        self.last = None  # holds no body beyond its read
         if self.reading:  # a request is partly in: it must go on arriving
             limits = self.limits
             if self.headers_done:
@@ -319,6 +355,8 @@ class HttpConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self.begun_in_chunk = self.completed == 0
+        self.plain = True
         self.url = b""
         self.headers = []
         self.chunks = []
@@ -338,6 +376,8 @@ class HttpConnection(asyncio.Protocol):
             self.declared_size = value
         elif name == b"expect":
             self.expect = value
+        elif name == b"transfer-encoding":
+            self.plain = False
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -377,14 +417,36 @@ class HttpConnection(asyncio.Protocol):
             "query_string": query,
             "headers": self.headers,
         }
-        exchange = Exchange(self, scope, body, self.keep_alive)
+        self.completed += 1
+        self.last = (scope, body)
+        self._received(Exchange(self, scope, body, self.keep_alive))
+
+    def _learn_head(self, data: bytes) -> None:
+        """`data` was one whole request: remember its head when a request that repeats it
+        byte for byte needs no parsing (a Content-Length, no other framing, no Expect)."""
+        self.known_head = None
+        last = self.last
+        if last is None or not self.plain or self.expect or not self.keep_alive:
+            return
+        if not self.declared_size:
+            return
+        scope, body = last
+        head_length = len(data) - len(body)
+        if (
+            head_length >= 4
+            and data.startswith(b"\r\n\r\n", head_length - 4)
+            and data.endswith(body)  # nothing after the body (a stray CRLF llhttp skipped)
+        ):
+            self.known_head = _KnownHead(data[:head_length], len(data), scope, True)
+
+    # the connection's requests
+
+    def _received(self, exchange: Exchange) -> None:
         if self.current is None:
             self._start(exchange)
         else:
             self.queue.append(exchange)
             self.transport.pause_reading()
-
-    # the connection's requests
 
     def _start(self, exchange: Exchange) -> None:
         self.current = exchange
