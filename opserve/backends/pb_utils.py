@@ -117,6 +117,15 @@ class Tensor:
         self._array = tensor
         self._datatype = datatype or numpy_to_v2(tensor.dtype)
 
+    @classmethod
+    def _received(cls, name: str, array: np.ndarray) -> Tensor:
+        """An input the worker received (a named array the server checked)."""
+        tensor = cls.__new__(cls)
+        tensor._name = name
+        tensor._array = array
+        tensor._datatype = numpy_to_v2(array.dtype)
+        return tensor
+
     def name(self) -> str:
         return self._name
 
@@ -292,18 +301,19 @@ class InferenceRequest:
     def _from_received(
         cls, request: Request, model_name: str, outputs: list[str]
     ) -> InferenceRequest:
-        made = cls(
-            model_name,
-            [Tensor(n, a) for n, a in request.inputs.items()],
-            request.outputs,
-            request.id,
-            request.correlation_id,
-            request.flags,
-            request.timeout_us,
-            parameters=request.parameters,
-        )
+        # what the server sent was checked there: set as it is, without `__init__`'s checks
+        made = cls.__new__(cls)
+        made._model_name = model_name
+        made._inputs = [Tensor._received(n, a) for n, a in request.inputs.items()]
         made._requested = list(request.outputs) if request.outputs is not None else outputs
+        made._request_id = request.id
+        made._correlation_id = request.correlation_id
+        made._flags = request.flags
+        made._timeout = request.timeout_us
+        made._model_version = -1
+        made._parameters = dict(request.parameters) if request.parameters else {}
         made._received = request
+        made._sender = None
         return made
 
     # what a received request offers -----------------------------------------------------------

@@ -193,7 +193,7 @@ class PythonBackend(Backend):
         batch = [pb_utils.InferenceRequest._from_received(r, name, self._outputs) for r in requests]
         try:
             result = model.execute(batch)
-            if inspect.isawaitable(result):
+            if type(result) is not list and inspect.isawaitable(result):
                 future = asyncio.run_coroutine_threadsafe(_awaited(result), self._event_loop())
                 if self.decoupled:  # as in Triton: async executes of a decoupled model overlap
                     future.add_done_callback(lambda done: self._async_done(done, requests))

@@ -159,8 +159,11 @@ class Worker:
         # a shared worker: executions on the slots' lanes, loads and unloads on a thread of their own
         self._lanes = _Lanes(self.execute) if shared else None
         self._admin = ThreadPoolExecutor(1, thread_name_prefix="load") if shared else None
-        # reading: who reads, and what was read for others; guarded by `_changed`'s lock
-        self._changed = threading.Condition()
+        # reading: who reads, and what was read for others; guarded by `_mutex` (a plain lock:
+        # entered a few times per execution), `_changed` wakes the threads waiting for a turn
+        self._mutex = threading.Lock()
+        self._changed = threading.Condition(self._mutex)
+        self._sleepers = 0  # threads waiting on `_changed` (none: nothing to notify)
         self._reading = False  # a thread is reading the socket
         self._gone = False  # the server has gone
         self._tasks: deque[tuple[Message, list[int | bool] | None]] = deque()
@@ -233,17 +236,19 @@ class Worker:
         return found if found is not None else (_GONE, [0, True])
 
     def _take(self, queue: deque[T]) -> T | None:
-        """The first item of `queue` (filled under `_changed`'s lock): one another thread read
+        """The first item of `queue` (filled under `_mutex`): one another thread read
         and handed over, or, when no one is reading, one this thread reads itself; None once
         the server has gone."""
-        with self._changed:
+        with self._mutex:
             while not queue:
                 if self._gone:
                     return None
                 if not self._reading:
                     self._reading = True
                     break
+                self._sleepers += 1
                 self._changed.wait()
+                self._sleepers -= 1
             else:
                 return queue.popleft()
         return self._read_until(lambda: queue.popleft() if queue else None)
@@ -257,7 +262,7 @@ class Worker:
                     message = self.channel.receive(self._poll_us)
                 except OSError:
                     message = None
-                with self._changed:
+                with self._mutex:
                     if message is None:
                         self._gone = True
                         return None
@@ -266,14 +271,14 @@ class Worker:
                     if found is not None:
                         return found
         finally:
-            with self._changed:
+            with self._mutex:
                 self._reading = False
-                self._changed.notify_all()
+                self._wake()
 
     def poll(self) -> None:
         """Read what has arrived, without waiting, when no one is reading (a model asking
         whether its request was cancelled while it executes)."""
-        with self._changed:
+        with self._mutex:
             if self._reading or self._gone:
                 return
             self._reading = True
@@ -283,19 +288,19 @@ class Worker:
                     message = self.channel.receive_ready()
                 except OSError:
                     message = None
-                    with self._changed:
+                    with self._mutex:
                         self._gone = True
                 if message is None:
                     return
-                with self._changed:
+                with self._mutex:
                     self._hand_out(message)
         finally:
-            with self._changed:
+            with self._mutex:
                 self._reading = False
-                self._changed.notify_all()
+                self._wake()
 
     def _hand_out(self, message: Message) -> None:
-        """Where a message read goes (the caller holds `_changed`'s lock)."""
+        """Where a message read goes (the caller holds `_mutex`)."""
         if isinstance(message, (Execute, BlsResult)):
             release = self.releases.register(message.ring_end)
             if isinstance(message, BlsResult):
@@ -315,7 +320,12 @@ class Worker:
             return
         else:
             self._tasks.append((message, None))
-        self._changed.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the threads waiting for a turn, if any (the caller holds `_mutex`)."""
+        if self._sleepers:
+            self._changed.notify_all()
 
     def _deliver(self, call: int, message: Message, release: list[int | bool]) -> None:
         waiting = self._waiting.get(call)
@@ -527,7 +537,7 @@ class Worker:
         final. Output arrays are the worker's own copies."""
         call = next(self._ids)
         answers: deque[tuple[Message, list[int | bool]]] = deque()
-        with self._changed:
+        with self._mutex:
             self._waiting[call] = answers
         try:
             with self.channel.lock:
@@ -550,7 +560,7 @@ class Worker:
                 if message.response.final:
                     return
         finally:
-            with self._changed:
+            with self._mutex:
                 del self._waiting[call]
 
     def _reply(self, wire: WireResponse) -> Reply:
@@ -568,13 +578,13 @@ class Worker:
             return None
         call = next(self._ids)
         answers: deque[tuple[Message, list[int | bool]]] = deque()
-        with self._changed:
+        with self._mutex:
             self._waiting[call] = answers
         try:
             self.channel.send(Call(call, service, arguments))
             message, _ = self._await(answers)
         finally:
-            with self._changed:
+            with self._mutex:
                 del self._waiting[call]
         assert isinstance(message, CallResult)
         if message.error is not None:

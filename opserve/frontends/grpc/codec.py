@@ -8,6 +8,7 @@ always use `raw_output_contents`, as Triton does; an output in shared memory has
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Container
 from typing import Any
 
@@ -208,20 +209,20 @@ def _typed_contents(tensor: Any, model: str) -> bytes:
 
 class InferAnswer:
     """A `ModelInferResponse` whose raw output contents stay the tensors' own bytes: it
-    serializes as the message without them followed by one `raw_output_contents` field per
-    output (field order does not matter to a protobuf reader), so a large output is not copied
-    into the message and again into its serialization."""
+    serializes as the message without them (`head`, serialized) followed by one
+    `raw_output_contents` field per output (field order does not matter to a protobuf reader),
+    so a large output is not copied into the message and again into its serialization."""
 
     __slots__ = ("head", "raw")
 
-    def __init__(self, head: Any, raw: list[bytes | memoryview]) -> None:
+    def __init__(self, head: bytes, raw: list[bytes | memoryview]) -> None:
         self.head = head
         self.raw = raw
 
     def serialized_parts(self) -> list[bytes | memoryview]:
-        parts: list[bytes | memoryview] = [self.head.SerializeToString()]
+        parts: list[bytes | memoryview] = [self.head]
         for data in self.raw:
-            parts.append(_RAW_OUTPUT_TAG + _varint(len(data)))
+            parts.append(_raw_entry_head(len(data)))
             parts.append(data)
         return parts
 
@@ -241,21 +242,43 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+@functools.lru_cache(maxsize=256)
+def _raw_entry_head(size: int) -> bytes:
+    return _RAW_OUTPUT_TAG + _varint(size)
+
+
+@functools.lru_cache(maxsize=256)
+def _answer_head(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: tuple[tuple[str, str, tuple[int, ...]], ...],
+) -> bytes:
+    """An answer's fields but the raw contents, serialized: a model answers a client in a
+    steady state with the same ones every time, so they are remembered."""
+    message = service_pb2.ModelInferResponse(
+        model_name=model_name, model_version=model_version, id=request_id
+    )
+    for name, datatype, shape in outputs:
+        output = message.outputs.add()
+        output.name = name
+        output.datatype = datatype
+        output.shape.extend(shape)
+    return message.SerializeToString()  # type: ignore[no-any-return]
+
+
 def encode_infer_answer(
     response: InferenceResponse, in_shared_memory: Container[str] = ()
 ) -> InferAnswer:
     """`encode_infer_response` for a unary answer, its raw contents kept apart."""
-    head = service_pb2.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id
+    outputs = response.outputs
+    head = _answer_head(
+        response.model_name,
+        response.model_version,
+        response.id,
+        tuple([(t.name, t.datatype, tuple(t.shape)) for t in outputs]),
     )
-    raw: list[bytes | memoryview] = []
-    for tensor in response.outputs:
-        output = head.outputs.add()
-        output.name = tensor.name
-        output.datatype = tensor.datatype
-        output.shape.extend(tensor.shape)
-        raw.append(b"" if tensor.name in in_shared_memory else tensor.data)
-    return InferAnswer(head, raw)
+    return InferAnswer(head, [b"" if t.name in in_shared_memory else t.data for t in outputs])
 
 
 def encode_infer_response(
