@@ -235,12 +235,12 @@ class DataPlane:
         model wants them, requested outputs checked; `counted`: the elements of large BYTES
         inputs, counted off the event loop)."""
         model, entry = self.manager.version(request.model_name, request.model_version)
-        if not streaming and model.config.model_transaction_policy.decoupled:
+        schema = self.schema(model)
+        if not streaming and schema.decoupled:
             raise DecoupledModelError(
                 f"model '{model.name}' uses the decoupled transaction policy: its responses "
                 "must be streamed (gRPC ModelStreamInfer, or HTTP generate_stream)"
             )
-        schema = self.schema(model)
         check_request(model, schema, request, counted)
         scheduler = entry.scheduler
         if scheduler is None:
@@ -641,6 +641,8 @@ def take_sequence_parameters(request: InferenceRequest) -> None:
 
 def _client_shapes(schema: ModelSchema, outputs: list[Tensor]) -> list[Tensor]:
     """Undo an output `reshape`: the client sees the config's dims."""
+    if not schema.reshaped_outputs:
+        return outputs
     for i, tensor in enumerate(outputs):
         spec = schema.outputs.get(tensor.name)
         if spec is not None and spec.reshape is not None:

@@ -35,6 +35,7 @@ from opserve.workers.process import Instance, Timings
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE_SIZE = 1024
+KNOWN_KEYS = 256  # batch keys remembered by request signature (the oldest forgotten first)
 
 
 @dataclass(slots=True, eq=False)
@@ -137,6 +138,7 @@ class Scheduler:
         # cost no hand-over per request); one lets a batch grow while the instance is busy
         self.depth = 1 if self.batching else 4
         self._busy: dict[Instance, int] = {}
+        self._keys: dict[object, tuple[object, ...]] = {}  # batch keys by request signature
         # batching: requests waiting to be batched, in the order they are to be served
         self._queue: RequestQueue[_Pending] = (
             RequestQueue.for_config(config) if self.batching else RequestQueue()
@@ -173,11 +175,24 @@ class Scheduler:
     # requests ----------------------------------------------------------------------------------
     def _pending(self, request: InferenceRequest, batch_size: int) -> _Pending:
         loop = asyncio.get_running_loop()
+        key: tuple[object, ...] = ()
+        if self.batching:
+            # requests of one signature share their key (`InferenceRequest.signature`)
+            signature = request.signature
+            known = self._keys.get(signature) if signature is not None else None
+            if known is None:
+                key = batch_key(request)
+                if signature is not None:
+                    if len(self._keys) >= KNOWN_KEYS:
+                        del self._keys[next(iter(self._keys))]
+                    self._keys[signature] = key
+            else:
+                key = known
         pending = self.pending_class(
             request,
             batch_size,
             time.monotonic_ns(),
-            batch_key(request) if self.batching else (),
+            key,
             None if self.decoupled else loop.create_future(),
             asyncio.Queue() if self.decoupled else None,
         )

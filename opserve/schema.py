@@ -29,8 +29,10 @@ class ModelSchema:
     max_batch_size: int
     inputs: dict[str, TensorSchema]
     outputs: dict[str, TensorSchema]
+    decoupled: bool = False  # model_transaction_policy.decoupled
     batching: bool = field(init=False)  # max_batch_size > 0 (read several times per request)
     required_inputs: frozenset[str] = field(init=False)
+    reshaped_outputs: bool = field(init=False)  # an output's config reshapes it
     # request signatures (`InferenceRequest.signature`) whose requests passed the checks against
     # this schema, with the input shapes the model wants (None: as the client gave them); a
     # schema is made anew when its model's config changes, and forgets them with it
@@ -42,6 +44,8 @@ class ModelSchema:
         object.__setattr__(self, "batching", self.max_batch_size > 0)
         required = frozenset(n for n, t in self.inputs.items() if not t.optional)
         object.__setattr__(self, "required_inputs", required)
+        reshaped = any(t.reshape is not None for t in self.outputs.values())
+        object.__setattr__(self, "reshaped_outputs", reshaped)
         object.__setattr__(self, "validated", {})
 
     def remember_valid(self, signature: object, shapes: tuple[tuple[int, ...], ...] | None) -> None:
@@ -67,6 +71,7 @@ class ModelSchema:
             config.max_batch_size,
             {t.name: tensor(t, t.optional) for t in config.input},
             {t.name: tensor(t, False) for t in config.output},
+            config.model_transaction_policy.decoupled,
         )
 
     def expected_shape(self, tensor: TensorSchema) -> str:
