@@ -216,6 +216,35 @@ class Call:
             self.task.cancel()
 
 
+# a call's headers as read: path, content-type, grpc-encoding, grpc-accept-encoding,
+# grpc-timeout, and its metadata (binary values decoded)
+_ReadHeaders = tuple[str, str, str, str, str, tuple[tuple[str, str | bytes], ...]]
+READ_HEADERS = 64  # header lists remembered as read (the oldest forgotten first)
+
+
+def _read_headers(headers: tuple[tuple[str, str], ...]) -> _ReadHeaders:
+    path = content_type = encoding = accept = timeout = ""
+    metadata: list[tuple[str, str | bytes]] = []
+    for name, value in headers:
+        if name[0] == ":":
+            if name == ":path":
+                path = value
+        elif name == "content-type":
+            content_type = value
+        elif name == "grpc-encoding":
+            encoding = value
+        elif name == "grpc-accept-encoding":
+            accept = value
+        elif name == "grpc-timeout":
+            timeout = value
+        elif name not in _RESERVED:
+            if name.endswith("-bin"):
+                metadata.append((name, _unbase64(value)))
+            else:
+                metadata.append((name, value))
+    return path, content_type, encoding, accept, timeout, tuple(metadata)
+
+
 class GrpcCalls:
     """The `StreamHandler` of every gRPC connection: routes streams to methods."""
 
@@ -231,29 +260,17 @@ class GrpcCalls:
         self.restrictions = restrictions or {}
         self.max_message_bytes = max_message_bytes
         self.calls: set[Call] = set()
+        self._read_headers: dict[tuple[tuple[str, str], ...], _ReadHeaders] = {}
 
     # StreamHandler ---------------------------------------------------------------------
-    def on_headers(self, stream: Stream, headers: list[tuple[str, str]], end: bool) -> None:
-        path = method_name = ""
-        content_type = encoding = accept = timeout = ""
-        metadata: list[tuple[str, str | bytes]] = []
-        for name, value in headers:
-            if name[0] == ":":
-                if name == ":path":
-                    path = value
-            elif name == "content-type":
-                content_type = value
-            elif name == "grpc-encoding":
-                encoding = value
-            elif name == "grpc-accept-encoding":
-                accept = value
-            elif name == "grpc-timeout":
-                timeout = value
-            elif name not in _RESERVED:
-                if name.endswith("-bin"):
-                    metadata.append((name, _unbase64(value)))
-                else:
-                    metadata.append((name, value))
+    def on_headers(self, stream: Stream, headers: tuple[tuple[str, str], ...], end: bool) -> None:
+        read = self._read_headers.get(headers)  # a client sends the same headers call after call
+        if read is None:
+            read = _read_headers(headers)
+            if len(self._read_headers) >= READ_HEADERS:
+                del self._read_headers[next(iter(self._read_headers))]
+            self._read_headers[headers] = read
+        path, content_type, encoding, accept, timeout, metadata = read
         if not content_type.startswith("application/grpc"):
             stream.send_headers(
                 encode_literal(b":status", b"415")
@@ -285,7 +302,7 @@ class GrpcCalls:
             )
             return
         gzip_level = self.gzip_level if self.gzip_level is not None and "gzip" in accept else None
-        call = Call(stream, method, CallContext(tuple(metadata)), encoding, gzip_level)
+        call = Call(stream, method, CallContext(metadata), encoding, gzip_level)
         stream.handler_state = call
         self.calls.add(call)
         if timeout:

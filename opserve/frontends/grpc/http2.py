@@ -117,7 +117,9 @@ class ConnectionError_(Exception):
 class StreamHandler(Protocol):
     """What a connection tells about each of its streams; implemented by the gRPC layer."""
 
-    def on_headers(self, stream: Stream, headers: list[tuple[str, str]], end: bool) -> None: ...
+    def on_headers(self, stream: Stream, headers: tuple[tuple[str, str], ...], end: bool) -> None:
+        """A stream's request headers, decoded (equal blocks give equal tuples)."""
+        ...
 
     def on_data(self, stream: Stream, data: memoryview, end: bool) -> None: ...
 
@@ -229,7 +231,7 @@ class Http2Connection(asyncio.Protocol):
         # decoded header blocks made of indexed fields only: such a block leaves the dynamic
         # table as it is, so while the table does not change, the same bytes mean the same
         # headers (a gRPC client's block after its first call: 8 bytes, the same each time)
-        self.indexed_blocks: dict[bytes, list[tuple[str, str]]] = {}
+        self.indexed_blocks: dict[bytes, tuple[tuple[str, str], ...]] = {}
         self.age_timer: asyncio.TimerHandle | None = None
 
     # connection life ---------------------------------------------------------------------
@@ -444,7 +446,7 @@ class Http2Connection(asyncio.Protocol):
         headers = self.indexed_blocks.get(block) if indexed else None
         if headers is None:
             try:
-                headers = cast(list[tuple[str, str]], self.decoder.decode(block))
+                headers = tuple(cast(list[tuple[str, str]], self.decoder.decode(block)))
             except Exception as exc:  # hpack's errors: the decoder's state is lost
                 raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
             if not indexed:
