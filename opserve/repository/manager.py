@@ -716,15 +716,16 @@ class ModelManager:
                     f"ambiguous: {', '.join(missing)}"
                 )
             steps = {name: self._step_config(graph, name) for name in graph.model_names}
+            # as in Triton: an ensemble is decoupled exactly when one of its steps is (set
+            # before the schema, which the dataplane asks whether the model is decoupled)
             decoupled = check_steps(model.config, graph, steps)
+            model.config.model_transaction_policy.decoupled = decoupled
             model.schema = ModelSchema.from_config(model.config)
         except OpserveError as exc:
             self._make_unavailable(model, exc.message)
             return
         if self.step_runner is None:
             raise RuntimeError("the model manager has no step runner for ensembles")
-        # as in Triton: an ensemble is decoupled exactly when one of its steps is
-        model.config.model_transaction_policy.decoupled = decoupled
         decoupled_steps = frozenset(
             s.index for s in graph.steps if steps[s.model_name].model_transaction_policy.decoupled
         )
