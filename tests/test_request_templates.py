@@ -14,9 +14,14 @@ from opserve.dataplane import check_request
 from opserve.errors import InvalidArgumentError
 from opserve.frontends.grpc.codec import decode_infer_request
 from opserve.frontends.grpc.templates import InferTemplates
-from opserve.frontends.http.codec import decode_request
+from opserve.frontends.http.codec import (
+    OutputFormat,
+    _encode_with_json_data,
+    decode_request,
+    encode_response,
+)
 from opserve.frontends.http.templates import RequestTemplates
-from opserve.inference import InferenceRequest, Tensor
+from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.proto import ModelConfig, service_pb2
 from opserve.repository.manager import Model
 from opserve.schema import ModelSchema
@@ -227,3 +232,21 @@ def test_a_failing_or_bytes_request_is_not_remembered() -> None:
     request.signature = object()
     check_request(Model("s", Path("."), ModelConfig()), strings, request, {})
     assert not strings.validated  # its element count depends on its data
+
+
+# answers ----------------------------------------------------------------------------------------
+def test_a_binary_answer_header_is_what_the_general_encoder_writes() -> None:
+    outputs = [Tensor("A", "FP32", (1, 2), bytes(8)), Tensor("B", "INT32", (3,), bytes(12))]
+    formats = [
+        OutputFormat(default_binary=True),
+        OutputFormat(binary={"A": True}, shared_memory={"B"}),
+        OutputFormat(binary={"A": True}),  # B's data in the JSON: the general encoder
+    ]
+    for output_format in formats:
+        for request_id in ("", "7"):
+            response = InferenceResponse("m", "1", list(outputs), request_id)
+            expected = _encode_with_json_data(response, output_format)
+            assert encode_response(response, output_format) == expected
+            assert encode_response(response, output_format) == expected  # remembered
+    header, *_ = encode_response(InferenceResponse("m", "1", outputs[:1]), formats[0])[0]
+    assert json.loads(header)["outputs"][0]["parameters"] == {"binary_data_size": 8}

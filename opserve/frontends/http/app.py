@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gzip
 import logging
 import re
@@ -299,7 +300,7 @@ class HttpApp:
             if regions is not None:
                 regions.release()
         parts, json_length = encode_response(response, output_format)
-        out_headers = _answer_headers(json_length)
+        out_headers = list(_answer_headers(json_length))  # compression may add one
         accept = headers.get(b"accept-encoding")
         if accept:
             payload = _maybe_compress(b"".join(parts), accept, out_headers)
@@ -392,8 +393,9 @@ def _internal(exc: BaseException) -> OpserveError:
     return OpserveError(f"internal error: {type(exc).__name__}: {exc}")
 
 
+@functools.lru_cache(maxsize=256)
 def _answer_headers(json_length: int | None) -> list[tuple[bytes, bytes]]:
-    """An inference response's headers: JSON, or the binary extension's."""
+    """An inference response's headers: JSON, or the binary extension's (shared: read only)."""
     if json_length is None:
         return [(b"content-type", b"application/json")]
     return [

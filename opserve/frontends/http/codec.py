@@ -10,6 +10,7 @@ output placed there comes back without data.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,6 +338,51 @@ def encode_response(
 ) -> tuple[list[bytes | memoryview], int | None]:
     """The response body in parts (the JSON header, then each binary output as it is: written
     out as they are, not joined), and the header's length when binary data follows it."""
+    described = []
+    binary_parts: list[bytes | memoryview] = []
+    for tensor in response.outputs:
+        name = tensor.name
+        if name in output_format.shared_memory:  # its data is in the client's region
+            described.append((name, tensor.datatype, tuple(tensor.shape), -1))
+        elif output_format.is_binary(name):
+            described.append((name, tensor.datatype, tuple(tensor.shape), len(tensor.data)))
+            binary_parts.append(tensor.data)
+        else:
+            return _encode_with_json_data(response, output_format)
+    header = _binary_header(
+        response.model_name, response.model_version, response.id, tuple(described)
+    )
+    if not binary_parts:
+        return [header], None
+    return [header, *binary_parts], len(header)
+
+
+@functools.lru_cache(maxsize=256)
+def _binary_header(
+    model_name: str,
+    model_version: str,
+    response_id: str,
+    outputs: tuple[tuple[str, str, tuple[int, ...], int], ...],
+) -> bytes:
+    """The JSON header of a response whose outputs are all binary (a size) or in shared memory
+    (-1): a model answers a client in a steady state with the same one every time."""
+    entries = []
+    for name, datatype, shape, size in outputs:
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(shape)}
+        if size >= 0:
+            entry["parameters"] = {"binary_data_size": size}
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if response_id:
+        body["id"] = response_id
+    body["outputs"] = entries
+    return orjson.dumps(body)
+
+
+def _encode_with_json_data(
+    response: InferenceResponse, output_format: OutputFormat
+) -> tuple[list[bytes | memoryview], int | None]:
+    """`encode_response` for a response with outputs whose data goes in the JSON."""
     outputs = []
     binary_parts: list[bytes | memoryview] = []
     for tensor in response.outputs:
