@@ -27,6 +27,7 @@ from typing import Any
 
 from opserve.errors import CancelledError, InternalError, OpserveError, UnavailableError
 from opserve.inference import Delivery, InferenceRequest, InferenceResponse
+from opserve.memo import remember
 from opserve.proto import ModelConfig
 from opserve.queues import RequestQueue
 from opserve.stats import VersionStats
@@ -175,24 +176,11 @@ class Scheduler:
     # requests ----------------------------------------------------------------------------------
     def _pending(self, request: InferenceRequest, batch_size: int) -> _Pending:
         loop = asyncio.get_running_loop()
-        key: tuple[object, ...] = ()
-        if self.batching:
-            # requests of one signature share their key (`InferenceRequest.signature`)
-            signature = request.signature
-            known = self._keys.get(signature) if signature is not None else None
-            if known is None:
-                key = batch_key(request)
-                if signature is not None:
-                    if len(self._keys) >= KNOWN_KEYS:
-                        del self._keys[next(iter(self._keys))]
-                    self._keys[signature] = key
-            else:
-                key = known
         pending = self.pending_class(
             request,
             batch_size,
             time.monotonic_ns(),
-            key,
+            self._batch_key(request) if self.batching else (),
             None if self.decoupled else loop.create_future(),
             asyncio.Queue() if self.decoupled else None,
         )
@@ -200,6 +188,18 @@ class Scheduler:
         if request.timeout_us:
             pending.timer = loop.call_later(request.timeout_us / 1e6, self._expire, pending)
         return pending
+
+    def _batch_key(self, request: InferenceRequest) -> tuple[object, ...]:
+        """`batch_key`, kept per request signature (`InferenceRequest.signature`): requests of
+        one signature share their key."""
+        signature = request.signature
+        if signature is None:
+            return batch_key(request)
+        key = self._keys.get(signature)
+        if key is None:
+            key = batch_key(request)
+            remember(self._keys, signature, key, KNOWN_KEYS)
+        return key
 
     def _expire(self, pending: _Pending) -> None:
         """A request's timeout passed: it fails. If its `execute` has not returned by then, the

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opserve.datatypes import config_to_v2
+from opserve.memo import remember
 from opserve.proto import ModelConfig, model_config_pb2
 
 VALIDATED = 256  # request signatures a schema remembers as valid
@@ -50,10 +51,7 @@ class ModelSchema:
 
     def remember_valid(self, signature: object, shapes: tuple[tuple[int, ...], ...] | None) -> None:
         """The requests of `signature` passed the checks (the oldest of `VALIDATED` forgotten)."""
-        validated = self.validated
-        if len(validated) >= VALIDATED:
-            del validated[next(iter(validated))]
-        validated[signature] = shapes
+        remember(self.validated, signature, shapes, VALIDATED)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> ModelSchema:

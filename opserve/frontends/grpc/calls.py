@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from opserve.frontends.access import GRPC_CATEGORIES, Restriction, refusal
 from opserve.frontends.grpc.http2 import STATUS_200, Stream, encode_literal
+from opserve.memo import remember
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,7 @@ class GrpcCalls:
         read = self._read_headers.get(headers)  # a client sends the same headers call after call
         if read is None:
             read = _read_headers(headers)
-            if len(self._read_headers) >= READ_HEADERS:
-                del self._read_headers[next(iter(self._read_headers))]
-            self._read_headers[headers] = read
+            remember(self._read_headers, headers, read, READ_HEADERS)
         path, content_type, encoding, accept, timeout, metadata = read
         if not content_type.startswith("application/grpc"):
             stream.send_headers(

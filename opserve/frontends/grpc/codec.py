@@ -233,7 +233,8 @@ class InferAnswer:
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # field 6 (raw_output_contents), length-delimited
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """An unsigned protobuf varint."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -244,7 +245,7 @@ def _varint(value: int) -> bytes:
 
 @functools.lru_cache(maxsize=256)
 def _raw_entry_head(size: int) -> bytes:
-    return _RAW_OUTPUT_TAG + _varint(size)
+    return _RAW_OUTPUT_TAG + varint(size)
 
 
 @functools.lru_cache(maxsize=256)

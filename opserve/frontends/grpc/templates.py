@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from opserve.frontends.grpc.codec import varint
 from opserve.frontends.templates import SharedFields
 from opserve.inference import InferenceRequest, Tensor
+from opserve.memo import remember
 
 CAPACITY = 256  # templates remembered (the oldest forgotten first)
 _RAW_INPUT_CONTENTS_TAG = b"\x3a"  # field 7, length-delimited
@@ -32,12 +34,7 @@ _RAW_INPUT_CONTENTS_TAG = b"\x3a"  # field 7, length-delimited
 
 def _entry_head(size: int) -> bytes:
     """The tag and varint length that precede a raw_input_contents entry of `size` bytes."""
-    head = bytearray(_RAW_INPUT_CONTENTS_TAG)
-    while size > 0x7F:
-        head.append(size & 0x7F | 0x80)
-        size >>= 7
-    head.append(size)
-    return bytes(head)
+    return _RAW_INPUT_CONTENTS_TAG + varint(size)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -124,9 +121,5 @@ class InferTemplates:
         template = template_of(message, parsed, request)
         if template is None:
             return
-        by_length = self._by_length
-        size = len(message)
-        if size not in by_length and len(by_length) >= self.capacity:
-            del by_length[next(iter(by_length))]
-        by_length[size] = template
+        remember(self._by_length, len(message), template, self.capacity)
         request.signature = template

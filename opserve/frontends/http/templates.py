@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from opserve.frontends.http.codec import OutputFormat, decode_request
 from opserve.frontends.templates import SharedFields
 from opserve.inference import InferenceRequest, Tensor
+from opserve.memo import remember
 from opserve.shared_memory import SharedMemoryRegistry
 
 CAPACITY = 256  # headers remembered (the oldest forgotten first)
@@ -92,9 +93,6 @@ class RequestTemplates:
         if key is not None:
             template = template_of(request, output_format)
             if template is not None:
-                templates = self._templates
-                if len(templates) >= self.capacity:
-                    del templates[next(iter(templates))]
-                templates[key] = template
+                remember(self._templates, key, template, self.capacity)
                 request.signature = template
         return request, output_format
