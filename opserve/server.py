@@ -14,6 +14,8 @@ from typing import Any
 
 import uvicorn
 
+from opserve import collector
+from opserve.collector import Settler
 from opserve.custom_metrics import CustomMetrics
 from opserve.dataplane import DataPlane
 from opserve.frontends.grpc import start_grpc_server
@@ -79,6 +81,10 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         LowLoadPolling(settings.busy_poll_us),
     )
     manager.host = ServerServices(dataplane, custom_metrics)
+    # the heap after loading is frozen, collected again when the repository changes (collector)
+    collector.tune()
+    settler = Settler()
+    manager.on_change = settler.changed
     startup = asyncio.ensure_future(
         manager.startup(settings.model_control_mode, settings.load_models)
     )
@@ -146,6 +152,8 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         if metrics is not None:
             await metrics.stop()
         log.info("shutting down: unloading models")
+        manager.on_change = None
+        settler.cancel()
         await manager.shutdown(stop.remaining())
         await asyncio.gather(startup, return_exceptions=True)
         tracer.close()

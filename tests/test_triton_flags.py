@@ -186,6 +186,15 @@ def test_a_triton_launch_line_serves(repository: Path, tmp_path: Path) -> None:
         assert "--pinned-memory-pool-byte-size has no effect here" in text
         assert "--backend-config python,shm-default-byte-size=1048576 has no effect here" in text
         assert re.search(r"^\S+Z V ", text, re.M)  # verbose (debug) lines are there
+        # a second after the last load the server collected its heap once and froze it, and
+        # each worker did once its model was loaded
+        settled = re.compile(r"collector\.py:\d+\] collected the heap and froze \d+ objects")
+        deadline = time.monotonic() + 30
+        while not settled.search(log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log.read_text()
+        assert settled.search(text)
+        assert re.search(r"worker\[\d+\] opserve\.collector: collected the heap and froze", text)
 
 
 def test_exit_on_error_is_the_default(repository: Path) -> None:

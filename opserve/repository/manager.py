@@ -211,6 +211,8 @@ class ModelManager:
         self.gpus = visible_gpus()
         self.sharing = shared_workers  # --shared-workers
         self.shared = SharedWorkers(self._shared_process)
+        # called after a load or an unload (the server settles its heap: collector.Settler)
+        self.on_change: Callable[[], None] | None = None
 
     # queries -----------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -398,6 +400,7 @@ class ModelManager:
             return await self._load(name, config, _folders)
         finally:
             self._refresh_dependents(name)
+            self._changed()
 
     async def _load(
         self, name: str, config: ModelConfig | None, folders: dict[str, Path] | None = None
@@ -509,6 +512,11 @@ class ModelManager:
             model.unloaded = True
             log.info("model '%s' is unloaded", name)
         self._refresh_dependents(name)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _refresh_dependents(self, name: str, seen: frozenset[str] = frozenset()) -> None:
         """After a model loads or unloads, every loaded ensemble that uses it is checked again,

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from opserve import collector
 from opserve.allocator import keep_freed_memory
 from opserve.backends import Backend, BackendContext, Reply, Request, backend_class
 from opserve.datatypes import NUMPY_DTYPES, deserialize_bytes, numpy_to_v2, serialize_bytes
@@ -187,7 +188,11 @@ class Worker:
                 if self._admin is not None:
                     self._admin.submit(self._answer_load, message)
                 else:
-                    self.channel.send(self.load(message))
+                    loaded = self.load(message)
+                    # a dedicated worker holds this model until it ends: its heap as loaded
+                    # stays out of later collections (collector)
+                    collector.settle()
+                    self.channel.send(loaded)
             elif isinstance(message, UnloadModel):
                 if message.slot is not None and self._admin is not None:
                     self._admin.submit(self._unload_slot, message.id, message.slot)
@@ -636,6 +641,7 @@ def _end_with_the_server() -> None:
 def main(argv: list[str]) -> int:
     _end_with_the_server()
     keep_freed_memory()  # tensors are copied into and out of the rings
+    collector.tune()
     shared = "--shared" in argv
     argv = [a for a in argv if a != "--shared"]
     sock_fd, request_fd, response_fd = (int(a) for a in argv[:3])
