@@ -196,7 +196,7 @@ class Call:
             compressor = zlib.compressobj(self.gzip_level, zlib.DEFLATED, 31)
             payload = compressor.compress(b"".join(parts)) + compressor.flush()
             return [_PREFIX.pack(1, len(payload)), payload]
-        return [_PREFIX.pack(0, sum(len(part) for part in parts)), *parts]
+        return [_PREFIX.pack(0, sum(map(len, parts))), *parts]
 
     @property
     def headers(self) -> bytes:
@@ -457,7 +457,7 @@ class GrpcCalls:
                     call.started = True
                     call.stream.send_headers(call.headers)
                 parts = call.message(response)
-                if sum(len(part) for part in parts) <= _JOIN_BYTES:
+                if sum(map(len, parts)) <= _JOIN_BYTES:
                     call.stream.send_data(b"".join(parts))  # one frame for a small message
                 else:
                     for part in parts:

@@ -599,29 +599,38 @@ class Http2Connection(asyncio.Protocol):
     ) -> None:
         if stream.local_closed or self.closed:
             return
-        length = sum(len(part) for part in message)
+        length = sum(map(len, message))
+        limit = self.peer_max_frame
         if (
             not stream.pending
-            and length <= self.peer_max_frame
+            and length <= limit
             and length <= stream.send_window
             and length <= self.send_window
-        ):  # the common case: one write
+            and len(headers) <= limit
+            and len(trailers) <= limit
+        ):  # the common case: one write, each block in one frame
             self.pings_without_data = 0
             self.ping_strikes = 0
             stream.send_window -= length
             self.send_window -= length
             stream.local_closed = True
+            pack, sid = _HEADER.pack, stream.id
             self._write(
                 b"".join(
                     (
-                        self._header_frames(stream.id, headers, False),
-                        frame_header(length, DATA, 0, stream.id),
+                        pack(len(headers) << 8 | HEADERS, END_HEADERS, sid),
+                        headers,
+                        pack(length << 8 | DATA, 0, sid),
                         *message,
-                        self._header_frames(stream.id, trailers, True),
+                        pack(len(trailers) << 8 | HEADERS, END_HEADERS | END_STREAM, sid),
+                        trailers,
                     )
                 )
             )
-            self._forget_if_done(stream)
+            if stream.remote_closed:  # `_forget_if_done`: nothing is held back
+                self._forget(stream)
+                if self.going_away:
+                    self._close_if_done()
             return
         self.send_headers(stream, headers, False)
         for part in message:  # framed as the windows allow; the parts are not joined
