@@ -132,6 +132,10 @@ class Scheduler:
         preferred = [p for p in policy.preferred_batch_size if 0 < p <= self.max_batch_size]
         self.preferred = sorted(preferred)
         self.target = max(preferred) if preferred else self.max_batch_size
+        # whether a dispatch must count what is ready: a preferred size below the target (or a
+        # delay) can make it send fewer than are queued, or wait; else it sends up to the target
+        # (Triton writes the preferred size `max_batch_size` into every config without one)
+        self._counts_ready = any(p < self.target for p in preferred)
         self.delay_ns = policy.max_queue_delay_microseconds * 1000
         # the queue policies bound each priority level; this bounds the whole queue
         self.max_queue_size = DEFAULT_MAX_QUEUE_SIZE
@@ -439,9 +443,9 @@ class Scheduler:
             if instance is None:
                 return  # poked again when an execution returns or an instance is added
             size = self.target
-            # only preferred sizes or a delay can make waiting worth it; without them what is
-            # queued goes, up to the target, without counting what is ready first
-            if self.preferred or self.delay_ns:
+            # only smaller preferred sizes or a delay can make waiting (or sending fewer) worth
+            # it; without them what is queued goes, up to the target, without counting first
+            if self._counts_ready or self.delay_ns:
                 first = self._queue.first()
                 sendable = self._sendable(self._ready_size(first.key))
                 if sendable:

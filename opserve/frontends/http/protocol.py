@@ -126,7 +126,7 @@ class Exchange:
             self._finish()
             return
         bodies = [body] if isinstance(body, (bytes, bytearray, memoryview)) else body
-        size = sum(len(part) for part in bodies)
+        size = sum(map(len, bodies))
         extra = b"content-length: %d\r\n" % size
         if not self.keep_alive:
             extra += b"connection: close\r\n"
