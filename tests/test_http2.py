@@ -144,6 +144,34 @@ def test_pings_are_answered_and_a_flood_is_refused(connected) -> None:
     assert kinds[-1] == GOAWAY and transport.closed
 
 
+def test_pings_while_data_flows_are_not_strikes(connected) -> None:
+    """gRPC core forgives a client's pings whenever the server sends data, headers or a
+    WINDOW_UPDATE: a client reading a large answer pings as it reads (BDP probes), and
+    perf_analyzer's 64 MiB calls were ended with too_many_pings before."""
+    peer, recorder, transport = connected  # at most 1 strike
+    peer.feed(
+        frame(SETTINGS, 0, 0, struct.pack(">HI", http2.INITIAL_WINDOW_SIZE, 10))
+        + frame(HEADERS, END_HEADERS | END_STREAM, 1, hpack.Encoder().encode(REQUEST))
+    )
+    stream = recorder.streams[1]
+    peer.run(lambda: stream.send_response(b"\x88", [b"x" * 40], b"\x88"))
+    for _ in range(3):  # a ping, then room for 10 more bytes of the answer
+        peer.feed(frame(PING, 0, 0, b"12345678"))
+        peer.feed(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 10)))
+    sent = transport.frames()
+    assert GOAWAY not in [f[0] for f in sent] and not transport.closed
+    assert b"".join(f[3] for f in sent if f[0] == DATA) == b"x" * 40  # all of it
+    # the client's upload: our WINDOW_UPDATEs forgive its pings as well
+    peer.feed(frame(HEADERS, END_HEADERS, 3, hpack.Encoder().encode(REQUEST)))
+    chunk = frame(DATA, 0, 3, b"\0" * http2.DEFAULT_MAX_FRAME)
+    for _ in range(3):
+        peer.feed(frame(PING, 0, 0, b"12345678"))
+        peer.feed(chunk * (http2.RECEIVE_WINDOW // 2 // http2.DEFAULT_MAX_FRAME))
+    sent = transport.frames()
+    assert WINDOW_UPDATE in [f[0] for f in sent]
+    assert GOAWAY not in [f[0] for f in sent] and not transport.closed
+
+
 def test_a_response_waits_for_the_clients_window(connected) -> None:
     peer, recorder, transport = connected
     peer.feed(

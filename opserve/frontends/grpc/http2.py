@@ -313,6 +313,15 @@ class Http2Connection(asyncio.Protocol):
             self.transport.close()
             self.closed = True
 
+    def _reset_ping_clock(self) -> None:
+        """We are sending headers, data or a WINDOW_UPDATE: as gRPC core does then, the
+        client's pings so far are forgiven (strikes, and the time of its last ping), and our
+        keepalive may ping again without data. A client that receives a large answer pings
+        while it reads (BDP probes); its pings count only where no data flows."""
+        self.ping_strikes = 0
+        self.last_ping_received = 0.0
+        self.pings_without_data = 0
+
     # reading -----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -399,6 +408,7 @@ class Http2Connection(asyncio.Protocol):
         if self.received >= RECEIVE_WINDOW // 2:
             self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.received)))
             self.received = 0
+            self._reset_ping_clock()
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream_id > self.last_stream_id:
@@ -411,6 +421,7 @@ class Http2Connection(asyncio.Protocol):
         if not end and stream.received >= RECEIVE_WINDOW // 2:
             self._write(frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", stream.received)))
             stream.received = 0
+            self._reset_ping_clock()
         if end:
             stream.remote_closed = True
         self.handler.on_data(stream, payload, end)
@@ -568,8 +579,7 @@ class Http2Connection(asyncio.Protocol):
     def send_headers(self, stream: Stream, block: bytes, end: bool) -> None:
         if stream.local_closed or self.closed:
             return
-        self.pings_without_data = 0
-        self.ping_strikes = 0
+        self._reset_ping_clock()
         if end:
             if stream.pending:  # trailers wait behind data held back
                 stream.pending.append((_PENDING_TRAILERS, block))
@@ -582,8 +592,7 @@ class Http2Connection(asyncio.Protocol):
     def send_data(self, stream: Stream, data: bytes | memoryview, end: bool) -> None:
         if stream.local_closed or self.closed:
             return
-        self.pings_without_data = 0
-        self.ping_strikes = 0
+        self._reset_ping_clock()
         stream.pending.append((_PENDING_DATA, data))
         self._flush(stream)
         if end:
@@ -609,8 +618,7 @@ class Http2Connection(asyncio.Protocol):
             and len(headers) <= limit
             and len(trailers) <= limit
         ):  # the common case: one write, each block in one frame
-            self.pings_without_data = 0
-            self.ping_strikes = 0
+            self._reset_ping_clock()
             stream.send_window -= length
             self.send_window -= length
             stream.local_closed = True
@@ -665,6 +673,8 @@ class Http2Connection(asyncio.Protocol):
                 pending[0] = (kind, view)
                 break
             pending.pop(0)
+        if out:
+            self._reset_ping_clock()
         for part in out:
             self._write(part)
         if pending:
