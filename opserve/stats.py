@@ -68,7 +68,7 @@ class VersionStats:
         output_ns: int,
     ) -> None:
         """One request answered; compute times are those of the execution that served it.
-        (`Duration.add` written out: this runs for every request.)"""
+        (`Duration.add` inlined in one loop: this runs for every request.)"""
         self.inference_count += batch_size
         for duration, ns in (
             (self.success, total_ns),
