@@ -67,19 +67,13 @@ class VersionStats:
         infer_ns: int,
         output_ns: int,
     ) -> None:
-        """One request answered; compute times are those of the execution that served it.
-        (`Duration.add` inlined in one loop: this runs for every request.)"""
+        """One request answered; compute times are those of the execution that served it."""
         self.inference_count += batch_size
-        for duration, ns in (
-            (self.success, total_ns),
-            (self.queue, queue_ns),
-            (self.compute_input, input_ns),
-            (self.compute_infer, infer_ns),
-            (self.compute_output, output_ns),
-        ):
-            duration.count += 1
-            if ns > 0:
-                duration.ns += ns
+        self.success.add(total_ns)
+        self.queue.add(queue_ns)
+        self.compute_input.add(input_ns)
+        self.compute_infer.add(infer_ns)
+        self.compute_output.add(output_ns)
         self.last_inference_ms = int(time.time() * 1000)
 
     def record_cache_hit(self, ns: int) -> None:

@@ -622,23 +622,20 @@ class Http2Connection(asyncio.Protocol):
             stream.send_window -= length
             self.send_window -= length
             stream.local_closed = True
-            pack, sid = _HEADER.pack, stream.id
+            sid = stream.id
             self._write(
                 b"".join(
                     (
-                        pack(len(headers) << 8 | HEADERS, END_HEADERS, sid),
+                        frame_header(len(headers), HEADERS, END_HEADERS, sid),
                         headers,
-                        pack(length << 8 | DATA, 0, sid),
+                        frame_header(length, DATA, 0, sid),
                         *message,
-                        pack(len(trailers) << 8 | HEADERS, END_HEADERS | END_STREAM, sid),
+                        frame_header(len(trailers), HEADERS, END_HEADERS | END_STREAM, sid),
                         trailers,
                     )
                 )
             )
-            if stream.remote_closed:  # `_forget_if_done`: nothing is held back
-                self._forget(stream)
-                if self.going_away:
-                    self._close_if_done()
+            self._forget_if_done(stream)
             return
         self.send_headers(stream, headers, False)
         for part in message:  # framed as the windows allow; the parts are not joined
