@@ -106,6 +106,12 @@ class _Pending:
             worker.cancel(execution, index)
 
 
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    """Set a future's result unless it is done (cancelled, say) already."""
+    if not future.done():
+        future.set_result(value)
+
+
 def batch_key(request: InferenceRequest) -> tuple[object, ...]:
     """Requests with equal keys can share a batch: same inputs, same shapes past dimension 0,
     same requested outputs."""
@@ -475,33 +481,24 @@ class Scheduler:
 
     def _start(self, instance: Instance, batch: list[_Pending]) -> None:
         """Send one batch to one instance (busy already counted); what follows happens in
-        `_returned`, called when the execution returns, without a task of its own."""
+        `_executed`, called by the instance when the execution returns, without a task or a
+        future of its own."""
         try:
-            execution, returned = instance.execute(batch)
+            execution = instance.execute(batch, functools.partial(self._executed, instance, batch))
         except OpserveError as error:
             self._executed(instance, batch, error)
             return
         for index, pending in enumerate(batch):
             pending.execution = (instance, execution, index)
-        returned.add_done_callback(functools.partial(self._returned, instance, batch))
-
-    def _returned(
-        self, instance: Instance, batch: list[_Pending], returned: asyncio.Future[Timings]
-    ) -> None:
-        if returned.cancelled():
-            self._executed(instance, batch, UnavailableError(f"{self.label} is being unloaded"))
-            return
-        error = returned.exception()
-        if error is not None and not isinstance(error, OpserveError):
-            log.error("%s: an execution failed: %r", self.label, error)
-            error = InternalError(f"{self.label}: {error}")
-        self._executed(instance, batch, error or returned.result())
 
     def _executed(
         self, instance: Instance, batch: list[_Pending], outcome: Timings | OpserveError
     ) -> None:
-        """An execution started by `_start` returned (or failed to start)."""
-        self._room_again(instance, at_once=True)
+        """An execution started by `_start` returned (or failed, or failed to start): its
+        statistics at once, before any of its answers' waiters resumes; the instance is free
+        again in the loop's next turn, after the requests arriving in this one are queued (so
+        that they share the next batch, rather than the first of them running alone)."""
+        asyncio.get_running_loop().call_soon(self._room_again, instance, True)
         if isinstance(outcome, OpserveError):
             for pending in batch:
                 if not pending.finished_ns:
@@ -549,22 +546,27 @@ class Scheduler:
 
     async def _run(self, instance: Instance, batch: list[_Pending]) -> None:
         """Execute one batch on one instance; its responses reach each request as they come."""
-        timings = None
+        outcome: Timings | OpserveError
         try:
-            execution, returned = instance.execute(batch)
+            returned: asyncio.Future[Timings | OpserveError] = (
+                asyncio.get_running_loop().create_future()
+            )
+            execution = instance.execute(batch, functools.partial(_resolve, returned))
             for index, pending in enumerate(batch):
                 pending.execution = (instance, execution, index)
-            timings = await returned
-            for pending in batch:
-                pending.returned = True
+            outcome = await returned
         except OpserveError as error:
-            for pending in batch:
-                if not pending.finished_ns:
-                    pending.deliver(error, True)
+            outcome = error
         finally:
             self._room_again(instance)
-        if timings is not None:
-            self._record(batch, timings)
+        if isinstance(outcome, OpserveError):
+            for pending in batch:
+                if not pending.finished_ns:
+                    pending.deliver(outcome, True)
+            return
+        for pending in batch:
+            pending.returned = True
+        self._record(batch, outcome)
 
     def _room_again(self, instance: Instance, at_once: bool = False) -> None:
         """An execution of `instance` ended: with batching, a dispatch may send the next batch

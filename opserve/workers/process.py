@@ -93,7 +93,7 @@ class Instance(Protocol):
 
     async def load(self, timeout_s: float, **fields: Any) -> ModelLoaded: ...
 
-    def execute(self, batch: Sequence[Submission]) -> tuple[int, asyncio.Future[Timings]]: ...
+    def execute(self, batch: Sequence[Submission], on_return: OnReturn) -> int: ...
 
     def cancel(self, execution: int, index: int) -> None: ...
 
@@ -119,10 +119,18 @@ class WorkerHost(Protocol):
         ...
 
 
+# called once per execution, as soon as the worker's `execute` returned (with its timings) or
+# the execution failed (the worker died): synchronously, before any of the execution's answers is
+# delivered, so that the next batch goes out first and statistics are recorded before any waiter
+# resumes
+OnReturn = Callable[["Timings | OpserveError"], None]
+
+
 @dataclass(slots=True)
 class _Running:
     batch: Sequence[Submission]
-    returned: asyncio.Future[Timings]  # `execute` returned in the worker
+    on_return: OnReturn
+    returned: bool = False  # `execute` returned in the worker (or the execution failed)
     open: set[int] = field(default_factory=set)  # requests without a final response
     deadline: asyncio.TimerHandle | None = None  # the execution timeout, while `execute` runs
 
@@ -299,14 +307,15 @@ class WorkerProcess:
     def execute(
         self,
         batch: Sequence[Submission],
+        on_return: OnReturn,
         slot: int = 0,
         timeout_s: float | None = None,
         label: str = "",
-    ) -> tuple[int, asyncio.Future[Timings]]:
-        """Send a batch for one execution: its id, and a future of its timings, resolved when
-        `execute` has returned in the worker. Responses reach each submission's `deliver`.
-        `slot`, `timeout_s` and `label`: the instance of a shared worker, its model's execution
-        timeout and name."""
+    ) -> int:
+        """Send a batch for one execution and return its id. `on_return` gets its timings once
+        `execute` has returned in the worker (see `OnReturn`); responses reach each submission's
+        `deliver`. `slot`, `timeout_s` and `label`: the instance of a shared worker, its model's
+        execution timeout and name."""
         transport = self._check_alive()
         ring = self._requests
         assert ring is not None
@@ -322,19 +331,17 @@ class WorkerProcess:
                 refs = [_ref(w, name) for w in wires]
                 _place(ring, tensors, refs)
         execution = self._new_id()
-        loop = asyncio.get_running_loop()
-        returned: asyncio.Future[Timings] = loop.create_future()
-        running = _Running(batch, returned, set(range(len(batch))))
+        running = _Running(batch, on_return, open=set(range(len(batch))))
         timeout = self.execution_timeout_s if timeout_s is None else timeout_s
         if timeout > 0:
-            running.deadline = loop.call_later(
+            running.deadline = asyncio.get_running_loop().call_later(
                 timeout, self._execution_expired, execution, timeout, label or self.label
             )
         self._running[execution] = running
         self._busy += 1
         poll_us = self.host.poll_us() if self.host is not None else 0
         transport.write(encode(Execute(execution, wires, ring.head, slot, poll_us)))
-        return execution, returned
+        return execution
 
     def cancel(self, execution: int, index: int) -> None:
         """Tell the model that a request's client went away (`is_cancelled`)."""
@@ -379,7 +386,7 @@ class WorkerProcess:
 
     def _execution_expired(self, execution: int, timeout: float, label: str) -> None:
         running = self._running.get(execution)
-        if running is None or running.returned.done():
+        if running is None or running.returned:
             return
         shared = f" (the shared worker {self.label}, with every model it holds)" * self.shared
         self.presume_hung(
@@ -425,31 +432,34 @@ class WorkerProcess:
             for wire in message.responses
         ]
         self._responses.release(message.ring_end)  # type: ignore[union-attr]
-        if message.timings is not None:
-            # the execution returned: resolved first, so that its statistics are recorded
-            # (`returned`'s callbacks run first) before any of its requests' waiters resumes
-            self._returned(running, message.timings)
+        if message.timings is not None:  # the execution returned: said before its answers
+            self._returned(running, Timings(*message.timings))
         for wire, item in deliveries:
             if wire.final:
                 running.open.discard(wire.index)
             running.batch[wire.index].deliver(item, wire.final)
-        if not running.open and running.returned.done():
+        if not running.open and running.returned:
             del self._running[message.id]
 
     def _executed(self, execution: int, timings: tuple[int, int, int, int]) -> None:
         running = self._running.get(execution)
         if running is None:
             return
-        self._returned(running, timings)
+        self._returned(running, Timings(*timings))
         if not running.open:
             del self._running[execution]
 
-    def _returned(self, running: _Running, timings: tuple[int, int, int, int]) -> None:
+    def _returned(self, running: _Running, outcome: Timings | OpserveError) -> None:
         if running.deadline is not None:
             running.deadline.cancel()
+        if running.returned:
+            return
+        running.returned = True
         self._busy -= 1
-        if not running.returned.done():
-            running.returned.set_result(Timings(*timings))
+        try:
+            running.on_return(outcome)
+        except Exception:  # the caller's fault must not lose the execution's answers
+            log.exception("%s: handling a returned execution failed", self.label)
 
     def _delivery(
         self, wire: WireResponse, destinations: dict[str, OutputBuffer] | None
@@ -580,15 +590,11 @@ class WorkerProcess:
             if not future.done():
                 future.set_exception(error)
         running, self._running = self._running, {}
-        self._busy = 0
         for execution in running.values():
-            if execution.deadline is not None:
-                execution.deadline.cancel()
             for index in sorted(execution.open):
                 execution.batch[index].deliver(error, True)
-            if not execution.returned.done():
-                execution.returned.set_exception(error)
-                execution.returned.exception()  # retrieved: nobody may be waiting
+            self._returned(execution, error)
+        self._busy = 0
         for task in list(self._tasks):
             task.cancel()
         for ring in (self._requests, self._responses):

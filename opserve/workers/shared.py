@@ -20,7 +20,7 @@ from typing import Any
 
 from opserve.errors import InternalError, OpserveError
 from opserve.workers.messages import ModelLoaded
-from opserve.workers.process import Submission, Timings, WorkerProcess
+from opserve.workers.process import OnReturn, Submission, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,10 @@ class SharedInstance:
     async def load(self, timeout_s: float, **fields: Any) -> ModelLoaded:
         return await self._process().load(timeout_s, slot=self.slot, **fields)
 
-    def execute(self, batch: Sequence[Submission]) -> tuple[int, asyncio.Future[Timings]]:
-        return self._process().execute(batch, self.slot, self.execution_timeout_s, self.label)
+    def execute(self, batch: Sequence[Submission], on_return: OnReturn) -> int:
+        return self._process().execute(
+            batch, on_return, self.slot, self.execution_timeout_s, self.label
+        )
 
     def cancel(self, execution: int, index: int) -> None:
         if self.process is not None:
