@@ -499,6 +499,11 @@ class Scheduler:
         again in the loop's next turn, after the requests arriving in this one are queued (so
         that they share the next batch, rather than the first of them running alone)."""
         asyncio.get_running_loop().call_soon(self._room_again, instance, True)
+        self._conclude(batch, outcome)
+
+    def _conclude(self, batch: list[_Pending], outcome: Timings | OpserveError) -> None:
+        """An execution's end for its requests: its statistics, or its error for each request
+        still open."""
         if isinstance(outcome, OpserveError):
             for pending in batch:
                 if not pending.finished_ns:
@@ -559,14 +564,7 @@ class Scheduler:
             outcome = error
         finally:
             self._room_again(instance)
-        if isinstance(outcome, OpserveError):
-            for pending in batch:
-                if not pending.finished_ns:
-                    pending.deliver(outcome, True)
-            return
-        for pending in batch:
-            pending.returned = True
-        self._record(batch, outcome)
+        self._conclude(batch, outcome)
 
     def _room_again(self, instance: Instance, at_once: bool = False) -> None:
         """An execution of `instance` ended: with batching, a dispatch may send the next batch
