@@ -121,8 +121,8 @@ class WorkerHost(Protocol):
 
 # called once per execution, as soon as the worker's `execute` returned (with its timings) or
 # the execution failed (the worker died): synchronously, before any of the execution's answers is
-# delivered, so that the next batch goes out first and statistics are recorded before any waiter
-# resumes
+# delivered, so that statistics are recorded before any waiter resumes and the caller can see to
+# the next batch before the answers are written
 OnReturn = Callable[["Timings | OpserveError"], None]
 
 
