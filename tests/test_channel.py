@@ -103,3 +103,46 @@ def test_a_receive_sleeps_at_once_when_the_recent_waits_outlast_its_poll() -> No
     finally:
         server.close()
         worker.close()
+
+
+def _voluntary_switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def test_a_sleeping_receive_does_not_wake_while_the_server_reads_what_the_worker_sent() -> None:
+    """The worker's reader sleeps while its model's answers go out on the same socket. Each
+    answer the server reads signals "room to write" on the worker's end: a reader sleeping in
+    recv() woke for every one of them, preempting the server for nothing."""
+    server, worker = socket.socketpair()
+    channel = BlockingChannel(worker)
+    sleeper: list[int] = []
+    received: list[object] = []
+
+    def read() -> None:
+        sleeper.append(threading.get_native_id())
+        received.append(channel.receive())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        while not sleeper:
+            time.sleep(0.001)
+        time.sleep(0.05)  # the reader is asleep by now
+        before = _voluntary_switches(sleeper[0])
+        answers = 200
+        for n in range(answers):
+            channel.send(Call(0, "log", {"n": n}))  # the worker answers...
+            server.recv(1 << 16)  # ...and the server reads the answer
+        woken = _voluntary_switches(sleeper[0]) - before
+        assert woken < answers // 10, f"the sleeping reader woke {woken} times"
+        assert reader.is_alive() and not received
+    finally:
+        server.sendall(encode(Call(0, "log", {"last": True})))
+        reader.join(5)
+        server.close()
+        worker.close()
+    assert received == [Call(0, "log", {"last": True})]

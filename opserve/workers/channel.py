@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -147,6 +148,13 @@ class BlockingChannel:
         self._ready: deque[Message] = deque()
         self._wait_ns = 0  # how long `receive` has waited for data of late
         self.lock = threading.Lock()  # held while a message (and its ring writes) is sent
+        # The thread sleeps in poll(), not in recv(): a socket pair has one wait queue per end,
+        # and every message of ours that the server reads wakes the sleepers on our end "to
+        # write". A recv() sleeper wakes for that, finds nothing and sleeps again (about once per
+        # execution under load, a context switch that preempts the server); poll() wakes only
+        # for what it asked: data to read.
+        self._readable = select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN)
 
     def receive(self, poll_us: int = 0) -> Message | None:
         """The next message, or None when the other side has gone. With `poll_us`, the socket
@@ -159,6 +167,7 @@ class BlockingChannel:
             if poll_us and self._wait_ns < poll_us * 1000:
                 data = self._poll(poll_us)
             if data is None:
+                self._readable.poll()
                 data = self._sock.recv(1 << 16)
             # the recent waits: an average that follows the last few
             self._wait_ns += (time.monotonic_ns() - started - self._wait_ns) >> 2
