@@ -322,7 +322,7 @@ def _add_bound_flags(serve: argparse.ArgumentParser) -> None:
         metavar="US",
         help="while the server holds at most one request, its event loop and the worker "
         "running it poll for that many microseconds after each request instead of sleeping "
-        "(under load, a worker polls for a fifth of it) "
+        "(under load, a worker polls for half of it) "
         f"(waking a sleeping process costs more than a small request; default: "
         f"{DEFAULT_BUDGET_US}; 0: always sleep, for the least CPU at low load)",
     )

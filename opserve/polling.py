@@ -12,7 +12,7 @@ begins and after it ends, instead of sleeping in `epoll_wait`, and tells the wor
 the request to poll for its next message for as long (`Execute.poll_us`). Once two requests
 are in flight at once the server has work waiting and the cores are needed: the event loop
 does not poll until it is quiet again (measured: polling whenever the count fell to one cost
-20 % of the throughput at concurrency 4), and a worker polls for a fifth of the budget only,
+20 % of the throughput at concurrency 4), and a worker polls for half the budget only,
 for an execution that follows its answer within the server's turnaround spares both sides a
 wake-up; the worker itself polls only while its recent waits were shorter than its budget
 (`BlockingChannel.receive`). Measured A B over three rounds: about 1.85x the throughput at
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BUDGET_US = 1000  # `--busy-poll-us`: a little more than a request's round trip here
 QUIET_NS = 50_000_000  # no polling until this long after two requests were in flight at once
-LOADED_SHARE = 5  # under load a worker polls for this share of the budget (see above)
+LOADED_SHARE = 2  # under load a worker polls for this share of the budget (see above)
 
 
 def checked_budget(budget_us: int) -> int:

@@ -21,11 +21,11 @@ def test_the_worker_polls_long_only_while_the_server_holds_one_request() -> None
         poller.began()
         assert poller.in_flight == 1 and poller.worker_budget_us() == 500
         poller.began()  # two at once: the cores are needed; the worker polls a short while only
-        assert poller.worker_budget_us() == 100
+        assert poller.worker_budget_us() == 250
         poller.ended()
         assert poller.in_flight == 1
         # still busy a moment ago: the short while, until the server has been quiet a while
-        assert poller.worker_budget_us() == 100
+        assert poller.worker_budget_us() == 250
         poller.ended()
 
     asyncio.run(scenario())
@@ -41,7 +41,7 @@ def test_quiet_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
         poller.ended()
         poller.ended()
         await asyncio.sleep(0.001)  # the round in flight ends the polling
-        assert poller.worker_budget_us() == 100 and not poller.polling
+        assert poller.worker_budget_us() == 250 and not poller.polling
         await asyncio.sleep(0.03)
         assert poller.worker_budget_us() == 500
         poller.began()
