@@ -17,7 +17,6 @@ the heap too, and a thread's arena too small for one falls back on the main heap
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -32,13 +31,14 @@ TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of the heap before it 
 
 
 def keep_freed_memory() -> bool:
-    """Tune this process's allocator (glibc only; elsewhere nothing happens). Whether it did."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    """Tune this process's allocator (glibc only; elsewhere nothing happens). Whether it did.
+
+    `mallopt` is looked up among the symbols the process has loaded already (its C library's
+    among them), not through `ctypes.util.find_library`, which runs `ldconfig -p`: a child
+    process at every server's and worker's start, before the server has its signal handlers
+    (a SIGTERM then killed it outright)."""
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
