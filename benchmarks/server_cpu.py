@@ -11,12 +11,14 @@ the dataplane, the scheduler with dynamic batching, the worker process running t
 out is the client's sockets (the system calls that read requests and write answers).
 
     python benchmarks/server_cpu.py [--transport http|grpc|both] [--concurrency 4] [-n 20000]
-        [--calls] [--profile FILE]
+        [--calls] [--profile FILE] [--ensemble]
 
 It prints, per inference: the server's CPU time (all its threads), the wall time, how many
 inferences an execution held; `--calls` also counts the Python function calls the server made
 per inference (a count, not a time: the same on every run, so a change that removes work shows
-at once); `--profile` writes a cProfile of the measured part.
+at once); `--profile` writes a cProfile of the measured part. `--ensemble` loads the ensemble of
+`benchmarks/ensemble_vs_triton.py` instead (two identity steps in a chain: an inference there is
+one request to the ensemble, two to the identity model).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ensemble_vs_triton import ENSEMBLE, ENSEMBLE_CONFIG  # noqa: E402
 
 from opserve.custom_metrics import CustomMetrics  # noqa: E402
 from opserve.dataplane import DataPlane  # noqa: E402
@@ -51,6 +56,7 @@ from opserve.repository import ModelManager  # noqa: E402
 from opserve.services import ServerServices  # noqa: E402
 
 MODEL = "identity"
+TARGET = MODEL  # the model the requests name: the identity, or the ensemble around it
 CONFIG = """name: "identity"
 backend: "python"
 max_batch_size: 64
@@ -81,11 +87,11 @@ def http_request() -> bytes:
     )
     body = header + TENSOR
     return (
-        b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
         b"User-Agent: libcurl-agent/1.0\r\nAccept: */*\r\n"
         b"Inference-Header-Content-Length: %d\r\n"
         b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
-        % (len(header), len(body))
+        % (TARGET.encode(), len(header), len(body))
     ) + body
 
 
@@ -107,7 +113,7 @@ class GrpcClient:
         import hpack
 
         self.encoder = hpack.Encoder()
-        request = service_pb2.ModelInferRequest(model_name=MODEL)
+        request = service_pb2.ModelInferRequest(model_name=TARGET)
         request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
         request.outputs.add(name="OUTPUT0")
         request.raw_input_contents.append(TENSOR)
@@ -326,8 +332,10 @@ async def measure(
 
 
 def _counts(dataplane: DataPlane) -> tuple[int, int]:
-    stats = dataplane.model_statistics(MODEL)[0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+    """Inferences of the model under load, executions of the identity model's worker."""
+    served = dataplane.model_statistics(TARGET)[0]
+    executed = dataplane.model_statistics(MODEL)[0]
+    return int(served["inference_count"]), int(executed["execution_count"])
 
 
 async def run(options: argparse.Namespace) -> None:
@@ -336,6 +344,10 @@ async def run(options: argparse.Namespace) -> None:
         version.mkdir(parents=True)
         (version.parent / "config.pbtxt").write_text(CONFIG)
         (version / "model.py").write_text(MODEL_PY)
+        if TARGET != MODEL:
+            ensemble = Path(folder, TARGET)
+            Path(ensemble, "1").mkdir(parents=True)
+            (ensemble / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
         manager = ModelManager([Path(folder)])
         dataplane = DataPlane(manager)
         manager.host = ServerServices(dataplane, CustomMetrics())
@@ -367,7 +379,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", help="write a cProfile of the measured part to FILE.<transport>"
     )
+    parser.add_argument(
+        "--ensemble", action="store_true", help="load the ensemble of two identity steps"
+    )
     options = parser.parse_args()
+    if options.ensemble:
+        global TARGET
+        TARGET = ENSEMBLE
     try:
         import uvloop
 

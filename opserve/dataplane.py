@@ -287,16 +287,17 @@ class DataPlane:
         model, entry, scheduler, batch_size = self._prepare(request, False, {})
         future: asyncio.Future[InferenceResponse]
         cache = self.manager.response_cache
+        cached = cache is not None and model.config.response_cache.enable
         pending = None
-        if isinstance(scheduler, Scheduler) and (
-            cache is None or not model.config.response_cache.enable
-        ):
+        if isinstance(scheduler, Scheduler) and not cached:
             pending = scheduler.submit(request, batch_size, request.on_wait)
         cancel: Callable[[], Any]
         if pending is not None:
             assert pending.future is not None
             future, cancel = pending.future, pending.cancel
-        else:  # waits for an instance, runs an ensemble or looks in the cache: a task of its own
+        elif isinstance(scheduler, EnsembleScheduler) and not cached:
+            future, cancel = scheduler.submit(request, batch_size)
+        else:  # waits for an instance or looks in the cache: a task of its own
             future = asyncio.ensure_future(
                 self._answer(model, entry, scheduler, request, batch_size)
             )

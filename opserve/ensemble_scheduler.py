@@ -5,10 +5,17 @@ Tensors pass between steps as the protocol-free `Tensor` objects the dataplane r
 frontend codec in between); each step's request goes through its model's own validation and
 scheduler, so each step model keeps its own statistics.
 
+An ensemble whose steps all answer once (the common case: pre-processing, a network,
+post-processing) runs from callbacks, as a single model's request does (`_Execution`): each step
+is started through the dataplane's `submit`, and its answer starts the steps it completes, with
+no task and no coroutine per request or per step (a step that needs a task of its own, such as a
+traced one, gets one).
+
 A decoupled step may answer any number of times: each response starts the steps after it
 (their own flow, with that response's tensors), and every flow that completes the ensemble's
 outputs is one response of the ensemble. The rules checked at load (`ensemble.check_steps`)
-guarantee that a step never mixes tensors of two different decoupled responses.
+guarantee that a step never mixes tensors of two different decoupled responses. Such an
+ensemble runs as coroutines (`_flow`), one flow per decoupled response.
 
 Statistics as Triton keeps them for an ensemble: a request counts once (success or failure,
 end to end); its compute times are the sums of its steps' compute times, and each successful
@@ -34,11 +41,18 @@ from opserve.errors import (
 from opserve.inference import Delivery, InferenceRequest, InferenceResponse, Tensor
 from opserve.stats import VersionStats
 
+StepOutcome = InferenceResponse | BaseException
+Cancel = Callable[[], object]
+
 
 class StepRunner(Protocol):
     """What runs one step's request on its model: the dataplane."""
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse: ...
+
+    def submit(
+        self, request: InferenceRequest, done: Callable[[StepOutcome], None]
+    ) -> Cancel | None: ...
 
     def stream(
         self, request: InferenceRequest
@@ -85,10 +99,23 @@ class EnsembleScheduler:
         self.decoupled = bool(decoupled_steps)
         self.runner = runner
         self._all_steps = frozenset(s.index for s in graph.steps)
+        self._signature_key = object()  # this ensemble's part of its step requests' signatures
         self._after = {i: downstream(graph, graph.steps[i]) for i in decoupled_steps}
         self._running: set[asyncio.Future[None]] = set()
 
     # the scheduler's surface -------------------------------------------------------------------
+    def submit(
+        self, request: InferenceRequest, batch_size: int
+    ) -> tuple[asyncio.Future[InferenceResponse], Cancel]:
+        """Start a request of an ensemble whose steps all answer once, without a task: the
+        future resolves with its response (or its error), and the function returned cancels it
+        (its client went away: the steps running are cancelled, those not started never
+        start)."""
+        assert not self.decoupled, "a decoupled ensemble streams its responses"
+        execution = _Execution(self, request, batch_size)
+        execution.start()
+        return execution.future, execution.cancel
+
     async def infer(
         self,
         request: InferenceRequest,
@@ -96,23 +123,12 @@ class EnsembleScheduler:
         on_wait: Callable[[], None] | None = None,
     ) -> InferenceResponse:
         """The one response of an ensemble whose steps all answer once."""
-        arrival = time.monotonic_ns()
-        answers: list[InferenceResponse] = []
-        run = _Run(
-            request, self._wanted(request), lambda t, _: answers.append(self._response(run, t))
-        )
+        future, cancel = self.submit(request, batch_size)
         try:
-            await self._execute(run)
-            if not answers:  # Triton's words
-                raise InvalidArgumentError(
-                    f"in ensemble '{self.graph.name}', unexpected deadlock, at least one output "
-                    "is not set while no more ensemble steps can be made"
-                )
-        except (OpserveError, asyncio.CancelledError):
-            self.stats.record_failure(time.monotonic_ns() - arrival)
+            return await future
+        except asyncio.CancelledError:  # the awaiting task was cancelled (its client went away)
+            cancel()
             raise
-        self._record_success(run, batch_size, arrival)
-        return answers[0]
 
     async def stream(
         self, request: InferenceRequest, batch_size: int
@@ -176,12 +192,7 @@ class EnsembleScheduler:
         running: dict[asyncio.Future[None], Step] = {}
         try:
             while True:
-                ready = [
-                    self.graph.steps[i]
-                    for i in sorted(remaining)
-                    if all(t in tensors for t in self.graph.steps[i].input_map.values())
-                ]
-                remaining.difference_update(s.index for s in ready)
+                ready = self._take_ready(remaining, tensors)
                 if len(ready) == 1 and not running:  # a chain: no task needed
                     await self._step(run, ready[0], tensors)
                     continue
@@ -259,6 +270,17 @@ class EnsembleScheduler:
             if close is not None:
                 await close()
 
+    def _take_ready(self, remaining: set[int], tensors: dict[str, Tensor]) -> list[Step]:
+        """The steps of `remaining` whose inputs all exist, in order; taken out of it."""
+        steps = self.graph.steps
+        ready = [
+            steps[i]
+            for i in sorted(remaining)
+            if all(t in tensors for t in steps[i].input_map.values())
+        ]
+        remaining.difference_update(s.index for s in ready)
+        return ready
+
     # requests and responses --------------------------------------------------------------------
     def _wanted(self, request: InferenceRequest) -> tuple[str, ...]:
         if request.requested_outputs is None:
@@ -274,7 +296,7 @@ class EnsembleScheduler:
         timeout_us = 0
         if run.deadline_ns:
             timeout_us = max((run.deadline_ns - time.monotonic_ns()) // 1000, 1)
-        return InferenceRequest(
+        request = InferenceRequest(
             step.model_name,
             step.version,
             inputs,
@@ -287,6 +309,12 @@ class EnsembleScheduler:
             client_gone=original.client_gone,
             stats_sink=run.add_compute,
         )
+        if not original.parameters:
+            # the step's requests of one input layout are checked against its model's config
+            # once, like a frontend's requests of one header (`InferenceRequest.signature`)
+            layout = tuple((t.name, t.datatype, tuple(t.shape), len(t.data)) for t in inputs)
+            request.signature = (self._signature_key, step.index, layout)
+        return request
 
     def _step_outputs(self, step: Step, response: InferenceResponse) -> dict[str, Tensor]:
         returned = {t.name: t for t in response.outputs}
@@ -303,6 +331,13 @@ class EnsembleScheduler:
 
     def _response(self, run: _Run, tensors: dict[str, Tensor]) -> InferenceResponse:
         return InferenceResponse(self.graph.name, "", [tensors[name] for name in run.wanted])
+
+    def _deadlock(self) -> OpserveError:
+        """Triton's words for a graph that ends without all of its outputs."""
+        return InvalidArgumentError(
+            f"in ensemble '{self.graph.name}', unexpected deadlock, at least one output is not "
+            "set while no more ensemble steps can be made"
+        )
 
     def _step_error(self, step: Step, error: OpserveError) -> OpserveError:
         """The step's error, naming the ensemble and the step; a step model that is not there
@@ -321,3 +356,132 @@ class EnsembleScheduler:
         sink = run.request.stats_sink
         if sink is not None:  # a step of an outer ensemble
             sink(run.input_ns, run.infer_ns, run.output_ns)
+
+
+class _Execution:
+    """One request through an ensemble whose steps all answer once, driven by the steps'
+    answers: a step starts as soon as its inputs exist (through the dataplane's `submit`, or a
+    task of its own where the step needs one), and the request is answered once no step runs
+    and none can start. The first step that fails fails the request and cancels the others."""
+
+    __slots__ = (
+        "ensemble",
+        "run",
+        "batch_size",
+        "arrival_ns",
+        "future",
+        "tensors",
+        "remaining",
+        "running",
+        "over",
+    )
+
+    def __init__(self, ensemble: EnsembleScheduler, request: InferenceRequest, batch_size: int):
+        self.ensemble = ensemble
+        self.run = _Run(request, ensemble._wanted(request), _no_emit)
+        self.batch_size = batch_size
+        self.arrival_ns = time.monotonic_ns()
+        self.future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        self.tensors = {t.name: t for t in request.inputs}
+        self.remaining = set(ensemble._all_steps)
+        self.running: dict[int, Cancel] = {}  # step index -> what cancels it
+        self.over = False  # answered, failed or cancelled
+
+    def start(self) -> None:
+        timeout_us = self.run.request.timeout_us
+        if timeout_us:  # each step request gets what is left of it
+            self.run.deadline_ns = self.arrival_ns + timeout_us * 1000
+        self._advance()
+
+    def cancel(self) -> None:
+        """The client went away."""
+        if not self.over:
+            self._end(None)
+
+    def _advance(self) -> None:
+        for step in self.ensemble._take_ready(self.remaining, self.tensors):
+            self._start(step)
+            if self.over:  # the step failed to start
+                return
+        if not self.running and not self.over:
+            if all(name in self.tensors for name in self.run.wanted):
+                self._answer()
+            else:
+                self._end(self.ensemble._deadlock())
+
+    def _start(self, step: Step) -> None:
+        ensemble = self.ensemble
+        request = ensemble._step_request(self.run, step, self.tensors)
+
+        def done(outcome: StepOutcome) -> None:
+            self._step_done(step, outcome)
+
+        self.running[step.index] = _nothing  # until the step says what cancels it
+        try:
+            cancel = ensemble.runner.submit(request, done)
+        except Exception as error:  # refused before it was queued (or a bug: answered too)
+            self.running.pop(step.index, None)
+            if isinstance(error, OpserveError):
+                error = ensemble._step_error(step, error)
+            self._end(error)
+            return
+        if cancel is None:  # the step needs a task of its own
+            task = asyncio.ensure_future(ensemble.runner.infer(request))
+            task.add_done_callback(lambda t: done(_outcome(t)))
+            cancel = task.cancel
+        if step.index in self.running:
+            self.running[step.index] = cancel
+
+    def _step_done(self, step: Step, outcome: StepOutcome) -> None:
+        if self.over or self.running.pop(step.index, None) is None:
+            return
+        ensemble = self.ensemble
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, OpserveError):
+                outcome = ensemble._step_error(step, outcome)
+            self._end(outcome)
+            return
+        try:
+            self.tensors.update(ensemble._step_outputs(step, outcome))
+            self._advance()
+        except Exception as error:  # a step's outputs missing (or a bug): answered, never lost
+            if not self.over:
+                self._end(error)
+
+    def _answer(self) -> None:
+        ensemble, run = self.ensemble, self.run
+        response = ensemble._response(run, self.tensors)
+        ensemble._record_success(run, self.batch_size, self.arrival_ns)
+        self.over = True
+        if not self.future.done():
+            self.future.set_result(response)
+
+    def _end(self, error: BaseException | None) -> None:
+        """Failed with `error`, or cancelled (None): the steps still running are cancelled."""
+        self.over = True
+        running, self.running = self.running, {}
+        for cancel in running.values():
+            cancel()
+        self.ensemble.stats.record_failure(time.monotonic_ns() - self.arrival_ns)
+        future = self.future
+        if future.done():
+            return
+        if error is None or isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(error)
+
+
+def _no_emit(tensors: dict[str, Tensor], last: bool) -> None:
+    """`_Execution` answers by itself, not through `_Run.emit`."""
+
+
+def _nothing() -> None:
+    pass
+
+
+def _outcome(task: asyncio.Future[InferenceResponse]) -> StepOutcome:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    error = task.exception()
+    return error if error is not None else task.result()

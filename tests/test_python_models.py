@@ -41,6 +41,16 @@ def place_python_model(repository: Path, name: str, source: str | None = None) -
     return folder
 
 
+FAULTY_ENSEMBLE = """name: "faulty_ensemble"
+platform: "ensemble"
+max_batch_size: 0
+input [ { name: "MODE" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+ensemble_scheduling { step [ { model_name: "faulty" model_version: -1
+  input_map { key: "MODE" value: "MODE" } output_map { key: "OUT" value: "OUT" } } ] }
+"""
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, my_ops_library: Path) -> Path:
     repo = tmp_path_factory.mktemp("python") / "repository"
@@ -58,6 +68,9 @@ def repository(tmp_path_factory, my_ops_library: Path) -> Path:
         "repeat_batched",
     ):
         place_python_model(repo, name)
+    # faulty as the one step of an ensemble: its client's going away must reach the step
+    (repo / "faulty_ensemble" / "1").mkdir(parents=True)
+    (repo / "faulty_ensemble" / "config.pbtxt").write_text(FAULTY_ENSEMBLE)
     # the model BLS calls: our own ONNX Runtime custom op (x + 1), its library in its folder
     folder = models.write_model(
         repo,
@@ -452,14 +465,18 @@ def wait_for_log(server: RunningServer, line: str, count: int, timeout: float = 
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("model", ["faulty", "faulty_ensemble"])
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_a_client_that_leaves_cancels_its_running_request(
-    server: RunningServer, transport: str
+    client, server: RunningServer, transport: str, model: str
 ) -> None:
     """A unary request whose client goes away while `execute` runs is cancelled for the model
-    (`is_cancelled`): over HTTP the connection closes, over gRPC the call is cancelled."""
+    (`is_cancelled`): over HTTP the connection closes, over gRPC the call is cancelled. Through
+    an ensemble, the step running then is cancelled, and the ensemble counts a failure (the
+    step model, which answered, a success)."""
     waiting, cancelled = "faulty waits for a cancellation", "faulty cancelled=True"
     before = server.log().count(waiting), server.log().count(cancelled)
+    failed = failures(client, model)
     mode = np.array([b"until_cancelled"], dtype=np.object_)
     if transport == "http":
         body = json.dumps(
@@ -472,21 +489,35 @@ def test_a_client_that_leaves_cancels_its_running_request(
         host, port = server.url.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=30) as connection:
             connection.sendall(
-                b"POST /v2/models/faulty/infer HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % (model.encode(), len(body))
+                + body
             )
             wait_for_log(server, waiting, before[0] + 1)
     else:
         user = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             call = user.async_infer(
-                "faulty", [tensor(grpcclient, "MODE", mode, "BYTES")], callback=lambda *_: None
+                model, [tensor(grpcclient, "MODE", mode, "BYTES")], callback=lambda *_: None
             )
             wait_for_log(server, waiting, before[0] + 1)
             call.cancel()
         finally:
             user.close()
     wait_for_log(server, cancelled, before[1] + 1, timeout=20)
+    if model == "faulty":  # the model answered (its answer has no one to go to): a success
+        return
+    deadline = time.monotonic() + 10
+    while failures(client, model) != failed + 1:
+        assert time.monotonic() < deadline, "the cancelled request was not counted as a failure"
+        time.sleep(0.05)
+
+
+def failures(client, model: str) -> int:
+    """The failed requests in a model's statistics."""
+    stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    return int(stats["fail"]["count"])
 
 
 def worker_pid_once_serving(client, timeout: float = 30.0) -> int:
