@@ -99,6 +99,9 @@ class EnsembleScheduler:
         self.decoupled = bool(decoupled_steps)
         self.runner = runner
         self._all_steps = frozenset(s.index for s in graph.steps)
+        # what each step reads (its model's input, the ensemble tensor) and asks for
+        self._reads = [tuple(s.input_map.items()) for s in graph.steps]
+        self._asks = [list(s.output_map) for s in graph.steps]
         self._signature_key = object()  # this ensemble's part of its step requests' signatures
         self._after = {i: downstream(graph, graph.steps[i]) for i in decoupled_steps}
         self._running: set[asyncio.Future[None]] = set()
@@ -272,11 +275,9 @@ class EnsembleScheduler:
 
     def _take_ready(self, remaining: set[int], tensors: dict[str, Tensor]) -> list[Step]:
         """The steps of `remaining` whose inputs all exist, in order; taken out of it."""
-        steps = self.graph.steps
+        steps, reads = self.graph.steps, self._reads
         ready = [
-            steps[i]
-            for i in sorted(remaining)
-            if all(t in tensors for t in steps[i].input_map.values())
+            steps[i] for i in sorted(remaining) if all(name in tensors for _, name in reads[i])
         ]
         remaining.difference_update(s.index for s in ready)
         return ready
@@ -289,7 +290,7 @@ class EnsembleScheduler:
 
     def _step_request(self, run: _Run, step: Step, tensors: dict[str, Tensor]) -> InferenceRequest:
         inputs = []
-        for model_input, name in step.input_map.items():
+        for model_input, name in self._reads[step.index]:
             tensor = tensors[name]
             inputs.append(Tensor(model_input, tensor.datatype, tensor.shape, tensor.data))
         original = run.request
@@ -300,11 +301,11 @@ class EnsembleScheduler:
             step.model_name,
             step.version,
             inputs,
-            requested_outputs=list(step.output_map),
-            id=original.id,
-            parameters=dict(original.parameters),
-            correlation_id=original.correlation_id,  # a sequence model as a step sees it
-            flags=original.flags,
+            list(self._asks[step.index]),
+            original.id,
+            dict(original.parameters) if original.parameters else {},
+            original.correlation_id,  # a sequence model as a step sees it
+            original.flags,
             timeout_us=timeout_us,
             client_gone=original.client_gone,
             stats_sink=run.add_compute,
