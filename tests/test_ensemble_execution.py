@@ -88,7 +88,10 @@ def test_steps_start_as_their_inputs_exist_and_the_last_answers() -> None:
         assert list(runner.waiting) == ["b"]  # d waits for u too
         runner.answer("b")
         assert list(runner.waiting) == ["d"]
-        assert [t.data for t in runner.waiting["d"][0].inputs] == [b"b" * 4, b"c" * 4]
+        assert {t.name: t.data for t in runner.waiting["d"][0].inputs} == {
+            "A": b"b" * 4,
+            "B": b"c" * 4,
+        }
         assert not future.done()
         runner.answer("d")
         response = await future
