@@ -75,6 +75,10 @@ class _Run:
     infer_ns: int = 0
     output_ns: int = 0
 
+    def __post_init__(self) -> None:
+        if self.request.timeout_us:  # counted from the request's start in the ensemble
+            self.deadline_ns = time.monotonic_ns() + self.request.timeout_us * 1000
+
     def add_compute(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.input_ns += input_ns
         self.infer_ns += infer_ns
@@ -116,7 +120,7 @@ class EnsembleScheduler:
         start)."""
         assert not self.decoupled, "a decoupled ensemble streams its responses"
         execution = _Execution(self, request, batch_size)
-        execution.start()
+        execution.advance()
         return execution.future, execution.cancel
 
     async def infer(
@@ -181,9 +185,8 @@ class EnsembleScheduler:
 
     async def _execute(self, run: _Run) -> None:
         """The whole graph; with the request's `timeout`, each step request gets the time left
-        of it, so a step that runs late (or hangs) is failed by its own scheduler."""
-        if run.request.timeout_us:
-            run.deadline_ns = time.monotonic_ns() + run.request.timeout_us * 1000
+        of it (`_Run.deadline_ns`), so a step that runs late (or hangs) is failed by its own
+        scheduler."""
         await self._flow(run, {t.name: t for t in run.request.inputs}, self._all_steps)
 
     async def _flow(
@@ -388,18 +391,13 @@ class _Execution:
         self.running: dict[int, Cancel] = {}  # step index -> what cancels it
         self.over = False  # answered, failed or cancelled
 
-    def start(self) -> None:
-        timeout_us = self.run.request.timeout_us
-        if timeout_us:  # each step request gets what is left of it
-            self.run.deadline_ns = self.arrival_ns + timeout_us * 1000
-        self._advance()
-
     def cancel(self) -> None:
         """The client went away."""
         if not self.over:
             self._end(None)
 
-    def _advance(self) -> None:
+    def advance(self) -> None:
+        """Start the steps whose inputs exist; answer once none runs and none can start."""
         for step in self.ensemble._take_ready(self.remaining, self.tensors):
             self._start(step)
             if self.over:  # the step failed to start
@@ -444,7 +442,7 @@ class _Execution:
             return
         try:
             self.tensors.update(ensemble._step_outputs(step, outcome))
-            self._advance()
+            self.advance()
         except Exception as error:  # a step's outputs missing (or a bug): answered, never lost
             if not self.over:
                 self._end(error)

@@ -69,6 +69,15 @@ def diamond(runner: Runner) -> EnsembleScheduler:
     )
 
 
+def submitted(
+    runner: Runner,
+) -> tuple[EnsembleScheduler, asyncio.Future[InferenceResponse], Callable[[], object]]:
+    """The diamond on `runner`, and a request to it (X in), started."""
+    scheduler = diamond(runner)
+    future, cancel = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+    return scheduler, future, cancel
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -77,8 +86,7 @@ async def settle() -> None:
 def test_steps_start_as_their_inputs_exist_and_the_last_answers() -> None:
     async def main() -> None:
         runner = Runner()
-        scheduler = diamond(runner)
-        future, _ = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+        scheduler, future, _ = submitted(runner)
         assert list(runner.waiting) == ["a"]
         assert runner.waiting["a"][0].inputs[0].data == X.data
         runner.answer("a")
@@ -104,8 +112,7 @@ def test_steps_start_as_their_inputs_exist_and_the_last_answers() -> None:
 def test_a_failing_step_fails_the_request_naming_it_and_cancels_the_others() -> None:
     async def main() -> None:
         runner = Runner()
-        scheduler = diamond(runner)
-        future, _ = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+        scheduler, future, _ = submitted(runner)
         runner.answer("a")
         runner.fail("b", UnavailableError("the worker crashed"))
         with pytest.raises(UnavailableError, match="in ensemble 'e', .*'b'.*the worker crashed"):
@@ -120,8 +127,7 @@ def test_a_failing_step_fails_the_request_naming_it_and_cancels_the_others() -> 
 def test_a_client_that_leaves_cancels_the_running_steps() -> None:
     async def main() -> None:
         runner = Runner()
-        scheduler = diamond(runner)
-        future, cancel = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+        scheduler, future, cancel = submitted(runner)
         runner.answer("a")
         cancel()
         assert future.cancelled()
@@ -138,8 +144,7 @@ def test_a_step_that_needs_a_task_runs_in_one() -> None:
     async def main() -> None:
         runner = Runner()
         runner.via_task = {"b", "c"}
-        scheduler = diamond(runner)
-        future, _ = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+        scheduler, future, _ = submitted(runner)
         runner.answer("a")
         await settle()  # b and c answer from their tasks
         runner.answer("d")
@@ -152,8 +157,7 @@ def test_a_refused_step_fails_the_request_naming_it() -> None:
     async def main() -> None:
         runner = Runner()
         runner.refused = {"c"}
-        scheduler = diamond(runner)
-        future, _ = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+        scheduler, future, _ = submitted(runner)
         runner.answer("a")
         with pytest.raises(InvalidArgumentError, match="in ensemble 'e', .*'c'.*unexpected shape"):
             await future
@@ -165,8 +169,7 @@ def test_a_refused_step_fails_the_request_naming_it() -> None:
 def test_a_step_without_its_output_fails_the_request() -> None:
     async def main() -> None:
         runner = Runner()
-        scheduler = diamond(runner)
-        future, _ = scheduler.submit(InferenceRequest("e", "", [X]), 1)
+        scheduler, future, _ = submitted(runner)
         runner.answer("a", InferenceResponse("a", "1", []))
         with pytest.raises(InternalError, match="did not return output 'Y'"):
             await future
