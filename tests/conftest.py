@@ -97,6 +97,13 @@ def write_test_repository(root: Path, my_ops: Path) -> Path:
         'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n',
     )
     models.write_model(repo, "vector_batch", models.identity("FP32", [None]))
+    models.write_model(
+        repo,
+        "batched_vectors",
+        models.identity("FP32", [None, None]),
+        'max_batch_size: 8\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n',
+    )
     models.write_model(repo, "fp16_matrix", models.identity("FP16", [2, 3]))
     # version policies; each version adds its own number, so answers tell versions apart
     for name, policy, versions in (

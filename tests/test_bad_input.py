@@ -309,3 +309,23 @@ def test_tritonclient_sees_the_error_and_the_server_keeps_serving(
     # nothing was lost: the same model answers a good request
     assert simple_answers(client)
     assert client.is_model_ready("simple")
+
+
+def test_an_empty_tensor_is_an_empty_answer(server: RunningServer) -> None:
+    """A batch of one with no elements ([1, 0]) is valid: the identity answers it empty, over
+    JSON, binary and gRPC (a memoryview of such a shape cannot be cast to bytes)."""
+    empty = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 0], "data": []}
+    response = post(server, "/v2/models/batched_vectors/infer", json.dumps({"inputs": [empty]}))
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert (output["shape"], output["data"]) == ([1, 0], [])
+
+    import tritonclient.grpc as grpcclient
+
+    for module, url in ((httpclient, server.url), (grpcclient, server.grpc_url)):
+        client = module.InferenceServerClient(url)
+        tensor = module.InferInput("INPUT0", [1, 0], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 0), dtype=np.float32))
+        result = client.infer("batched_vectors", [tensor]).as_numpy("OUTPUT0")
+        assert result.shape == (1, 0) and result.dtype == np.float32
+        client.close()

@@ -527,7 +527,8 @@ class Worker:
                 e if isinstance(e, (bytes, str)) else str(e) for e in array.reshape(-1)
             )
         else:
-            data = np.ascontiguousarray(array).data.cast("B")
+            # flat first: a memoryview cannot be cast from a shape with a 0 in it ([1, 0])
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
         shape = array.shape  # numpy's: a tuple of ints
         offset = self.responses.write(data)
         if offset is None:
