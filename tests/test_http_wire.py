@@ -148,6 +148,26 @@ def test_a_malformed_request_gets_400_and_the_connection_closes(server: RunningS
     wire.close()
 
 
+def test_requests_before_a_malformed_one_are_answered_first(server: RunningServer) -> None:
+    """Pipelined in one read: the requests before the bad one get their answers, in order,
+    then the 400, then the connection closes (it used to close with nothing written)."""
+    wire = Wire(server)
+    wire.send(infer_request() + b"GET /v2/health/live HTTP/1.1\r\n\r\n" + b"GARBAGE\r\n\r\n")
+    assert output0(wire.read()) == [i + 1 for i in range(16)]
+    assert wire.read().status == 200
+    assert wire.read().status == 400
+    assert wire.closed()
+    wire.close()
+    # a body over the limit (64 MiB by default) behind a good request: Triton's words, after it
+    wire = Wire(server)
+    wire.send(infer_request() + INFER + b"Content-Length: %d\r\n\r\n" % (1 << 30))
+    assert output0(wire.read())[0] == 1
+    refused = wire.read()
+    assert refused.status == 400
+    assert "exceeds the maximum allowed value" in json.loads(refused.body)["error"]
+    wire.close()
+
+
 def test_a_stopping_server_finishes_the_response_in_progress_then_closes(tmp_path: Path) -> None:
     """SIGTERM while a request runs: it is answered (with `connection: close`), the connection
     closes, and the server exits without waiting out its graceful-shutdown timeout."""

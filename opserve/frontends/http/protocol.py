@@ -261,6 +261,8 @@ class HttpConnection(asyncio.Protocol):
         self.headers_done = False
         self.began_at = 0.0
         self.discarding = False  # a body was refused: what arrives is dropped until we close
+        # an error for a request that came behind others: sent once they are answered
+        self.refusal: tuple[int, bytes, bytes, bool] | None = None
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
         # the request being parsed
@@ -486,6 +488,12 @@ class HttpConnection(asyncio.Protocol):
         self.current = None
         if self.transport.is_closing():
             return
+        if self.refusal is not None and exchange.keep_alive:  # the requests before it first
+            if self.queue:
+                self._start(self.queue.popleft())
+            else:
+                self._send_refusal(*self.refusal)
+            return
         if self.closing or not exchange.keep_alive:  # the server stops, or the client asked
             self.transport.close()
             return
@@ -522,22 +530,28 @@ class HttpConnection(asyncio.Protocol):
         content_type: bytes = b"text/plain",
         linger: bool = False,
     ) -> None:
-        """A request that cannot be answered in order: an error, and the connection closes
-        (`linger`: once the client has had time to read the error while it sends)."""
+        """A request that cannot be answered: an error, and the connection closes (`linger`:
+        once the client has had time to read the error while it sends). The requests that came
+        before it, pipelined, are answered first; nothing more is read."""
         self.closing = True
-        self.queue.clear()
+        self.discarding = True
         if self.current is None:
-            head = _head(
-                status,
-                [(b"content-type", content_type)],
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message),
-            )
-            self.transport.write(b"".join(head) + message)
-            if linger and self.transport.can_write_eof():
-                self.discarding = True
-                self.transport.write_eof()
-                self.loop.call_later(LINGER_S, self.transport.close)
-                return
+            self._send_refusal(status, message, content_type, linger)
+        else:
+            self.refusal = (status, message, content_type, linger)
+
+    def _send_refusal(self, status: int, message: bytes, content_type: bytes, linger: bool) -> None:
+        self.refusal = None
+        head = _head(
+            status,
+            [(b"content-type", content_type)],
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message),
+        )
+        self.transport.write(b"".join(head) + message)
+        if linger and self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+            return
         self.transport.close()
 
     def _refuse_body(self, message: str) -> None:
