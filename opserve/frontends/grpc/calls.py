@@ -139,12 +139,25 @@ def parse_timeout(value: str) -> float | None:
 
 
 def _decompress(data: bytes, encoding: str, limit: int | None) -> bytes:
+    """A compressed request message inflated, up to `limit` bytes; data that does not
+    inflate ends the call (INTERNAL, as gRPC's own servers answer), not the connection."""
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    out = inflater.decompress(data, limit or 0)
+    try:
+        out = inflater.decompress(data, limit or 0)
+    except zlib.error as exc:
+        raise CallError(
+            Status.INTERNAL, f"could not decompress the request message ({encoding}): {exc}"
+        ) from None
     if inflater.unconsumed_tail:
         raise CallError(
             Status.RESOURCE_EXHAUSTED,
             f"Received message larger than max (more than {limit} bytes once decompressed)",
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise CallError(
+            Status.INTERNAL,
+            f"could not decompress the request message ({encoding}): "
+            + ("it has data after its end" if inflater.eof else "it ends before its end"),
         )
     return out
 
@@ -211,11 +224,6 @@ class Call:
             block = RESPONSE_HEADERS + block
         self.stream.send_headers(block, end=True)
 
-    def expire(self) -> None:
-        self.expired = True
-        if self.task is not None:
-            self.task.cancel()
-
 
 # a call's headers as read: path, content-type, grpc-encoding, grpc-accept-encoding,
 # grpc-timeout, and its metadata (binary values decoded)
@@ -227,7 +235,7 @@ def _read_headers(headers: tuple[tuple[str, str], ...]) -> _ReadHeaders:
     path = content_type = encoding = accept = timeout = ""
     metadata: list[tuple[str, str | bytes]] = []
     for name, value in headers:
-        if name[0] == ":":
+        if name.startswith(":"):
             if name == ":path":
                 path = value
         elif name == "content-type":
@@ -307,11 +315,11 @@ class GrpcCalls:
         if timeout:
             seconds = parse_timeout(timeout)
             if seconds is not None:
-                call.deadline = asyncio.get_running_loop().call_later(seconds, call.expire)
+                call.deadline = asyncio.get_running_loop().call_later(seconds, self._expire, call)
         if method.streaming:
             call.requests = asyncio.Queue()
             call.task = asyncio.ensure_future(self._stream(call))
-            call.task.add_done_callback(lambda _: self.calls.discard(call))
+            call.task.add_done_callback(functools.partial(self._task_done, call))
             if end:
                 call.requests.put_nowait(None)
         elif end:
@@ -412,6 +420,7 @@ class GrpcCalls:
                 call.requests.put_nowait(request)
             else:
                 call.task = asyncio.ensure_future(self._unary(call, request))
+                call.task.add_done_callback(functools.partial(self._task_done, call))
 
     # running ---------------------------------------------------------------------------
     async def _unary(self, call: Call, request: Any) -> None:
@@ -473,7 +482,24 @@ class GrpcCalls:
             status, message = Status.INTERNAL, f"{type(exc).__name__}: {exc}"
         call.finish(status, message)
 
+    def _expire(self, call: Call) -> None:
+        """The call's deadline passed: its running handler is cancelled and answers
+        DEADLINE_EXCEEDED; a call still waiting for its request message is answered so now."""
+        call.expired = True
+        if call.task is not None:
+            call.task.cancel()
+        elif not call.answering and call in self.calls:
+            self._end_call(call, Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def _task_done(self, call: Call, task: asyncio.Task[None]) -> None:
+        """A handler's task ended. One cancelled before its first step (a deadline that passed
+        at once: `grpc-timeout: 0S`) never ran the code that answers: it is answered here."""
+        if task.cancelled() and call.expired and call in self.calls:
+            call.finish(Status.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        self.calls.discard(call)
+
     def _end_call(self, call: Call, status: Status, message: str) -> None:
+        call.stream.handler_state = None  # what arrives for it from now on is dropped
         call.finish(status, message)
         if (
             call.task is not None
