@@ -258,3 +258,18 @@ def test_an_answer_serialized_in_parts_reads_as_the_whole_message() -> None:
     parsed = service_pb2.ModelInferResponse.FromString(b"".join(answer.serialized_parts()))
     assert parsed == encode_infer_response(response, in_shared_memory={"S"})
     assert list(parsed.raw_output_contents) == [big, b"", b""]
+
+
+def test_a_header_without_a_name_resets_its_stream_only(connected) -> None:
+    """A malformed request (RFC 9113, 8.2.1) is a stream error: RST_STREAM, and the
+    connection's other streams go on (a nameless header used to end the connection)."""
+    peer, recorder, transport = connected
+    encoder = hpack.Encoder()
+    nameless = encoder.encode(REQUEST) + b"\x00\x00\x01x"  # a literal: name "", value "x"
+    peer.feed(frame(HEADERS, END_HEADERS, 1, nameless))
+    (reset,) = transport.frames()
+    assert reset[:3] == (RST_STREAM, 0, 1)
+    assert int.from_bytes(reset[3], "big") == http2.PROTOCOL_ERROR
+    peer.feed(frame(HEADERS, END_HEADERS | END_STREAM, 3, encoder.encode(REQUEST)))
+    assert recorder.events == [("headers", 3, dict(REQUEST))]
+    assert not transport.closed

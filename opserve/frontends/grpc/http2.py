@@ -455,17 +455,28 @@ class Http2Connection(asyncio.Protocol):
     def _header_block(self, block: bytes) -> None:
         indexed = bool(block) and min(block) >= 0x80 and 0xFF not in block
         headers = self.indexed_blocks.get(block) if indexed else None
+        malformed = False
         if headers is None:
             try:
                 headers = tuple(cast(list[tuple[str, str]], self.decoder.decode(block)))
             except Exception as exc:  # hpack's errors: the decoder's state is lost
                 raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+            # a header without a name makes the request malformed (RFC 9113, 8.2.1)
+            malformed = any(not name for name, _ in headers)
             if not indexed:
                 self.indexed_blocks.clear()  # the table may have changed
-            elif len(self.indexed_blocks) < 64:
+            elif len(self.indexed_blocks) < 64 and not malformed:
                 self.indexed_blocks[block] = headers
         stream_id, end = self.header_stream, self.header_end_stream
         stream = self.streams.get(stream_id)
+        if malformed:  # a stream error: that stream is reset, the connection's others go on
+            if stream is not None:
+                self.handler.on_reset(stream)
+                self.reset_stream(stream, PROTOCOL_ERROR)
+            elif stream_id > self.last_stream_id and stream_id % 2 == 1:
+                self.last_stream_id = stream_id
+                self._write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", PROTOCOL_ERROR)))
+            return
         if stream is None:
             if stream_id <= self.last_stream_id or stream_id % 2 == 0:
                 # trailers or a reused id on a stream we already closed: answer it as closed
