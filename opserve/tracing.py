@@ -56,7 +56,11 @@ class TraceSettings:
         }
 
 
-def parse_level(values: list[str]) -> list[str]:
+def parse_level(values: list[Any]) -> list[str]:
+    if not all(isinstance(v, str) for v in values):
+        raise InvalidArgumentError(
+            f"expecting a string or an array of strings for 'trace_level', not {values!r}"
+        )
     levels = [v.upper() for v in values]
     for level in levels:
         if level == "TENSORS":
@@ -70,13 +74,23 @@ def parse_level(values: list[str]) -> list[str]:
     return ["OFF"]
 
 
+INT32_MAX = (1 << 31) - 1  # Triton reads these settings as C ints
+
+
 def _integer(key: str, value: Any, minimum: int) -> int:
-    try:
+    """An integer setting, given as Triton's protocol gives it (a string of digits) or as a
+    JSON integer; a fraction or a boolean is refused, not rounded."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"expecting an integer for '{key}', not {value!r}") from None
-    if number < minimum:
-        raise InvalidArgumentError(f"'{key}' must be at least {minimum}, not {number}")
+    if number is None:
+        raise InvalidArgumentError(f"expecting an integer for '{key}', not {value!r}")
+    if not minimum <= number <= INT32_MAX:
+        raise InvalidArgumentError(
+            f"'{key}' must be between {minimum} and {INT32_MAX}, not {number}"
+        )
     return number
 
 

@@ -47,8 +47,13 @@ def test_model_settings_override_the_global_ones_until_cleared() -> None:
 @pytest.mark.parametrize(
     "changes, error",
     [
-        ({"trace_rate": "0"}, "'trace_rate' must be at least 1"),
+        ({"trace_rate": "0"}, "'trace_rate' must be between 1 and 2147483647"),
+        ({"trace_rate": "99999999999999999999"}, "must be between 1 and 2147483647, not 9999"),
+        ({"trace_rate": 1.5}, "expecting an integer for 'trace_rate', not 1.5"),
+        ({"trace_rate": True}, "expecting an integer for 'trace_rate', not True"),
         ({"trace_level": ["LOUD"]}, "unknown trace level 'LOUD'"),
+        ({"trace_level": [5]}, "expecting a string or an array of strings for 'trace_level'"),
+        ({"trace_level": [None]}, "expecting a string or an array of strings"),
         ({"trace_count": "many"}, "expecting an integer for 'trace_count'"),
         ({"trace_file": "/etc/passwd"}, "cannot be changed through the protocol"),
         ({"trace_colour": "1"}, "unknown trace setting"),
