@@ -106,6 +106,18 @@ CASES = {
         400,
         "must be integers",
     ),
+    "an integral float for integers": (  # rapidjson's IsInt, as Triton checks: 2.0 is not one
+        "/v2/models/simple/infer",
+        with_input(0, data=[2.0] + [1] * 15),
+        400,
+        "data of datatype INT32 must be integers",
+    ),
+    "a boolean among integers": (  # numpy would have made it 1
+        "/v2/models/simple/infer",
+        with_input(0, data=[True] + [1] * 15),
+        400,
+        "data of datatype INT32 must be integers",
+    ),
     "out of range": ("/v2/models/simple/infer", with_input(0, data=[2**40] * 16), 400, "INT32"),
     "missing input": (
         "/v2/models/simple/infer",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 
@@ -250,3 +251,20 @@ def test_a_binary_answer_header_is_what_the_general_encoder_writes() -> None:
             assert encode_response(response, output_format) == expected  # remembered
     header, *_ = encode_response(InferenceResponse("m", "1", outputs[:1]), formats[0])[0]
     assert json.loads(header)["outputs"][0]["parameters"] == {"binary_data_size": 8}
+
+
+def test_json_bf16_data_rounds_to_the_nearest_bf16() -> None:
+    """BF16 from JSON numbers: the nearest value, ties to even (it used to truncate), and a
+    boolean is refused as not a number."""
+    # a tie (to the even 1.015625; truncation gave 1.0078125), a tie to the even 1.0, a value
+    # nearer 1.0078125 (truncation gave 1.0), and values that BF16 holds exactly
+    values = [1.01171875, 1.00390625, 1.006, -2.5, 3]
+    header = json.dumps(
+        {"inputs": [{"name": "X", "datatype": "BF16", "shape": [5], "data": values}]}
+    )
+    request, _ = decode_request(header.encode(), None, "m", "1")
+    words = np.frombuffer(bytes(request.inputs[0].data), "<u2").astype("<u4") << 16
+    assert words.view("<f4").tolist() == [1.015625, 1.0, 1.0078125, -2.5, 3.0]
+    bad = json.dumps({"inputs": [{"name": "X", "datatype": "BF16", "shape": [1], "data": [True]}]})
+    with pytest.raises(InvalidArgumentError, match="data of datatype BF16 must be numbers"):
+        decode_request(bad.encode(), None, "m", "1")

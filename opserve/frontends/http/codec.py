@@ -22,12 +22,12 @@ from opserve.errors import InvalidArgumentError
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.shared_memory import PendingLeases, RegionLeases, SharedMemoryRegistry
 
-# Which kinds of JSON number a datatype accepts (numpy's array kind of the parsed list).
-_ACCEPTED_KINDS = {"BOOL": "b"}
-_ACCEPTED_KINDS.update(
-    {t: "iu" for t in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")}
-)
-_ACCEPTED_KINDS.update({t: "iuf" for t in ("FP16", "FP32", "FP64", "BF16")})
+# The JSON values each datatype's elements may be: rapidjson's IsInt, IsNumber, IsBool as
+# Triton checks them (a boolean is not a number, a fraction or an exponent is not an integer)
+_INTEGERS = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
+_ELEMENT_TYPES: dict[str, frozenset[type]] = {"BOOL": frozenset({bool})}
+_ELEMENT_TYPES.update({t: frozenset({int}) for t in _INTEGERS})
+_ELEMENT_TYPES.update({t: frozenset({int, float}) for t in ("FP16", "FP32", "FP64", "BF16")})
 
 # Triton's limit on how deep a tensor's `data` nests (its HTTP_MAX_JSON_NESTING_DEPTH: a value
 # nested in 100 arrays is refused)
@@ -270,22 +270,25 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
         return serialize_bytes(flat)
     dtype = NUMPY_DTYPES[datatype]
     assert dtype is not None  # only BYTES has no numpy dtype
-    integer = dtype.kind in "iu"
+    flat = data if not data or not isinstance(data[0], list) else _flatten(data)
+    if not _ELEMENT_TYPES[datatype].issuperset(map(type, flat)):
+        expected = {"BOOL": "booleans", "BF16": "numbers"}.get(
+            datatype, "integers" if datatype in _INTEGERS else "numbers"
+        )
+        raise InvalidArgumentError(
+            f"input '{name}': data of datatype {datatype} must be {expected}"
+        )
     try:
         parsed = np.array(data)
     except ValueError as exc:
         raise InvalidArgumentError(f"input '{name}': ragged or malformed data: {exc}") from None
-    kind = parsed.dtype.kind
-    # integers beyond int64 parse as float64; they are checked exactly below
-    if parsed.size and kind not in _ACCEPTED_KINDS[datatype] and not (integer and kind == "f"):
-        expected = "booleans" if datatype == "BOOL" else "integers" if integer else "numbers"
-        raise InvalidArgumentError(
-            f"input '{name}': data of datatype {datatype} must be {expected}"
-        )
-    if datatype == "BF16":
-        words = parsed.astype("<f4").reshape(-1).view("<u4") >> 16
-        return words.astype("<u2").tobytes()
-    if not integer:
+    if datatype == "BF16":  # the nearest BF16 of each value (ties to even), NaN kept quiet
+        single = parsed.astype("<f4").reshape(-1)
+        words = single.view("<u4")
+        rounded = (words + 0x7FFF + ((words >> 16) & 1)) >> 16
+        rounded = np.where(np.isnan(single), (words >> 16) | 0x40, rounded)
+        return rounded.astype("<u2").tobytes()
+    if datatype not in _INTEGERS:
         return parsed.astype(dtype).tobytes()
     try:
         converted = np.array(data, dtype=dtype)  # exact, and raises on values out of range
@@ -293,8 +296,6 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
         raise InvalidArgumentError(
             f"input '{name}': a value is out of range for {datatype}: {exc}"
         ) from None
-    if kind == "f" and not np.array_equal(converted.astype(np.float64), parsed):
-        raise InvalidArgumentError(f"input '{name}': data of datatype {datatype} must be integers")
     return converted.tobytes()
 
 
