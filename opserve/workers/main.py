@@ -527,8 +527,9 @@ class Worker:
                 e if isinstance(e, (bytes, str)) else str(e) for e in array.reshape(-1)
             )
         else:
-            # flat first: a memoryview cannot be cast from a shape with a 0 in it ([1, 0])
-            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+            contiguous = np.ascontiguousarray(array)
+            # a memoryview cannot be cast from a shape with a 0 in it ([1, 0])
+            data = contiguous.data.cast("B") if contiguous.size else b""
         shape = array.shape  # numpy's: a tuple of ints
         offset = self.responses.write(data)
         if offset is None:
