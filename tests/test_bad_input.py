@@ -119,6 +119,12 @@ CASES = {
         "data of datatype INT32 must be integers",
     ),
     "out of range": ("/v2/models/simple/infer", with_input(0, data=[2**40] * 16), 400, "INT32"),
+    "a parameter that is not a scalar": (
+        "/v2/models/simple/infer",
+        simple_body(parameters={"tags": ["a"]}),
+        400,
+        "parameter 'tags' has invalid type. It should be either 'int', 'bool', or 'string'.",
+    ),
     "missing input": (
         "/v2/models/simple/infer",
         {"inputs": simple_body()["inputs"][:1]},

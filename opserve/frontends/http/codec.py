@@ -143,6 +143,12 @@ def _decode_request(
         raise InvalidArgumentError("'id' must be a string")
     # binary_data_output is the protocol's business, not the model's (as in Triton)
     parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
+    for key, value in parameters.items():
+        if not isinstance(value, (str, int, float)):  # a boolean is an int; Triton's words
+            raise InvalidArgumentError(
+                f"parameter '{key}' has invalid type. It should be either 'int', 'bool', or "
+                "'string'."
+            )
     request = InferenceRequest(model_name, model_version, inputs, requested, request_id, parameters)
     if requested and classification:
         request.classification = classification
