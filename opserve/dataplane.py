@@ -401,8 +401,9 @@ class DataPlane:
         response.model_name = model.name
         response.model_version = str(entry.version)
         response.id = request.id
-        schema = self.schema(model)
-        response.outputs = _client_shapes(schema, response.outputs)
+        schema = model.schema or self.schema(model)  # the call only to raise when it is gone
+        if schema.reshaped_outputs:
+            response.outputs = _client_shapes(schema, response.outputs)
         if request.classification:
             response.outputs = [
                 classify(t, count, schema.batching, model.labels.get(t.name, []))
@@ -642,8 +643,6 @@ def take_sequence_parameters(request: InferenceRequest) -> None:
 
 def _client_shapes(schema: ModelSchema, outputs: list[Tensor]) -> list[Tensor]:
     """Undo an output `reshape`: the client sees the config's dims."""
-    if not schema.reshaped_outputs:
-        return outputs
     for i, tensor in enumerate(outputs):
         spec = schema.outputs.get(tensor.name)
         if spec is not None and spec.reshape is not None:

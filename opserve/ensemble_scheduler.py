@@ -105,6 +105,7 @@ class EnsembleScheduler:
         self._all_steps = frozenset(s.index for s in graph.steps)
         # what each step reads (its model's input, the ensemble tensor) and asks for
         self._reads = [tuple(s.input_map.items()) for s in graph.steps]
+        self._needs = [frozenset(s.input_map.values()) for s in graph.steps]  # tensors it reads
         self._asks = [list(s.output_map) for s in graph.steps]
         self._signature_key = object()  # this ensemble's part of its step requests' signatures
         self._after = {i: downstream(graph, graph.steps[i]) for i in decoupled_steps}
@@ -278,11 +279,10 @@ class EnsembleScheduler:
 
     def _take_ready(self, remaining: set[int], tensors: dict[str, Tensor]) -> list[Step]:
         """The steps of `remaining` whose inputs all exist, in order; taken out of it."""
-        steps, reads = self.graph.steps, self._reads
-        ready = [
-            steps[i] for i in sorted(remaining) if all(name in tensors for _, name in reads[i])
-        ]
-        remaining.difference_update(s.index for s in ready)
+        steps, needs, present = self.graph.steps, self._needs, tensors.keys()
+        ready = [steps[i] for i in sorted(remaining) if needs[i] <= present]
+        for step in ready:
+            remaining.discard(step.index)
         return ready
 
     # requests and responses --------------------------------------------------------------------
