@@ -566,15 +566,24 @@ class ModelManager:
             return await self._build_into(model, override)
         except asyncio.CancelledError:
             log.info("model '%s': its load was cancelled", name)
-            for entry in model.versions.values():
-                entry.state, entry.reason = ModelState.UNAVAILABLE, "its load was cancelled"
-            if not model.versions:
-                model.reason = "its load was cancelled"
-            await asyncio.gather(
-                *(self._stop_version(e, 0.0) for e in model.versions.values()),
-                return_exceptions=True,
-            )
+            await self._abandon(model, "its load was cancelled")
             raise
+        except Exception as exc:  # a bug, or what nothing foresaw: the model only is lost
+            log.exception("model '%s': its load failed", name)
+            await self._abandon(model, f"internal error: {type(exc).__name__}: {exc}")
+            return model
+
+    async def _abandon(self, model: Model, reason: str) -> None:
+        """A load that cannot finish: every version UNAVAILABLE with `reason`, its workers
+        killed (none is left running for a model that never served)."""
+        for entry in model.versions.values():
+            entry.state, entry.reason = ModelState.UNAVAILABLE, reason
+        if not model.versions:
+            model.reason = reason
+        await asyncio.gather(
+            *(self._stop_version(e, 0.0) for e in model.versions.values()),
+            return_exceptions=True,
+        )
 
     async def _build_into(self, model: Model, override: ModelConfig | None) -> Model:
         """Two phases: one worker per version describes the model (its signature, or the config

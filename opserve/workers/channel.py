@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from opserve.errors import InvalidArgumentError
 from opserve.workers.messages import (
     Execute,
     Message,
@@ -28,6 +29,7 @@ from opserve.workers.messages import (
 )
 
 FRAME = struct.Struct("<I")
+MAX_MESSAGE_BYTES = (1 << 32) - 1  # what the frame's length can say
 
 
 # The two messages of every execution travel as plain tuples: pickling dataclasses costs a
@@ -62,6 +64,12 @@ def encode(message: Message) -> bytes:
     else:
         body = message
     payload = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise InvalidArgumentError(
+            f"a message between the server and a worker would hold {len(payload)} bytes, more "
+            f"than the {MAX_MESSAGE_BYTES} one can carry (the tensors that do not fit the "
+            "shared-memory ring travel in it)"
+        )
     return FRAME.pack(len(payload)) + payload
 
 

@@ -331,6 +331,9 @@ class WorkerProcess:
                 refs = [_ref(w, name) for w in wires]
                 _place(ring, tensors, refs)
         execution = self._new_id()
+        poll_us = self.host.poll_us() if self.host is not None else 0
+        # encoded first: a batch too large for one message is refused with nothing registered
+        message = encode(Execute(execution, wires, ring.head, slot, poll_us))
         running = _Running(batch, on_return, open=set(range(len(batch))))
         timeout = self.execution_timeout_s if timeout_s is None else timeout_s
         if timeout > 0:
@@ -339,8 +342,7 @@ class WorkerProcess:
             )
         self._running[execution] = running
         self._busy += 1
-        poll_us = self.host.poll_us() if self.host is not None else 0
-        transport.write(encode(Execute(execution, wires, ring.head, slot, poll_us)))
+        transport.write(message)
         return execution
 
     def cancel(self, execution: int, index: int) -> None:
