@@ -353,6 +353,21 @@ def test_decoupled_model_streams_over_http_generate_stream(server: RunningServer
     assert {e["model_name"] for e in events} == {"repeat"}
 
 
+def test_a_client_that_leaves_generate_stream_cancels_it_quietly(server: RunningServer) -> None:
+    """Leaving a server-sent event stream is routine: the model sees the cancellation, and the
+    log has no error for it (it used to log the task's cancellation as a bug)."""
+    with requests.post(
+        f"http://{server.url}/v2/models/ticker/generate_stream",
+        json={"TAG": "sse"},
+        stream=True,
+        timeout=30,
+    ) as response:
+        first = next(line for line in response.iter_lines() if line.startswith(b"data: "))
+        assert json.loads(first[len(b"data: ") :])["COUNT"] == 0
+    wait_for_log(server, "ticker sse cancelled after", 1)
+    assert "unhandled error in the HTTP application" not in server.log()
+
+
 def test_decoupled_model_refuses_a_plain_infer(client, grpc_client) -> None:
     inputs = [tensor(httpclient, "IN", np.array([1], dtype=np.int32), "INT32")]
     with pytest.raises(InferenceServerException, match="decoupled"):

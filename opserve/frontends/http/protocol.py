@@ -462,6 +462,10 @@ class HttpConnection(asyncio.Protocol):
     async def _run(self, exchange: Exchange) -> None:
         try:
             await self.app(exchange.scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:  # its client went away, or the server stops: no answer
+            if exchange.started and not exchange.complete:
+                self.transport.close()
+            raise
         except BaseException:  # the application answers its own errors: this is a bug
             log.exception("unhandled error in the HTTP application")
             if not exchange.started:
