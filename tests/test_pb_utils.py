@@ -23,6 +23,11 @@ def test_tensors_hold_numpy_arrays_and_bytes_as_objects() -> None:
         pb_utils.Tensor("", np.zeros(1))
     with pytest.raises(pb_utils.TritonModelException, match="numpy array"):
         pb_utils.Tensor("L", [1, 2])  # type: ignore[arg-type]
+    # a dtype with no V2 datatype is the model's error, naming the tensor
+    with pytest.raises(pb_utils.TritonModelException, match="Tensor 'C': numpy dtype complex64"):
+        pb_utils.Tensor("C", np.array([1 + 2j], dtype=np.complex64))
+    big_endian = pb_utils.Tensor("B", np.array([1.5, -2.0], dtype=">f4"))  # values kept
+    assert big_endian.triton_dtype() == 11 and big_endian.as_numpy().tolist() == [1.5, -2.0]
 
 
 def test_dlpack_round_trip() -> None:

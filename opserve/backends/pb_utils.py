@@ -114,8 +114,13 @@ class Tensor:
         self._name = name
         if tensor.dtype.kind in ("U", "S"):
             tensor = tensor.astype(np.object_)
+        elif tensor.dtype.byteorder == ">":  # the same values, in the order the wire has
+            tensor = tensor.astype(tensor.dtype.newbyteorder("="))
         self._array = tensor
-        self._datatype = datatype or numpy_to_v2(tensor.dtype)
+        try:
+            self._datatype = datatype or numpy_to_v2(tensor.dtype)
+        except OpserveError as exc:  # complex, datetime, structured: the model's mistake
+            raise TritonModelException(f"Tensor '{name}': {exc.message}") from None
 
     @classmethod
     def _received(cls, name: str, array: np.ndarray) -> Tensor:
