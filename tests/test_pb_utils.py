@@ -134,6 +134,14 @@ def test_a_sender_closes_after_the_final_flag() -> None:
             sender.send(pb_utils.InferenceResponse([]))
         with pytest.raises(pb_utils.TritonModelException, match="needs a response"):
             pb_utils.InferenceResponseSender(request).send()
+        # a model that is not decoupled sends one response, and no final flag before it
+        single = pb_utils.InferenceResponseSender(request, decoupled=False)
+        with pytest.raises(pb_utils.TritonModelException, match="complete final before"):
+            single.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        single.send(pb_utils.InferenceResponse([]))
+        with pytest.raises(pb_utils.TritonModelException, match="more than one response"):
+            single.send(pb_utils.InferenceResponse([]))
+        single.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
     finally:
         pb_utils._install(None, "")
-    assert [final for _, final in sent] == [False, True]
+    assert [final for _, final in sent] == [False, True, False, True]

@@ -234,8 +234,10 @@ class InferenceResponse:
 class InferenceResponseSender:
     """A decoupled model's way to answer a request, from any thread, after `execute` too."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, decoupled: bool = True) -> None:
         self._request = request
+        self._decoupled = decoupled  # else: one response, as Triton's sender allows
+        self._sent = 0
         self._closed = False
         self._lock = threading.Lock()
 
@@ -250,10 +252,22 @@ class InferenceResponseSender:
                 f"send() takes a pb_utils.InferenceResponse, not {type(response).__name__}"
             )
         with self._lock:
+            if not self._decoupled:  # Triton's rules and words, checked before `closed`
+                if response is not None and self._sent:
+                    raise TritonModelException(
+                        "Unable to send response. Non-decoupled model cannot send more than "
+                        "one response."
+                    )
+                if response is None and not self._sent:
+                    raise TritonModelException(
+                        "Unable to send response. Non-decoupled model cannot send complete "
+                        "final before sending a response."
+                    )
             if self._closed:
                 raise TritonModelException(
                     "Unable to send response. Response sender has been closed."
                 )
+            self._sent += response is not None
             if final:
                 self._closed = True
         reply = response._to_reply(self._request.outputs) if response is not None else None
@@ -300,11 +314,12 @@ class InferenceRequest:
         self._model_version = model_version
         self._parameters = _parameters_dict(parameters)
         self._received: Request | None = None
+        self._decoupled = False
         self._sender: InferenceResponseSender | None = None
 
     @classmethod
     def _from_received(
-        cls, request: Request, model_name: str, outputs: list[str]
+        cls, request: Request, model_name: str, outputs: list[str], decoupled: bool = False
     ) -> InferenceRequest:
         # what the server sent was checked there: set as it is, without `__init__`'s checks
         made = cls.__new__(cls)
@@ -318,6 +333,7 @@ class InferenceRequest:
         made._model_version = -1
         made._parameters = dict(request.parameters) if request.parameters else {}
         made._received = request
+        made._decoupled = decoupled
         made._sender = None
         return made
 
@@ -355,7 +371,7 @@ class InferenceRequest:
         if self._received is None:
             raise TritonModelException("only a request the model received has a response sender")
         if self._sender is None:
-            self._sender = InferenceResponseSender(self._received)
+            self._sender = InferenceResponseSender(self._received, self._decoupled)
         return self._sender
 
     def is_cancelled(self) -> bool:

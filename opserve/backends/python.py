@@ -190,7 +190,10 @@ class PythonBackend(Backend):
         if model is None:
             raise UnavailableError(f"{self._label} is not loaded")
         name = self.context.model_name
-        batch = [pb_utils.InferenceRequest._from_received(r, name, self._outputs) for r in requests]
+        batch = [
+            pb_utils.InferenceRequest._from_received(r, name, self._outputs, self.decoupled)
+            for r in requests
+        ]
         try:
             result = model.execute(batch)
             if type(result) is not list and inspect.isawaitable(result):
