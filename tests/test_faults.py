@@ -304,6 +304,10 @@ def test_a_config_override_cannot_name_a_file_outside_the_model_folder(
             client.load_model("simple", config=json.dumps(config), headers=KEY)
         assert "default_model_filename" in raised.value.message()
         assert "leaves the model's folder" in raised.value.message()
+    # a name of another model: the override is at fault, not the folder's config.pbtxt
+    with pytest.raises(InferenceServerException) as raised:
+        client.load_model("simple", config=json.dumps({"name": "other"}), headers=KEY)
+    assert "model name 'other' in the load request's 'config' parameter" in raised.value.message()
     assert simple_answers(client)  # the loaded model keeps serving
 
 

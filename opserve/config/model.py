@@ -38,8 +38,9 @@ def model_config_for(
     if not config.name:
         config.name = name
     elif config.name != name:
+        source = "the load request's 'config' parameter" if override is not None else str(path)
         raise InvalidArgumentError(
-            f"model name '{config.name}' in {path} does not match its folder name '{name}'"
+            f"model name '{config.name}' in {source} does not match its folder name '{name}'"
         )
     normalize_platform(config, folder)
     return config
