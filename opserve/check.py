@@ -8,17 +8,19 @@ into this process.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opserve.classification import output_labels
 from opserve.config import model_config_for
 from opserve.config.autocomplete import autocomplete
 from opserve.config.normalize import visible_gpus
 from opserve.config.support import check_fields
-from opserve.config.validate import check_before_load, model_mismatches
+from opserve.config.validate import check_before_load, model_mismatches, validate_io
 from opserve.ensemble import build_graph, check_steps, is_ensemble
 from opserve.errors import OpserveError
 from opserve.hints import missing_model_file
@@ -34,6 +36,7 @@ from opserve.ops.needs import (
 )
 from opserve.ops.resolve import model_op_sources, resolve_model_libraries
 from opserve.proto import ModelConfig
+from opserve.repository.confinement import confine_model_files
 from opserve.repository.layout import (
     find_models,
     no_versions_reason,
@@ -190,6 +193,16 @@ def _check_model(name, folder, roots, shared, inspected, folders, loads) -> Mode
         check_before_load(config, gpus=visible_gpus())
     except OpserveError as exc:
         report.problems.append(exc.message)
+    try:  # the files it names stay in its folder, its labels can be read: as at load
+        confine_model_files(config, folder, roots, from_request=False)
+        output_labels(config, folder)
+    except OpserveError as exc:
+        report.problems.append(exc.message)
+    if config.backend == "python" and not _completes_its_config(folder, config):
+        try:  # no auto_complete_config to add to its tensors: they must be whole as written
+            validate_io(config, io_complete=True)
+        except OpserveError as exc:
+            report.problems.append(exc.message)
     available = version_folders(folder)
     if is_ensemble(config):
         report.backend = config.platform
@@ -261,6 +274,30 @@ def _check_model(name, folder, roots, shared, inspected, folders, loads) -> Mode
             job = ModelJob(config, folder, version_dir, own, shared.get(framework, []))
             loads.append(_Load(report, version, job, library_reports))
     return report
+
+
+def _completes_its_config(folder: Path, config: ModelConfig) -> bool:
+    """Whether a Python model's class has `auto_complete_config` (read from its source, not
+    run): then the server completes its config at load, and its tensors may be partial here.
+    A source that cannot be read or parsed counts as one that may complete it."""
+    filename = config.default_model_filename or "model.py"
+    for version_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+        source = version_dir / filename
+        if not version_dir.name.isdigit() or not source.is_file():
+            continue
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            return True
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "TritonPythonModel":
+                if any(
+                    isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and item.name == "auto_complete_config"
+                    for item in node.body
+                ):
+                    return True
+    return False
 
 
 def _built_from_sources(

@@ -725,6 +725,20 @@ def test_check_knows_python_models(tmp_path: Path) -> None:
     repo = tmp_path / "repository"
     place_python_model(repo, "add_sub")
     place_python_model(repo, "env_version")
+    place_python_model(repo, "auto_complete")  # completes its own tensors: partial is fine
+    # what the server refuses at load, refused by check too
+    inputs = 'input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    outputs = 'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    for name, config in {
+        "leaves_its_folder": f'default_model_filename: "../../add_sub/1/model.py"\n{inputs}{outputs}',
+        "labels_missing": inputs
+        + 'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] label_filename: "l.txt" } ]',
+        "input_twice": 'input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] },\n'
+        '        { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]\n' + outputs,
+        "no_data_type": 'input [ { name: "IN" dims: [ 1 ] } ]\n' + outputs,
+    }.items():
+        folder = place_python_model(repo, name, "add_sub")
+        (folder / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\n{config}')
     result = subprocess.run(
         [sys.executable, "-m", "opserve", "check", "--model-repository", str(repo), "--json"],
         capture_output=True,
@@ -734,4 +748,12 @@ def test_check_knows_python_models(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     report = {m["name"]: m for m in json.loads(result.stdout)["models"]}
     assert report["add_sub"]["problems"] == []
+    assert report["auto_complete"]["problems"] == []
     assert any("EXECUTION_ENV_PATH" in p for p in report["env_version"]["problems"])
+    for name, problem in {
+        "leaves_its_folder": "leaves the model's folder",
+        "labels_missing": "failed to open text file for read",
+        "input_twice": "model input 'IN' is specified more than once",
+        "no_data_type": "model input 'IN' must specify 'data_type'",
+    }.items():
+        assert any(problem in p for p in report[name]["problems"]), report[name]
