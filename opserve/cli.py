@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         metavar="SECONDS",
         help="how long a model instance may take to load (a Python model's "
-        "auto_complete_config and initialize included); one that takes longer is stopped and "
-        "its model is UNAVAILABLE (default: 600)",
+        "auto_complete_config and initialize included), and how long its warm-up may take; "
+        "one that takes longer is stopped and its model is UNAVAILABLE (default: 600)",
     )
     serve.add_argument(
         "--execution-timeout-secs",

@@ -568,6 +568,29 @@ def test_a_hanging_model_times_out_and_restarts_its_worker(client) -> None:
     assert worker_pid_once_serving(client) != before
 
 
+def test_a_warm_up_that_never_returns_is_bounded_by_the_load_timeout(tmp_path: Path) -> None:
+    """Warm-up is part of a load: an execute that hangs there makes the model UNAVAILABLE once
+    --model-load-timeout-secs has passed, its worker killed, instead of LOADING for ever."""
+    repo = tmp_path / "repository"
+    folder = place_python_model(repo, "faulty")
+    (folder / "warmup").mkdir()
+    (folder / "warmup" / "hang").write_bytes(len(b"hang").to_bytes(4, "little") + b"hang")
+    with (folder / "config.pbtxt").open("a") as config:
+        config.write(
+            'model_warmup [ { name: "hangs" batch_size: 1 inputs { key: "MODE" value: '
+            '{ data_type: TYPE_STRING dims: [ 1 ] input_data_file: "hang" } } } ]\n'
+        )
+    args = ["--model-control-mode", "explicit", "--model-load-timeout-secs", "3"]
+    with RunningServer([repo], args) as running:
+        user = httpclient.InferenceServerClient(running.url, network_timeout=60)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException, match="its warm-up did not finish within 3 s"):
+            user.load_model("faulty")
+        assert time.monotonic() - started < 30
+        assert not user.is_model_ready("faulty")
+        user.close()
+
+
 def test_initialize_that_raises_leaves_the_model_unavailable(server: RunningServer) -> None:
     response = requests.get(f"http://{server.url}/v2/models/init_fails/ready", timeout=10)
     assert response.status_code == 400

@@ -689,7 +689,20 @@ class ModelManager:
             entry.label, model.config, entry.stats, decoupled, model.directory
         )
         try:
-            await asyncio.gather(*(self._warm_up(model, entry, w) for w in entry.workers))
+            # the load's bound holds for warm-up too: an execute that never returns (or a
+            # decoupled model that never sends its final flag) cannot keep the model LOADING
+            await asyncio.wait_for(
+                asyncio.gather(*(self._warm_up(model, entry, w) for w in entry.workers)),
+                self.load_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            await self._fail_version(
+                entry,
+                f"its warm-up did not finish within {self.load_timeout_s:g} s "
+                "(--model-load-timeout-secs); its workers were stopped",
+                stop_within_s=0.0,
+            )
+            return
         except OpserveError as exc:
             await self._fail_version(entry, exc.message)
             return
@@ -891,10 +904,13 @@ class ModelManager:
             return
         entry.op_libraries = loaded[0].op_libraries
 
-    async def _fail_version(self, entry: ModelVersion, reason: str) -> None:
+    async def _fail_version(
+        self, entry: ModelVersion, reason: str, stop_within_s: float = 10.0
+    ) -> None:
+        """`stop_within_s`: 0 kills its workers at once (one that hangs would not unload)."""
         entry.state, entry.reason = ModelState.UNAVAILABLE, reason
         log.error("%s is UNAVAILABLE: %s", entry.label, reason)
-        await self._stop_version(entry)
+        await self._stop_version(entry, stop_within_s)
 
     def _instance_name(self, model: Model, index: int) -> str:
         """Triton's instance names: `<group name>_<index in the group>`."""
