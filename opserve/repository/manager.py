@@ -223,10 +223,8 @@ class ModelManager:
 
     def version(self, name: str, version: str = "") -> tuple[Model, ModelVersion]:
         """The model and the version a request addresses ("" = the latest ready one)."""
-        number = parse_version(version) if version else None
-        model = self.models.get(name)  # `model`, without its call on every request
-        if model is None:
-            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+        number = parse_version(version)
+        model = self.model(name)
         if number is not None:
             if number not in model.versions:
                 raise NotFoundError(

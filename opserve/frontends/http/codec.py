@@ -278,8 +278,8 @@ def _json_data(name: str, datatype: str, data: Any) -> bytes:
     assert dtype is not None  # only BYTES has no numpy dtype
     flat = data if not data or not isinstance(data[0], list) else _flatten(data)
     if not _ELEMENT_TYPES[datatype].issuperset(map(type, flat)):
-        expected = {"BOOL": "booleans", "BF16": "numbers"}.get(
-            datatype, "integers" if datatype in _INTEGERS else "numbers"
+        expected = (
+            "booleans" if datatype == "BOOL" else "integers" if datatype in _INTEGERS else "numbers"
         )
         raise InvalidArgumentError(
             f"input '{name}': data of datatype {datatype} must be {expected}"

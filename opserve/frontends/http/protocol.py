@@ -569,13 +569,7 @@ class HttpConnection(asyncio.Protocol):
         """A connection past --http-max-connections: 503 and close; the others carry on."""
         self.closing = True
         message = b'{"error":"too many connections: the server is at --http-max-connections"}'
-        head = _head(
-            503,
-            [(b"content-type", b"application/json")],
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message),
-        )
-        self.transport.write(b"".join(head) + message)
-        self.transport.close()
+        self._send_refusal(503, message, b"application/json", linger=False)
         now = self.loop.time()
         if now - HttpConnection._refused_at >= 60.0:  # once a minute at most
             HttpConnection._refused_at = now
