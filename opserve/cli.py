@@ -320,11 +320,11 @@ def _add_bound_flags(serve: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_BUDGET_US,
         metavar="US",
-        help="while the server holds at most one request, its event loop and the worker "
-        "running it poll for that many microseconds after each request instead of sleeping "
-        "(under load, a worker polls for half of it) "
+        help="while requests are in flight, the event loop polls for that many microseconds "
+        "after each request begins and ends instead of sleeping, and the worker running one "
+        "polls as long for its next message (half as long while two or more are in flight) "
         f"(waking a sleeping process costs more than a small request; default: "
-        f"{DEFAULT_BUDGET_US}; 0: always sleep, for the least CPU at low load)",
+        f"{DEFAULT_BUDGET_US}; 0: always sleep, for the least CPU)",
     )
 
 

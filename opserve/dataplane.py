@@ -35,7 +35,7 @@ from opserve.errors import (
 )
 from opserve.inference import InferenceRequest, InferenceResponse, Tensor
 from opserve.logs import LogSettings, ServerLog
-from opserve.polling import LowLoadPolling
+from opserve.polling import Polling
 from opserve.proto import ModelConfig, model_config_pb2
 from opserve.repository.manager import Model, ModelManager, ModelState, ModelVersion
 from opserve.response_cache import cache_key
@@ -99,7 +99,7 @@ class DataPlane:
         strict_readiness: bool = True,
         log: ServerLog | None = None,
         tracer: Tracer | None = None,
-        polling: LowLoadPolling | None = None,
+        polling: Polling | None = None,
     ) -> None:
         self.manager = manager
         self.server_id = server_id  # --id: the name in the server metadata, as in Triton
@@ -109,7 +109,7 @@ class DataPlane:
         manager.step_runner = self  # an ensemble's steps are requests through the dataplane
         self.shared_memory = SharedMemoryRegistry()  # regions clients registered
         # the requests in flight, and polling rather than sleeping while they are few
-        self.polling = polling or LowLoadPolling()
+        self.polling = polling or Polling()
 
     # server ------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:

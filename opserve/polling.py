@@ -1,4 +1,4 @@
-"""Polling instead of sleeping while the server is lightly loaded (`--busy-poll-us`).
+"""Polling instead of sleeping while requests are in flight (`--busy-poll-us`).
 
 Waking a process that sleeps costs more than the work of a small request: on the 2-core VM
 these numbers come from, a round trip between two processes over a socket pair takes 75-99 µs
@@ -6,18 +6,17 @@ when each side sleeps until the other writes, and 9 µs when each side polls. An
 concurrency 1 crosses four such wake-ups (client to server, server to worker, worker to server,
 server to client), and they were most of the gap to Triton there.
 
-While the server has held at most one request at a time for a while (`QUIET_NS`), the cores
-are mostly idle, so it keeps its event loop polling for a while (`budget_us`) after a request
-begins and after it ends, instead of sleeping in `epoll_wait`, and tells the worker that runs
-the request to poll for its next message for as long (`Execute.poll_us`). Once two requests
-are in flight at once the server has work waiting and the cores are needed: the event loop
-does not poll until it is quiet again (measured: polling whenever the count fell to one cost
-20 % of the throughput at concurrency 4), and a worker polls for half the budget only,
-for an execution that follows its answer within the server's turnaround spares both sides a
-wake-up; the worker itself polls only while its recent waits were shorter than its budget
-(`BlockingChannel.receive`). Measured A B over three rounds: about 1.85x the throughput at
-concurrency 1, unchanged beyond the noise at 4 and 8. A polling process yields its core on
-every round (`sched_yield`), so anything else runnable on that core runs first.
+The server's event loop is on the path of every request, so while any request is in flight it
+polls rather than sleeps in `epoll_wait`, for `budget_us` after each request begins and after
+it ends: an answer from a worker or the next request of a client is seen at once, without a
+wake-up. A worker is on the path of its own executions only. While the server has held at most
+one request for a while (`QUIET_NS`) the cores are otherwise idle, and the worker of an
+execution polls for its next message (`Execute.poll_us`) for the whole budget; under load, for
+a share of it (`LOADED_SHARE`): its polling then takes the core from the server, the side that
+is behind, while a next execution that follows its answer at once still spares a wake-up. The
+worker polls only while its recent waits were shorter than its budget
+(`BlockingChannel.receive`). A polling thread yields its core on every round (`sched_yield`),
+so anything else runnable on that core, in the server's scheduling group, runs first.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     import asyncio
 
 DEFAULT_BUDGET_US = 1000  # `--busy-poll-us`: a little more than a request's round trip here
-QUIET_NS = 50_000_000  # no polling until this long after two requests were in flight at once
+QUIET_NS = 50_000_000  # a worker polls long once this long has passed with one request at most
 LOADED_SHARE = 2  # under load a worker polls for this share of the budget (see above)
 
 
@@ -41,8 +40,9 @@ def checked_budget(budget_us: int) -> int:
     return budget_us
 
 
-class LowLoadPolling:
-    """Counts the server's requests in flight, and polls the event loop while there are few."""
+class Polling:
+    """Counts the server's requests in flight, polls the event loop while there are any, and
+    tells a worker whether to poll."""
 
     def __init__(self, budget_us: int = 0) -> None:
         self.budget_us = checked_budget(budget_us)
@@ -58,34 +58,28 @@ class LowLoadPolling:
     def began(self) -> None:
         """A request was accepted (from the event loop)."""
         self.in_flight += 1
+        now = time.monotonic_ns()
         if self.in_flight > 1:
-            self._busy_until_ns = time.monotonic_ns() + QUIET_NS
-        else:
-            self._extend()
+            self._busy_until_ns = now + QUIET_NS
+        self._extend(now)
 
     def ended(self) -> None:
         """A request was answered, or failed."""
         self.in_flight -= 1
-        if self.in_flight <= 1:
-            self._extend()
+        self._extend(time.monotonic_ns())
 
     def worker_budget_us(self) -> int:
-        """How long the worker of an execution starting now should poll for its next message."""
-        if self._quiet(time.monotonic_ns()):
+        """How long the worker of an execution starting now should poll for its next message:
+        the budget while the server is quiet, else a share of it."""
+        if self.in_flight <= 1 and time.monotonic_ns() >= self._busy_until_ns:
             return self.budget_us
         return self.budget_us // LOADED_SHARE
 
-    def _quiet(self, now_ns: int) -> bool:
-        """At most one request in flight, and none other at once for `QUIET_NS`."""
-        return self.in_flight <= 1 and now_ns >= self._busy_until_ns
-
-    def _extend(self) -> None:
+    def _extend(self, now_ns: int) -> None:
+        """The event loop polls for the budget from `now_ns` on."""
         if not self.budget_us:
             return
-        now = time.monotonic_ns()
-        if not self._quiet(now):
-            return
-        self._until_ns = now + self.budget_us * 1000
+        self._until_ns = now_ns + self.budget_us * 1000
         if self._loop is None:
             # imported here: the command line imports this module before anything may load
             # OpenSSL, which asyncio does (see `opserve.cli`)
@@ -98,7 +92,7 @@ class LowLoadPolling:
         """One round: while a callback is ready the loop looks for I/O without waiting."""
         loop = self._loop
         assert loop is not None
-        if self.in_flight > 1 or time.monotonic_ns() >= self._until_ns or loop.is_closed():
+        if time.monotonic_ns() >= self._until_ns or loop.is_closed():
             self._loop = None
             return
         os.sched_yield()

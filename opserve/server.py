@@ -23,7 +23,7 @@ from opserve.frontends.http import HttpApp
 from opserve.frontends.http.protocol import HttpConnection
 from opserve.logs import ServerLog
 from opserve.metrics import MetricsServer
-from opserve.polling import LowLoadPolling
+from opserve.polling import Polling
 from opserve.repository import ModelManager
 from opserve.response_cache import ResponseCache
 from opserve.services import ServerServices
@@ -78,7 +78,7 @@ async def serve(settings: ServerSettings, server_log: ServerLog | None = None) -
         settings.strict_readiness,
         server_log,
         tracer,
-        LowLoadPolling(settings.busy_poll_us),
+        Polling(settings.busy_poll_us),
     )
     manager.host = ServerServices(dataplane, custom_metrics)
     # the heap after loading is frozen, collected again when the repository changes (collector)

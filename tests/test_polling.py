@@ -1,5 +1,5 @@
-"""Polling rather than sleeping at low load: when the event loop polls, for how long, and what
-the worker of an execution is told."""
+"""Polling rather than sleeping while requests are in flight: when the event loop polls, for how
+long, and what the worker of an execution is told."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import asyncio
 import pytest
 
 from opserve import polling
-from opserve.polling import LowLoadPolling
+from opserve.polling import Polling
 
 
 def test_the_worker_polls_long_only_while_the_server_holds_one_request() -> None:
-    idle = LowLoadPolling(0)
+    idle = Polling(0)
     assert idle.worker_budget_us() == 0  # --busy-poll-us 0: never
 
     async def scenario() -> None:
-        poller = LowLoadPolling(500)
+        poller = Polling(500)
         assert poller.worker_budget_us() == 500
         poller.began()
         assert poller.in_flight == 1 and poller.worker_budget_us() == 500
@@ -35,7 +35,7 @@ def test_quiet_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(polling, "QUIET_NS", 20_000_000)
 
     async def scenario() -> None:
-        poller = LowLoadPolling(500)
+        poller = Polling(500)
         poller.began()
         poller.began()
         poller.ended()
@@ -52,7 +52,7 @@ def test_quiet_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_loop_polls_for_its_budget_then_sleeps_and_stays_responsive() -> None:
     async def scenario() -> None:
-        poller = LowLoadPolling(20_000)  # 20 ms
+        poller = Polling(20_000)  # 20 ms
         loop = asyncio.get_running_loop()
         poller.began()
         assert poller.polling
@@ -67,21 +67,49 @@ def test_the_loop_polls_for_its_budget_then_sleeps_and_stays_responsive() -> Non
     asyncio.run(scenario())
 
 
-def test_no_polling_once_two_requests_are_in_flight() -> None:
+class FakeClock:
+    """`time` for the polling module, on a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now_ns = 1_000_000_000
+
+    def monotonic_ns(self) -> int:
+        return self.now_ns
+
+
+def test_the_loop_polls_under_load_too_until_a_budget_after_the_last_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(polling, "time", clock)
+
+    async def rounds() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
     async def scenario() -> None:
-        poller = LowLoadPolling(1_000_000)  # a second
+        poller = Polling(1_000)  # 1 ms
         poller.began()
+        poller.began()  # two at once: the loop keeps polling, the worker polls a share
+        clock.now_ns += 900_000
+        await rounds()
+        assert poller.polling and poller.worker_budget_us() == 500
+        poller.ended()  # each end starts the budget again
+        clock.now_ns += 900_000
+        await rounds()
         assert poller.polling
-        poller.began()
-        await asyncio.sleep(0.01)  # the next round sees two in flight and stops
+        poller.ended()
+        clock.now_ns += 900_000
+        await rounds()
+        assert poller.polling  # 0.9 ms after the last request ended
+        clock.now_ns += 200_000
+        await rounds()
         assert not poller.polling
-        poller.ended()
-        poller.ended()
-        assert not poller.polling  # not quiet yet
+        assert Polling(0).worker_budget_us() == 0
 
     asyncio.run(scenario())
 
 
 def test_a_negative_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="--busy-poll-us"):
-        LowLoadPolling(-1)
+        Polling(-1)
