@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,12 +198,12 @@ def _check_model(name, folder, roots, shared, inspected, folders, loads) -> Mode
         output_labels(config, folder)
     except OpserveError as exc:
         report.problems.append(exc.message)
-    if config.backend == "python" and not _completes_its_config(folder, config):
+    available = version_folders(folder)
+    if config.backend == "python" and not _completes_its_config(available.values(), config):
         try:  # no auto_complete_config to add to its tensors: they must be whole as written
             validate_io(config, io_complete=True)
         except OpserveError as exc:
             report.problems.append(exc.message)
-    available = version_folders(folder)
     if is_ensemble(config):
         report.backend = config.platform
         report.versions = select_versions(config, available)
@@ -276,14 +276,15 @@ def _check_model(name, folder, roots, shared, inspected, folders, loads) -> Mode
     return report
 
 
-def _completes_its_config(folder: Path, config: ModelConfig) -> bool:
-    """Whether a Python model's class has `auto_complete_config` (read from its source, not
-    run): then the server completes its config at load, and its tensors may be partial here.
-    A source that cannot be read or parsed counts as one that may complete it."""
+def _completes_its_config(version_dirs: Iterable[Path], config: ModelConfig) -> bool:
+    """Whether a Python model's class, in any of its version folders, has
+    `auto_complete_config` (read from its source, not run): then the server completes its
+    config at load, and its tensors may be partial here. A source that cannot be read or
+    parsed counts as one that may complete it."""
     filename = config.default_model_filename or "model.py"
-    for version_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for version_dir in version_dirs:
         source = version_dir / filename
-        if not version_dir.name.isdigit() or not source.is_file():
+        if not source.is_file():
             continue
         try:
             tree = ast.parse(source.read_text(encoding="utf-8"))

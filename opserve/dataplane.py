@@ -108,7 +108,7 @@ class DataPlane:
         self.tracer = tracer or Tracer()
         manager.step_runner = self  # an ensemble's steps are requests through the dataplane
         self.shared_memory = SharedMemoryRegistry()  # regions clients registered
-        # the requests in flight, and polling rather than sleeping while they are few
+        # the requests in flight, and polling rather than sleeping while there are any
         self.polling = polling or Polling()
 
     # server ------------------------------------------------------------------------------------
