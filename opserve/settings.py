@@ -81,7 +81,8 @@ class ServerSettings:
     # repositories in object storage, mirrored into folders of `model_repositories`
     remote_repositories: tuple[RepositoryMirror, ...] = ()
     shared_workers: bool = False  # --shared-workers: a worker per framework for plain models
-    busy_poll_us: int = DEFAULT_BUDGET_US  # --busy-poll-us: poll, not sleep, at low load
+    # --busy-poll-us: poll, not sleep, while requests are in flight
+    busy_poll_us: int = DEFAULT_BUDGET_US
 
     @classmethod
     def from_flags(

@@ -93,8 +93,8 @@ class Execute:
     requests: list[WireRequest]
     ring_end: int
     slot: int = 0  # the instance that runs it (a shared worker hosts many)
-    # at low load: how long the worker polls for its next message, after this execution,
-    # before it sleeps (see `opserve.polling`)
+    # how long the worker polls for its next message, after this execution, before it
+    # sleeps (the whole budget when the server is quiet, a share under load; `opserve.polling`)
     poll_us: int = 0
 
 
